@@ -1,0 +1,135 @@
+"""Side jobs of a training run as Lightning callbacks: class images before, samples during."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from . import seeding
+from .class_images import generate_class_images, missing_class_images
+from .generate import sample_images
+from .images import make_grid, save_png
+from .models import DiffusionComponents, assemble_pipeline
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _sampling_context(trainer, pl_module):
+    """Eval mode, no grad, the run's autocast, and the text encoder on the device."""
+    text_encoder_device = pl_module.text_encoder.device
+    pl_module.text_encoder.to(pl_module.device)
+    was_training = pl_module.unet.training
+    pl_module.unet.eval()
+    pl_module.text_encoder.eval()
+    try:
+        with torch.no_grad(), trainer.strategy.precision_plugin.forward_context():
+            yield
+    finally:
+        pl_module.unet.train(was_training)
+        pl_module.text_encoder.train(was_training and pl_module.optim.train_text_encoder)
+        pl_module.text_encoder.to(text_encoder_device)
+
+
+class ClassImageGeneration(Callback):
+    """Before training, the frozen base model fills `class_data_dir` up to `num_class_images`.
+
+    Every rank computes the same list of missing images, then generates its share
+    (indices[rank::world_size]) on its own device; a barrier waits for all of them.
+    """
+
+    def __init__(self, components: DiffusionComponents, *, class_data_dir: str | Path,
+                 class_prompt: str, num_class_images: int, seed: int, sample_batch_size: int,
+                 num_inference_steps: int, guidance_scale: float, resolution: int):
+        self.components = components
+        self.class_data_dir = Path(class_data_dir)
+        self.class_prompt, self.num_class_images = class_prompt, num_class_images
+        self.seed, self.sample_batch_size = seed, sample_batch_size
+        self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
+        self.resolution = resolution
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        missing = missing_class_images(self.class_data_dir, self.num_class_images)
+        trainer.strategy.barrier("class-images-listed")  # nobody writes before all have listed
+        share = missing[trainer.global_rank::trainer.world_size]
+        if missing and trainer.is_global_zero:
+            log.info("generating %d class image(s) for %r into %s on %d process(es)",
+                     len(missing), self.class_prompt, self.class_data_dir, trainer.world_size)
+        if share:
+            device = trainer.strategy.root_device
+            for module in (pl_module.unet, pl_module.vae, pl_module.text_encoder):
+                module.to(device)
+            pipeline = assemble_pipeline(self.components)
+            with _sampling_context(trainer, pl_module):
+                generate_class_images(
+                    pipeline, self.class_data_dir, share, class_prompt=self.class_prompt,
+                    seed=self.seed, batch_size=self.sample_batch_size,
+                    num_inference_steps=self.num_inference_steps,
+                    guidance_scale=self.guidance_scale, resolution=self.resolution,
+                    show_progress=trainer.is_global_zero)
+        trainer.strategy.barrier("class-images-written")
+
+
+class ValidationSamples(Callback):
+    """Every `every_n_steps` optimizer steps (and at the end), sample `validation_prompt` with
+    fixed seeds and classifier-free guidance; save a grid and log it to the trackers."""
+
+    def __init__(self, components: DiffusionComponents, *, prompt: str, every_n_steps: int,
+                 num_images: int, num_inference_steps: int, guidance_scale: float, seed: int,
+                 resolution: int, output_dir: str | Path):
+        self.components = components
+        self.prompt, self.every_n_steps, self.num_images = prompt, every_n_steps, num_images
+        self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
+        self.seeds = [seeding.derive_seed(seed, seeding.VALIDATION, i) % 2**32
+                      for i in range(num_images)]
+        self.resolution = resolution
+        self.output_dir = Path(output_dir)
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step != self._last_step and step % self.every_n_steps == 0 and step > 0:
+            self._last_step = step
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            self.sample(trainer, pl_module)
+
+    def sample(self, trainer, pl_module) -> list:
+        if not trainer.is_global_zero:
+            return []
+        pipeline = assemble_pipeline(self.components, unet=pl_module.unet,
+                                     text_encoder=pl_module.text_encoder)
+        with _sampling_context(trainer, pl_module):
+            images = sample_images(pipeline, self.prompt, seeds=self.seeds,
+                                   num_inference_steps=self.num_inference_steps,
+                                   guidance_scale=self.guidance_scale,
+                                   height=self.resolution, width=self.resolution)
+        step = trainer.global_step
+        grid_path = self.output_dir / f"step-{step:06d}.png"
+        save_png(make_grid(images), grid_path, text={
+            "prompt": self.prompt, "seeds": ",".join(map(str, self.seeds)), "step": str(step)})
+        self._log_to_trackers(trainer, images, step)
+        log.info("validation samples for %r at step %d: %s", self.prompt, step, grid_path)
+        return images
+
+    def _log_to_trackers(self, trainer, images, step: int) -> None:
+        from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
+        arrays = np.stack([np.asarray(image) for image in images])  # (N, H, W, 3) uint8
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_images("validation", arrays, step, dataformats="NHWC")
+            elif isinstance(logger, WandbLogger):
+                logger.log_image(key="validation", images=list(images), step=step,
+                                 caption=[self.prompt] * len(images))
+            elif isinstance(logger, MLFlowLogger):
+                logger.experiment.log_image(logger.run_id, make_grid(images),
+                                            f"validation/step-{step:06d}.png")

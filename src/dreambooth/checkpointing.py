@@ -1,0 +1,114 @@
+"""Full-state checkpoints: atomic files, finding the newest, and a save on Ctrl-C.
+
+Lightning writes the checkpoint (trainable weights, optimizer, LR scheduler, loop progress,
+callbacks); the module adds the RNG states. These pieces make the writes atomic and name the
+files `checkpoint-{step}.ckpt` in `output_dir/checkpoints`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from .files import atomic_path
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.ckpt$")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it into place.
+
+    A crash mid-write leaves the previous checkpoint (and any older one) intact.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}.ckpt"
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint in the folder, oldest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir()
+             if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return sorted(found)
+
+
+def resolve_resume_path(resume_from_checkpoint: str | None, checkpoint_dir: Path) -> Path | None:
+    """'latest' -> newest checkpoint (None with a warning if there is none); a name such as
+    'checkpoint-500' or a path -> that file, or a clear error if it does not exist."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(checkpoint_dir)
+        if not found:
+            log.warning("resume_from_checkpoint=latest: no checkpoint in '%s'; starting a new run",
+                        checkpoint_dir)
+            return None
+        return found[-1][1]
+    candidates = [Path(resume_from_checkpoint), checkpoint_dir / resume_from_checkpoint,
+                  checkpoint_dir / f"{resume_from_checkpoint}.ckpt"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = ", ".join(p.name for _, p in list_checkpoints(checkpoint_dir)) or "none"
+    raise FileNotFoundError(
+        f"resume_from_checkpoint={resume_from_checkpoint!r}: no such checkpoint file (looked in "
+        f"'{checkpoint_dir}'; available: {available}). Pass 'latest' or a .ckpt path.")
+
+
+def periodic_checkpoints(checkpoint_dir: Path, every_n_steps: int,
+                         keep: int | None) -> ModelCheckpoint:
+    """Lightning's ModelCheckpoint keeping the newest `keep` checkpoints (all when None)."""
+    return ModelCheckpoint(
+        dirpath=checkpoint_dir, filename="checkpoint-{step}", auto_insert_metric_name=False,
+        every_n_train_steps=every_n_steps, save_top_k=keep if keep else -1,
+        monitor="step", mode="max", save_last=False, save_on_train_epoch_end=False)
+
+
+class InterruptCheckpoint(Callback):
+    """On Ctrl-C (or any exception) write `checkpoint-{step}.ckpt` so the run can resume.
+
+    The weights and optimizer are those of the last completed optimizer step even when the
+    interrupt came mid-accumulation (parameters only change at a step), so the loop progress
+    saved is rounded back to that step boundary; resuming redoes the partial step exactly.
+    """
+
+    def __init__(self, checkpoint_dir: Path, accumulation_steps: int):
+        self.checkpoint_dir = checkpoint_dir
+        self.accumulation_steps = accumulation_steps
+        self._saving = False
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.global_step == 0 or trainer.state.fn != "fit":
+            return
+        path = self.checkpoint_dir / checkpoint_name(trainer.global_step)
+        self._saving = True
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            self._saving = False
+        log.warning("%s: wrote %s; resume with --resume_from_checkpoint latest",
+                    type(exception).__name__, path)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if not self._saving:
+            return
+        boundary = trainer.global_step * self.accumulation_steps
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        for scope in ("total", "current"):
+            progress[scope].update(ready=boundary, started=boundary, processed=boundary,
+                                   completed=boundary)

@@ -1,0 +1,126 @@
+"""`dreambooth` command line: a thin layer over the Python API (train, generate).
+
+`dreambooth train` takes the flags of diffusers' examples/dreambooth/train_dreambooth.py,
+generated from the typed config (config.py), plus `--config FILE` (flat YAML, flags override it)
+and `--print_config` (print the resolved YAML and exit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from .config import (IGNORED_FLAGS, ConfigError, dump_yaml, field_type, leaf_fields,
+                     load_yaml_config, parse_train_config)
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config keys; flags override it.")
+    parser.add_argument("--print_config", action="store_true",
+                        help="Print the resolved configuration as YAML and exit.")
+    for section, leaf in leaf_fields():
+        base, _ = field_type(section, leaf)
+        flag = f"--{leaf.name}"
+        help_text = leaf.metadata.get("help", "")
+        choices = leaf.metadata.get("choices")
+        if base is bool:
+            # `--flag` as in diffusers, `--no-flag` to override a YAML `true`.
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            # Values stay strings here; config.py converts and reports every bad one at once.
+            metavar = "{" + ",".join(choices) + "}" if choices else base.__name__.upper()
+            parser.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar,
+                                help=f"{help_text} (default: {leaf.default})")
+    for name, reason in IGNORED_FLAGS.items():
+        parser.add_argument(f"--{name}", nargs="?", const=True, default=argparse.SUPPRESS,
+                            help=f"Ignored: {reason}.")
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    from .generate import SCHEDULERS
+
+    parser.add_argument("--model", required=True,
+                        help="A training output_dir, a diffusers folder or a cached hub id.")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative_prompt", default="")
+    parser.add_argument("--num_images", type=int, default=4)
+    parser.add_argument("--num_inference_steps", type=int, default=30)
+    parser.add_argument("--guidance_scale", type=float, default=7.5,
+                        help="Classifier-free guidance scale (1 disables guidance).")
+    parser.add_argument("--seed", type=int, default=0, help="Image i uses seed + i.")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
+                        help="Sampler (default: the model's own scheduler).")
+    parser.add_argument("--batch_size", type=int, default=None, help="Images per UNet batch.")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available).")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="auto = fp16 on CUDA, fp32 elsewhere.")
+    parser.add_argument("--output_dir", required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreambooth", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_arguments(commands.add_parser(
+        "train", help="Personalize a Stable Diffusion model on a few subject photos."))
+    _add_generate_arguments(commands.add_parser("generate", help="Generate images with a model."))
+    demo = commands.add_parser("demo", help="Run the whole DreamBooth job on a tiny model (CPU, ~1 min).")
+    demo.add_argument("--output_dir", default="runs/demo")
+    demo.add_argument("--max_train_steps", type=int, default=200)
+    return parser
+
+
+def resolve_train_config(args: argparse.Namespace):
+    """YAML file -> command-line overrides -> validated TrainConfig."""
+    overrides = {key: value for key, value in vars(args).items()
+                 if key not in ("command", "config", "print_config")}
+    values = load_yaml_config(args.config) if args.config else {}
+    source = f"configuration ({args.config} + command line)" if args.config else "command line"
+    return parse_train_config({**values, **overrides}, source=source)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+    try:
+        if args.command == "train":
+            config = resolve_train_config(args)
+            if args.print_config:
+                print(dump_yaml(config), end="")
+                return 0
+            from .train import train
+
+            output_dir = train(config)
+            print(f"trained pipeline: {output_dir}")
+        elif args.command == "generate":
+            from .generate import generate
+
+            result = generate(args.model, args.prompt, negative_prompt=args.negative_prompt,
+                              num_images=args.num_images,
+                              num_inference_steps=args.num_inference_steps,
+                              guidance_scale=args.guidance_scale, seed=args.seed,
+                              height=args.height, width=args.width, scheduler=args.scheduler,
+                              output_dir=args.output_dir, batch_size=args.batch_size,
+                              device=args.device, dtype=args.dtype)
+            for path in result.paths:
+                print(path)
+            if result.grid_path:
+                print(result.grid_path)
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(Path(args.output_dir), max_train_steps=args.max_train_steps)
+    except (ConfigError, ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

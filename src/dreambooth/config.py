@@ -1,0 +1,330 @@
+"""Typed training configuration: one dataclass per concern, flat user-facing keys.
+
+Every leaf field's name is the flag of diffusers' `examples/dreambooth/train_dreambooth.py`
+(or a new flag of ours), unique across sections, so a YAML file and the command line use the
+same flat keys (`resolution: 512`, `--resolution 512`). Values flow one way:
+YAML file -> command-line overrides -> `TrainConfig` -> explicit constructor arguments.
+`parse_train_config` collects every problem and raises once, naming each key and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+LR_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+)
+MIXED_PRECISION = ("no", "fp16", "bf16")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "csv")
+
+
+def option(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A dataclass field whose one-line `help` becomes the flag's --help text."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    pretrained_model_name_or_path: str | None = option(
+        None, "Base model: a diffusers pipeline folder or a Hugging Face hub id in the local cache.")
+    revision: str | None = option(None, "Hub revision of the base model (cached ids only).")
+
+
+@dataclass
+class DataConfig:
+    instance_data_dir: str | None = option(None, "Folder with the 3-5 photos of the subject.")
+    instance_prompt: str | None = option(
+        None, "Prompt with the identifier bound to the subject, e.g. 'a photo of sks dog'.")
+    class_data_dir: str | None = option(
+        None, "Folder of class images for prior preservation; missing ones are generated here.")
+    class_prompt: str | None = option(None, "Prompt for the class, e.g. 'a photo of dog'.")
+    resolution: int = option(512, "Training resolution in pixels (a multiple of 8).")
+    center_crop: bool = option(False, "Center-crop images to the resolution (else a seeded random crop).")
+    random_flip: bool = option(False, "Also train on horizontally flipped images (both cached).")
+
+
+@dataclass
+class PriorConfig:
+    with_prior_preservation: bool = option(False, "Add the class-prior preservation loss (paper, eq. 2).")
+    prior_loss_weight: float = option(1.0, "Weight lambda of the prior preservation loss.")
+    num_class_images: int = option(
+        100, "Class images wanted; if class_data_dir holds fewer, the base model generates the rest.")
+    sample_batch_size: int = option(4, "Batch size for generating class images.")
+    class_inference_steps: int = option(50, "Denoising steps when generating class images.")
+    class_guidance_scale: float = option(7.5, "Classifier-free guidance scale for class images.")
+
+
+@dataclass
+class OptimizationConfig:
+    train_text_encoder: bool = option(False, "Also fine-tune the text encoder.")
+    text_encoder_lr: float | None = option(None, "Text encoder learning rate (default: learning_rate).")
+    train_batch_size: int = option(4, "Instance images per step (as many class images are added).")
+    max_train_steps: int | None = option(None, "Optimizer steps; default: num_train_epochs epochs.")
+    num_train_epochs: int = option(1, "Epochs over the instance images when max_train_steps is unset.")
+    learning_rate: float = option(5e-6, "Learning rate (after warmup) for the UNet.")
+    scale_lr: bool = option(False, "Multiply learning rates by batch size x accumulation x processes.")
+    lr_scheduler: str = option("constant", "Learning-rate schedule.", LR_SCHEDULERS)
+    lr_warmup_steps: int = option(500, "Linear warmup steps of the learning rate.")
+    lr_num_cycles: int = option(1, "Hard restarts for cosine_with_restarts.")
+    lr_power: float = option(1.0, "Power of the polynomial schedule.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches accumulated per optimizer step.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 disables).")
+    use_8bit_adam: bool = option(False, "bitsandbytes 8-bit AdamW (extra 'bnb'; needs a CUDA GPU).")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    offset_noise: bool = option(False, "Add offset noise (0.1 x per-channel noise) for darker/brighter images.")
+    snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (Hang et al. 2023); 5.0 is usual.")
+    mixed_precision: str = option("no", "Autocast precision with fp32 master weights.", MIXED_PRECISION)
+    seed: int | None = option(None, "Seed: batches and noise of step k depend on (seed, k) only.")
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = option("dreambooth-model", "Where the trained pipeline, checkpoints and logs go.")
+    checkpointing_steps: int = option(500, "Write a full-state checkpoint every N optimizer steps.")
+    checkpoints_total_limit: int | None = option(None, "Keep only the newest N checkpoints.")
+    resume_from_checkpoint: str | None = option(
+        None, "'latest' or a checkpoint path to resume training from.")
+
+
+@dataclass
+class ValidationConfig:
+    validation_prompt: str | None = option(None, "Prompt sampled during training to watch progress.")
+    validation_steps: int = option(100, "Sample validation images every N optimizer steps.")
+    num_validation_images: int = option(4, "Validation images per prompt (fixed seeds).")
+    validation_inference_steps: int = option(25, "Denoising steps for validation images.")
+    validation_guidance_scale: float = option(7.5, "Guidance scale for validation images.")
+
+
+@dataclass
+class TrackingConfig:
+    report_to: str = option(
+        "tensorboard", "Comma-separated trackers: tensorboard, wandb, mlflow, csv, all or none.")
+    logging_dir: str = option("logs", "Tracker folder, relative to output_dir.")
+    tracker_project_name: str = option("dreambooth", "Project/experiment name for wandb and mlflow.")
+
+
+@dataclass
+class HardwareConfig:
+    accelerator: str = option("auto", "Lightning accelerator: auto, cpu, gpu, mps ...")
+    devices: str = option("auto", "Lightning devices: auto, a count, or a list such as '0,1'.")
+    num_nodes: int = option(1, "Machines for multi-node training.")
+    strategy: str = option("auto", "Lightning strategy: auto, ddp, ddp_spawn, fsdp, deepspeed ...")
+    pre_compute_text_embeddings: bool = option(
+        False, "Encode prompts once and keep the text encoder off the accelerator during training.")
+    enable_xformers_memory_efficient_attention: bool = option(
+        False, "Accepted for compatibility; PyTorch SDPA (fused attention) is always used.")
+    allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere+ GPUs.")
+    dataloader_num_workers: int = option(0, "Accepted for compatibility; batches come from cached latents.")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    optim: OptimizationConfig = field(default_factory=OptimizationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(getattr(self, section), f.name) for section, f in leaf_fields()}
+
+    @property
+    def trackers(self) -> list[str]:
+        names = [name.strip() for name in self.tracking.report_to.split(",") if name.strip()]
+        if names == ["all"]:
+            return list(TRACKERS)
+        return [] if names == ["none"] else names
+
+
+# diffusers flags that have no meaning here; accepted with a warning so existing commands run.
+IGNORED_FLAGS = {
+    "local_rank": "Lightning sets ranks itself",
+    "push_to_hub": "this tool never uploads; push the output folder yourself",
+    "hub_token": "this tool never uploads",
+    "hub_model_id": "this tool never uploads",
+    "set_grads_to_none": "gradients are always set to None after each step",
+    "prior_generation_precision": "class images are generated in the training precision",
+}
+
+
+def leaf_fields() -> Iterator[tuple[str, dataclasses.Field]]:
+    """(section name, field) for every user-facing key, in declaration order."""
+    for section, section_type in typing.get_type_hints(TrainConfig).items():
+        for leaf in dataclasses.fields(section_type):
+            yield section, leaf
+
+
+def field_type(section: str, leaf: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, optional?) of a leaf field, e.g. `int | None` -> (int, True)."""
+    section_type = typing.get_type_hints(TrainConfig)[section]
+    hint = typing.get_type_hints(section_type)[leaf.name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        base = next(arg for arg in args if arg is not type(None))
+        return base, type(None) in args
+    return hint, False
+
+
+class ConfigError(ValueError):
+    """Every problem with a configuration, collected; `problems` holds one line per key."""
+
+    def __init__(self, problems: list[str], source: str = "configuration"):
+        self.problems = problems
+        super().__init__(f"invalid {source}:\n" + "\n".join(f"  - {line}" for line in problems))
+
+
+def _coerce(key: str, value: Any, section: str, leaf: dataclasses.Field) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ValueError."""
+    base, optional = field_type(section, leaf)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"{key}: null is not allowed; expected {base.__name__}")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ValueError(f"{key}={value!r} is not a boolean (true or false)")
+    if base is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{key}={value!r} is not an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r} is not an integer") from None
+    if base is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r} is not a number") from None
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"{key}={value!r} must be a single value, not a {type(value).__name__}")
+    return str(value)
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read a flat YAML mapping of config keys; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file '{path}' does not exist"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError([f"'{path}' is not valid YAML: {error}"], str(path)) from error
+    if not isinstance(data, dict):
+        raise ConfigError([f"'{path}' must hold a mapping of keys to values"], str(path))
+    return data
+
+
+def parse_train_config(values: dict[str, Any], source: str = "configuration") -> TrainConfig:
+    """Build and validate a TrainConfig from flat keys; raises ConfigError listing every problem."""
+    leaves = {leaf.name: (section, leaf) for section, leaf in leaf_fields()}
+    config = TrainConfig()
+    problems: list[str] = []
+    failed: set[str] = set()
+    for key, value in values.items():
+        if key in IGNORED_FLAGS:
+            warnings.warn(f"'{key}' is ignored: {IGNORED_FLAGS[key]}", UserWarning, stacklevel=2)
+            continue
+        if key not in leaves:
+            close = difflib.get_close_matches(key, leaves, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(f"unknown key '{key}'{hint}")
+            continue
+        section, leaf = leaves[key]
+        try:
+            setattr(getattr(config, section), key, _coerce(key, value, section, leaf))
+        except ValueError as error:
+            problems.append(str(error))
+            failed.add(key)
+    # Semantic checks see defaults where a value failed to parse: skip lines about those keys.
+    problems += [line for line in validate(config) if line.split("=")[0].split(" ")[0] not in failed]
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def validate(config: TrainConfig) -> list[str]:
+    """Semantic checks across keys; returns one line per problem (empty when valid)."""
+    flat = config.to_flat_dict()
+    problems: list[str] = []
+    for key in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"):
+        if not flat[key]:
+            problems.append(f"{key} is required")
+    for section, leaf in leaf_fields():
+        choices = leaf.metadata.get("choices")
+        if choices and flat[leaf.name] not in choices:
+            problems.append(f"{leaf.name}={flat[leaf.name]!r} is not one of {', '.join(choices)}")
+    positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                "checkpointing_steps", "sample_batch_size", "validation_steps",
+                "num_validation_images", "class_inference_steps", "validation_inference_steps",
+                "num_nodes", "lr_num_cycles")
+    for key in positive:
+        if flat[key] < 1:
+            problems.append(f"{key}={flat[key]} must be at least 1")
+    for key in ("max_train_steps", "checkpoints_total_limit"):
+        if flat[key] is not None and flat[key] < 1:
+            problems.append(f"{key}={flat[key]} must be at least 1")
+    for key in ("num_class_images", "lr_warmup_steps", "max_grad_norm", "prior_loss_weight"):
+        if flat[key] < 0:
+            problems.append(f"{key}={flat[key]} must not be negative")
+    for key in ("learning_rate", "text_encoder_lr", "snr_gamma"):
+        if flat[key] is not None and flat[key] <= 0:
+            problems.append(f"{key}={flat[key]} must be positive")
+    if flat["resolution"] % 8:
+        problems.append(f"resolution={flat['resolution']} is not a multiple of 8 (the VAE downsamples by 8)")
+    bad_trackers = [name for name in config.trackers if name not in TRACKERS]
+    if bad_trackers:
+        problems.append(f"report_to={flat['report_to']!r}: unknown tracker(s) {', '.join(bad_trackers)}; "
+                        f"use {', '.join(TRACKERS)}, all or none")
+    if config.prior.with_prior_preservation:
+        for key in ("class_data_dir", "class_prompt"):
+            if not flat[key]:
+                problems.append(f"{key} is required with with_prior_preservation")
+    if flat["class_prompt"] and flat["instance_prompt"] and (
+            flat["class_prompt"].strip() == flat["instance_prompt"].strip()):
+        problems.append(f"class_prompt equals instance_prompt ({flat['instance_prompt']!r}): the "
+                        "instance prompt needs an identifier the class prompt lacks, e.g. 'a sks dog'")
+    if flat["pre_compute_text_embeddings"] and flat["train_text_encoder"]:
+        problems.append("pre_compute_text_embeddings cannot be used with train_text_encoder "
+                        "(a trained text encoder changes the embeddings)")
+    return problems
+
+
+def instance_prompt_warnings(config: TrainConfig) -> list[str]:
+    """Soft problems worth a warning but not an error."""
+    instance, cls = config.data.instance_prompt, config.data.class_prompt
+    if instance and cls:
+        extra_words = set(instance.lower().split()) - set(cls.lower().split())
+        if not extra_words:
+            return [f"instance_prompt {instance!r} has no word that class_prompt {cls!r} lacks: "
+                    "without a rare identifier (e.g. 'sks') the subject is bound to the class word "
+                    "itself and the class prior drifts"]
+    return []
+
+
+def dump_yaml(config: TrainConfig) -> str:
+    """The resolved configuration as flat YAML, loadable by `--config`."""
+    return yaml.safe_dump(config.to_flat_dict(), sort_keys=False)

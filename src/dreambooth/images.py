@@ -1,0 +1,236 @@
+"""Reading users' photos robustly and writing PNGs.
+
+DreamBooth trains on a handful of photos straight from a phone or a notebook folder, so this
+module expects the mess they come with: hidden `.ipynb_checkpoints` folders, side files, EXIF
+rotation, transparency, 16-bit scans and half-copied files. Every photo that cannot be used is
+named in a warning or an error; none is silently "repaired" (truncated files are refused, not
+padded, so `ImageFile.LOAD_TRUNCATED_IMAGES` is left alone).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
+
+from dreambooth.files import atomic_path
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+# Errors PIL raises for unreadable, truncated or non-image files (SyntaxError and EOFError come
+# from some older decoders; DecompressionBombError guards against absurd pixel counts).
+_PIL_READ_ERRORS = (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError)
+
+
+class ImageFolderError(ValueError):
+    """An image folder that cannot be used; the message names it and says what to do."""
+
+
+class ImageReadError(ValueError):
+    """A file that cannot be read as an image; the message names it and the reason."""
+
+
+def _scan_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Split the visible files directly in `folder` into (images, other files), sorted by name."""
+    if not folder.is_dir():
+        raise ImageFolderError(f"image folder '{folder}' does not exist or is not a folder")
+    images: list[Path] = []
+    others: list[Path] = []
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        if path.name.startswith(".") or not path.is_file():
+            continue  # .ipynb_checkpoints, .DS_Store and subfolders are never photos
+        (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+    return images, others
+
+
+def _warn_not_image(path: Path) -> None:
+    warnings.warn(
+        f"skipping '{path}': extension '{path.suffix}' is not an image "
+        f"(accepted: {', '.join(sorted(IMAGE_EXTENSIONS))})",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name; each other visible file is warned about."""
+    images, others = _scan_folder(Path(folder))
+    for path in others:
+        _warn_not_image(path)
+    return images
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Scale high-bit-depth grayscale to 8-bit `L`; PIL's own convert("L") clips 16-bit values."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # I;16* are 16-bit by definition; PNG and TIFF decoders also hand 16-bit data over as I.
+        values = np.asarray(image.convert("I"), dtype=np.float64).clip(0, 65535) / 257.0
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        # Float images are either normalised to [0, 1] or already on the 0..255 scale.
+        values = values * 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else values
+        values = np.nan_to_num(values).clip(0, 255)
+    else:
+        return image
+    return Image.fromarray(np.rint(values).astype(np.uint8), mode="L")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Return 8-bit RGB; transparent pixels become white, as a photo viewer would show them."""
+    image = _to_8bit(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr; 16-bit RGB PNGs already open as RGB
+
+
+def load_rgb_image(path: Path) -> Image.Image:
+    """Open `path` fully (so truncation fails here, not mid-training), upright and as 8-bit RGB."""
+    path = Path(path)
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            upright = ImageOps.exif_transpose(opened)  # phone photos store rotation in EXIF
+            return _to_rgb(upright)
+    except _PIL_READ_ERRORS as error:
+        raise ImageReadError(f"cannot read image '{path}': {error}") from error
+
+
+def load_image_folder(
+    folder: Path, *, role: str = "instance", min_size: int | None = None
+) -> list[tuple[Path, Image.Image]]:
+    """Load every readable photo in `folder` as RGB; skip the rest with one warning each.
+
+    Raises ImageFolderError naming the folder when it is missing or holds no readable photo,
+    since training on an empty set would fail much later and less clearly.
+    """
+    folder = Path(folder)
+    flag = f"--{role}_data_dir"
+    if not folder.exists():
+        raise ImageFolderError(
+            f"{role} image folder '{folder}' does not exist: pass {flag} with a folder of photos"
+        )
+    if not folder.is_dir():
+        raise ImageFolderError(
+            f"{role} image folder '{folder}' is a file, not a folder: "
+            f"pass {flag} with a folder of photos"
+        )
+    paths, others = _scan_folder(folder)
+    for path in others:
+        _warn_not_image(path)
+    loaded: list[tuple[Path, Image.Image]] = []
+    unreadable = 0
+    for path in paths:
+        try:
+            image = load_rgb_image(path)
+        except ImageReadError as error:
+            unreadable += 1
+            warnings.warn(f"skipping {role} image: {error}", UserWarning, stacklevel=2)
+            continue
+        if min_size is not None and min(image.size) < min_size:
+            warnings.warn(
+                f"{role} image '{path}' is {image.width}x{image.height}, smaller than "
+                f"{min_size} on its shorter side: it will be upscaled; results may be blurry",
+                UserWarning,
+                stacklevel=2,
+            )
+        loaded.append((path, image))
+    if not loaded:
+        raise ImageFolderError(
+            f"{role} image folder '{folder}' has no readable image: skipped {len(others)} "
+            f"file(s) without an image extension and {unreadable} unreadable image file(s); "
+            f"add photos ({', '.join(sorted(IMAGE_EXTENSIONS))}) or pass another {flag}"
+        )
+    return loaded
+
+
+def preprocess_image(
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Resize the shorter side to `resolution`, crop a square, return (3, R, R) in [-1, 1].
+
+    The crop is centered when `center_crop` is set or no generator is given, so randomness
+    only ever comes from an injected generator.
+    """
+    if image.mode != "RGB":
+        raise ValueError(
+            f"preprocess_image expects an RGB image, got mode {image.mode!r}: "
+            "load it with load_rgb_image"
+        )
+    if resolution < 1:
+        raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
+    scale = resolution / min(image.size)
+    width = max(resolution, round(image.width * scale))
+    height = max(resolution, round(image.height * scale))
+    if (width, height) != image.size:
+        # LANCZOS keeps detail when shrinking; BICUBIC rings less when enlarging.
+        resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+        image = image.resize((width, height), resample=resample)
+    max_left, max_top = image.width - resolution, image.height - resolution
+    if center_crop or generator is None:
+        left, top = max_left // 2, max_top // 2
+    else:
+        left = int(torch.randint(0, max_left + 1, (1,), generator=generator).item())
+        top = int(torch.randint(0, max_top + 1, (1,), generator=generator).item())
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3) in [-1, 1]
+    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())  # (3, R, R)
+
+
+def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
+    """Inverse of preprocess_image for a (3, H, W) tensor in [-1, 1]; values outside are clamped."""
+    if tensor.ndim != 3 or tensor.shape[0] != 3:
+        raise ValueError(f"tensor_to_pil expects shape (3, H, W), got {tuple(tensor.shape)}")
+    pixels = ((tensor.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    return Image.fromarray(pixels.to(torch.uint8).permute(1, 2, 0).numpy(), mode="RGB")
+
+
+def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Tile images row by row into one RGB image; empty cells stay black."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    if columns < 1:
+        raise ValueError(f"columns must be at least 1, got {columns}")
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), (0, 0, 0))
+    for index, image in enumerate(images):
+        if image.size != (width, height):
+            image = image.resize((width, height), resample=Image.Resampling.BICUBIC)
+        row, column = divmod(index, columns)
+        grid.paste(image.convert("RGB"), (column * width, row * height))
+    return grid
+
+
+def save_png(image: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> Path:
+    """Write `image` as a PNG atomically, storing `text` (e.g. prompt, seed) as text chunks."""
+    path = Path(path)
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)  # tEXt, or iTXt when the value is not Latin-1
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return path
+
+
+def read_png_text(path: str | Path) -> dict[str, str]:
+    """Return the text chunks of a PNG written by save_png (or any other PNG)."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # text chunks after the pixel data are only parsed by load()
+            file_format, text = image.format, dict(getattr(image, "text", {}))
+    except _PIL_READ_ERRORS as error:
+        raise ImageReadError(f"cannot read PNG '{path}': {error}") from error
+    if file_format != "PNG":
+        raise ImageReadError(f"'{path}' is a {file_format} file, not a PNG")
+    return text

@@ -1,0 +1,137 @@
+"""Finding and loading the Stable Diffusion components that DreamBooth trains and samples with.
+
+Models come from the user's disk or the local Hugging Face cache, never from the network here:
+a hub id is resolved with `local_files_only=True` and fails with instructions when it is not
+cached.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelLoadError(ValueError):
+    """A model folder or id that cannot be used; the message names it and says what to do."""
+
+
+def resolve_model_path(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """Return the local diffusers folder for a path or a cached Hugging Face hub id.
+
+    Raises ModelLoadError naming `name_or_path` if it is neither a diffusers pipeline folder nor
+    a hub id present in the local cache.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return _check_pipeline_folder(path, str(name_or_path))
+    text = str(name_or_path)
+    looks_like_repo_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_repo_id:
+        raise ModelLoadError(
+            f"model '{text}' not found: no such folder. Pass a diffusers pipeline folder "
+            "(with model_index.json) or a Hugging Face hub id such as 'org/name' that is in "
+            "your local cache."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(text, revision=revision, local_files_only=True)
+    except Exception as error:  # the hub raises several types for "not cached"
+        raise ModelLoadError(
+            f"model '{text}' is not in the local Hugging Face cache and this tool never "
+            f"downloads weights by itself ({type(error).__name__}). Fetch it first, e.g. "
+            f"`huggingface-cli download {text}`, or pass a local diffusers folder."
+        ) from error
+    return _check_pipeline_folder(Path(folder), text)
+
+
+def _check_pipeline_folder(path: Path, shown_name: str) -> Path:
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model '{shown_name}' is a file, not a diffusers pipeline folder. Pass the folder "
+            "that holds model_index.json."
+        )
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"model folder '{path}' is not a diffusers pipeline: model_index.json is missing. "
+            "Pass a folder saved by `save_pretrained` (with unet/, vae/, text_encoder/, "
+            "tokenizer/ and scheduler/)."
+        )
+    missing = [name for name in REQUIRED_SUBFOLDERS if not (path / name).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"model folder '{path}' is not a complete Stable Diffusion pipeline: missing "
+            f"{', '.join(f'{name}/' for name in missing)}."
+        )
+    return path
+
+
+@dataclass
+class DiffusionComponents:
+    """The parts of a Stable Diffusion pipeline that training touches."""
+
+    path: Path
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any  # DDPMScheduler with the model's training config
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def load_components(name_or_path: str | Path, revision: str | None = None) -> DiffusionComponents:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler from a pipeline."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    path = resolve_model_path(name_or_path, revision)
+    index = json.loads((path / "model_index.json").read_text())
+    if "text_encoder_2" in index:
+        raise ModelLoadError(
+            f"model folder '{path}' is an SDXL pipeline (it has text_encoder_2); this trainer "
+            "handles Stable Diffusion 1.x and 2.x pipelines."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+        vae = AutoencoderKL.from_pretrained(path / "vae")
+        unet = UNet2DConditionModel.from_pretrained(path / "unet")
+        noise_scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise ModelLoadError(f"could not load the pipeline in '{path}': {error}") from error
+    return DiffusionComponents(path, tokenizer, text_encoder, vae, unet, noise_scheduler)
+
+
+def load_inference_scheduler(path: Path):
+    """The sampling scheduler the pipeline ships (e.g. PNDM for SD 1.x), from model_index.json."""
+    import diffusers
+
+    index = json.loads((path / "model_index.json").read_text())
+    _, class_name = index.get("scheduler", [None, "PNDMScheduler"])
+    scheduler_class = getattr(diffusers, class_name, diffusers.PNDMScheduler)
+    return scheduler_class.from_pretrained(path / "scheduler")
+
+
+def assemble_pipeline(components: DiffusionComponents, *, unet=None, text_encoder=None,
+                      scheduler=None):
+    """A StableDiffusionPipeline over live modules (no copy), for sampling during training."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=text_encoder or components.text_encoder,
+        tokenizer=components.tokenizer, unet=unet or components.unet,
+        scheduler=scheduler or load_inference_scheduler(components.path),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

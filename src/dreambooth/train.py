@@ -1,0 +1,194 @@
+"""`train(config)`: one DreamBooth run from a validated TrainConfig to a saved pipeline.
+
+Wires the pieces together and hands the loop to Lightning's Trainer: DreamBoothModule (loss,
+what is trained), DreamBoothDataModule (images -> cached latents -> batches), callbacks (class
+images, validation samples, checkpoints) and loggers. Nothing here computes a loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from . import checkpointing
+from .callbacks import ClassImageGeneration, ValidationSamples
+from .config import TrainConfig, dump_yaml, instance_prompt_warnings, parse_train_config
+from .data import DreamBoothDataModule, steps_for_epochs
+from .export import CONFIG_FILE, save_trained_pipeline
+from .files import atomic_write_text
+from .images import load_image_folder
+from .models import load_components
+from .training import DreamBoothModule, adamw_class
+
+log = logging.getLogger(__name__)
+
+PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
+# Keys that must match between a checkpoint and the run resuming it for an exact resume.
+RESUME_INVARIANTS = ("pretrained_model_name_or_path", "train_text_encoder", "train_batch_size",
+                     "gradient_accumulation_steps", "with_prior_preservation", "resolution",
+                     "center_crop", "random_flip", "seed")
+
+
+class RunMetadata(L.Callback):
+    """Stores the resolved configuration in every checkpoint."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["dreambooth_config"] = self.config.to_flat_dict()
+
+
+def _apply_checkpoint_config(config: TrainConfig, resume_path: Path) -> TrainConfig:
+    """A resumed run takes its seed from the checkpoint and must agree on the run's shape."""
+    saved = torch.load(resume_path, map_location="cpu", mmap=True,
+                       weights_only=True).get("dreambooth_config", {})
+    values = config.to_flat_dict()
+    if values["seed"] is None and saved.get("seed") is not None:
+        values["seed"] = saved["seed"]
+    mismatched = [f"{key}: checkpoint has {saved[key]!r}, this run has {values[key]!r}"
+                  for key in RESUME_INVARIANTS if key in saved and saved[key] != values[key]]
+    if mismatched:
+        raise ValueError(f"cannot resume exactly from '{resume_path}': "
+                         + "; ".join(mismatched) + ". Use the checkpoint's values or start anew.")
+    return parse_train_config(values)
+
+
+def _loggers(config: TrainConfig, output_dir: Path) -> list:
+    from lightning.pytorch import loggers
+
+    extras = {"wandb": "wandb", "mlflow": "mlflow"}
+    result = []
+    for name in config.trackers:
+        if name in extras:
+            try:
+                __import__(extras[name])
+            except ImportError as error:
+                raise ImportError(f"report_to={name} needs the '{name}' extra: "
+                                  f"pip install 'dreambooth[{name}]'") from error
+        if name == "tensorboard":
+            result.append(loggers.TensorBoardLogger(output_dir, name=config.tracking.logging_dir,
+                                                    version="", default_hp_metric=False))
+        elif name == "csv":
+            result.append(loggers.CSVLogger(output_dir, name=config.tracking.logging_dir,
+                                            version="csv"))
+        elif name == "wandb":
+            result.append(loggers.WandbLogger(project=config.tracking.tracker_project_name,
+                                              save_dir=str(output_dir)))
+        elif name == "mlflow":
+            result.append(loggers.MLFlowLogger(
+                experiment_name=config.tracking.tracker_project_name,
+                tracking_uri=(output_dir / "mlruns").resolve().as_uri()))
+    for logger in result:
+        logger.log_hyperparams({k: v for k, v in config.to_flat_dict().items() if v is not None})
+    return result
+
+
+def _devices(text: str) -> int | str:
+    return int(text) if text.strip().lstrip("-").isdigit() else text
+
+
+def _compatibility_notes(config: TrainConfig) -> None:
+    for message in instance_prompt_warnings(config):
+        warnings.warn(message, UserWarning, stacklevel=3)
+    if config.hardware.enable_xformers_memory_efficient_attention:
+        log.warning("enable_xformers_memory_efficient_attention: not needed; diffusers uses "
+                    "PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels)")
+    if config.hardware.dataloader_num_workers:
+        log.info("dataloader_num_workers ignored: batches come from latents cached in memory")
+
+
+def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
+    """Run DreamBooth training as configured; returns the output folder (a diffusers pipeline).
+
+    `callbacks` are extra Lightning callbacks (tests use them to interrupt a run).
+    """
+    output_dir = Path(config.checkpoint.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    _compatibility_notes(config)
+    adamw_class(config.optim.use_8bit_adam)  # fail before loading models if it cannot run
+    resume_path = checkpointing.resolve_resume_path(config.checkpoint.resume_from_checkpoint,
+                                                    checkpoint_dir)
+    if resume_path is not None:
+        config = _apply_checkpoint_config(config, resume_path)
+    if config.optim.seed is None:
+        values = config.to_flat_dict() | {"seed": secrets.randbelow(2**31)}
+        config = parse_train_config(values)
+    if config.optim.max_train_steps is None:
+        steps = steps_for_epochs(
+            config.data.instance_data_dir, num_class_images=config.prior.num_class_images,
+            with_prior=config.prior.with_prior_preservation,
+            num_train_epochs=config.optim.num_train_epochs,
+            train_batch_size=config.optim.train_batch_size,
+            gradient_accumulation_steps=config.optim.gradient_accumulation_steps)
+        config = parse_train_config(config.to_flat_dict() | {"max_train_steps": steps})
+    if config.hardware.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed, max_steps = config.optim.seed, config.optim.max_train_steps
+
+    load_image_folder(config.data.instance_data_dir, role="instance")  # fail before loading models
+    components = load_components(config.model.pretrained_model_name_or_path, config.model.revision)
+    with_prior = config.prior.with_prior_preservation
+    module = DreamBoothModule(
+        components, instance_prompt=config.data.instance_prompt,
+        class_prompt=config.data.class_prompt if with_prior else None,
+        prior_loss_weight=config.prior.prior_loss_weight, optim=config.optim,
+        max_train_steps=max_steps,
+        pre_compute_text_embeddings=config.hardware.pre_compute_text_embeddings)
+    datamodule = DreamBoothDataModule(
+        instance_data_dir=config.data.instance_data_dir,
+        class_data_dir=config.data.class_data_dir if with_prior else None,
+        num_class_images=config.prior.num_class_images, resolution=config.data.resolution,
+        center_crop=config.data.center_crop, random_flip=config.data.random_flip,
+        train_batch_size=config.optim.train_batch_size,
+        gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
+        max_train_steps=max_steps, seed=seed, vae=components.vae)
+
+    run_callbacks: list = [
+        RunMetadata(config),
+        checkpointing.periodic_checkpoints(checkpoint_dir, config.checkpoint.checkpointing_steps,
+                                           config.checkpoint.checkpoints_total_limit),
+        checkpointing.InterruptCheckpoint(checkpoint_dir, config.optim.gradient_accumulation_steps),
+    ]
+    if with_prior and config.prior.num_class_images > 0:
+        run_callbacks.append(ClassImageGeneration(
+            components, class_data_dir=config.data.class_data_dir,
+            class_prompt=config.data.class_prompt, num_class_images=config.prior.num_class_images,
+            seed=seed, sample_batch_size=config.prior.sample_batch_size,
+            num_inference_steps=config.prior.class_inference_steps,
+            guidance_scale=config.prior.class_guidance_scale, resolution=config.data.resolution))
+    if config.validation.validation_prompt:
+        run_callbacks.append(ValidationSamples(
+            components, prompt=config.validation.validation_prompt,
+            every_n_steps=config.validation.validation_steps,
+            num_images=config.validation.num_validation_images,
+            num_inference_steps=config.validation.validation_inference_steps,
+            guidance_scale=config.validation.validation_guidance_scale, seed=seed,
+            resolution=config.data.resolution, output_dir=output_dir / "validation"))
+    run_callbacks += callbacks or []
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    trainer = L.Trainer(
+        accelerator=config.hardware.accelerator, devices=_devices(config.hardware.devices),
+        num_nodes=config.hardware.num_nodes, strategy=config.hardware.strategy,
+        precision=PRECISION[config.optim.mixed_precision],
+        max_steps=max_steps, max_epochs=-1,
+        accumulate_grad_batches=config.optim.gradient_accumulation_steps,
+        gradient_clip_val=config.optim.max_grad_norm or None, gradient_clip_algorithm="norm",
+        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+        callbacks=run_callbacks, logger=_loggers(config, output_dir) or False,
+        plugins=[checkpointing.AtomicCheckpointIO()], default_root_dir=output_dir,
+        log_every_n_steps=1, enable_model_summary=False)
+    if trainer.is_global_zero:
+        atomic_write_text(output_dir / CONFIG_FILE, dump_yaml(config))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    if trainer.is_global_zero:
+        save_trained_pipeline(components, output_dir, config_yaml=dump_yaml(config))
+        log.info("trained pipeline saved to %s", output_dir)
+    return output_dir

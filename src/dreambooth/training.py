@@ -1,0 +1,208 @@
+"""The DreamBooth LightningModule: what is trained, the loss, the optimizer.
+
+Loss (Ruiz et al. 2023, eq. 2), with instance and class samples in one UNet forward:
+    L = E ||eps - eps_hat(z_t^inst, t, c_inst)||^2 + lambda * E ||eps - eps_hat(z_t^cls, t, c_cls)||^2
+where the target is the noise eps for epsilon-prediction models and the velocity
+v = alpha_t * eps - sigma_t * z_0 for v-prediction models (SD 2.x 768 px).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from . import seeding
+from .config import OptimizationConfig
+from .models import DiffusionComponents
+
+log = logging.getLogger(__name__)
+
+OFFSET_NOISE_SCALE = 0.1  # as in diffusers' --offset_noise (Guttenberg, 2023)
+
+
+def draw_noise_and_timesteps(seeds: torch.Tensor, shape: tuple[int, ...], *,
+                             num_train_timesteps: int, offset_noise: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample noise (B, C, h, w) and timesteps (B,), each a function of its sample's seed.
+
+    Drawn on the CPU so a sample's noise is the same on any device and with any batching.
+    """
+    noises, timesteps = [], []
+    for seed in seeds.tolist():
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn(shape, generator=generator)
+        if offset_noise:
+            noise = noise + OFFSET_NOISE_SCALE * torch.randn(shape[0], 1, 1, generator=generator)
+        noises.append(noise)
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
+    return torch.stack(noises), torch.cat(timesteps)
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+class DreamBoothModule(L.LightningModule):
+    """Trains the UNet (and optionally the text encoder) of a Stable Diffusion model; VAE frozen."""
+
+    def __init__(self, components: DiffusionComponents, *, instance_prompt: str,
+                 class_prompt: str | None, prior_loss_weight: float, optim: OptimizationConfig,
+                 max_train_steps: int, pre_compute_text_embeddings: bool = False):
+        super().__init__()
+        self.unet = components.unet
+        self.text_encoder = components.text_encoder
+        self.vae = components.vae
+        self.tokenizer = components.tokenizer
+        self.noise_scheduler = components.noise_scheduler
+        self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
+        self.prior_loss_weight = prior_loss_weight
+        self.optim = optim
+        self.max_train_steps = max_train_steps
+        self.pre_compute_text_embeddings = pre_compute_text_embeddings
+        # Checkpoints hold only what training changes; the frozen rest comes from the base model.
+        self.strict_loading = False
+
+        self.vae.requires_grad_(False).eval()
+        self.text_encoder.requires_grad_(optim.train_text_encoder)
+        self.unet.requires_grad_(True)
+        if optim.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if optim.train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+        # Row 0: instance prompt, row 1: class prompt (or the instance prompt again).
+        prompts = [instance_prompt, class_prompt or instance_prompt]
+        input_ids = self.tokenizer(prompts, padding="max_length", truncation=True,
+                                   max_length=self.tokenizer.model_max_length,
+                                   return_tensors="pt").input_ids
+        self.register_buffer("prompt_ids", input_ids, persistent=False)  # (2, 77)
+        self.prompt_embeds: torch.Tensor | None = None  # (2, 77, D) when the encoder is frozen
+
+    # ----------------------------------------------------------------------- setup
+    def on_fit_start(self) -> None:
+        mixed = self.trainer.precision in ("16-mixed", "bf16-mixed")
+        if mixed and self.device.type == "cuda":
+            # Frozen modules only run forward: keep them in half precision to save memory.
+            half = torch.float16 if self.trainer.precision == "16-mixed" else torch.bfloat16
+            self.vae.to(dtype=half)
+            if not self.optim.train_text_encoder:
+                self.text_encoder.to(dtype=half)
+        if not self.optim.train_text_encoder:
+            with torch.no_grad():
+                self.prompt_embeds = self.text_encoder(self.prompt_ids)[0].float()
+            if self.pre_compute_text_embeddings:
+                self.text_encoder.to("cpu")
+                log.info("text embeddings precomputed; text encoder moved off %s", self.device)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------ loss
+    def encoder_hidden_states(self, is_prior: torch.Tensor) -> torch.Tensor:
+        """(B, 77, D) prompt embeddings: the class prompt's for prior samples."""
+        if self.prompt_embeds is not None:
+            embeds = self.prompt_embeds
+        else:
+            embeds = self.text_encoder(self.prompt_ids)[0]
+        return embeds[is_prior.long()]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        latents = batch["latents"]  # (B, 4, H/8, W/8), instance samples then class samples
+        is_prior = batch["is_prior"]
+        noise, timesteps = draw_noise_and_timesteps(
+            batch["seeds"].cpu(), tuple(latents.shape[1:]),
+            num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+            offset_noise=self.optim.offset_noise)
+        noise, timesteps = noise.to(latents), timesteps.to(latents.device)
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)  # z_t
+        model_pred = self.unet(noisy_latents, timesteps,
+                               self.encoder_hidden_states(is_prior)).sample
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+        per_sample = per_sample.mean(dim=(1, 2, 3))  # (B,)
+        if self.optim.snr_gamma is not None:
+            per_sample = per_sample * min_snr_weights(self.noise_scheduler, timesteps,
+                                                      self.optim.snr_gamma)
+        instance_loss = per_sample[~is_prior].mean()
+        loss = instance_loss
+        self.log("instance_loss", instance_loss.detach(), on_step=True)
+        if is_prior.any():
+            prior_loss = per_sample[is_prior].mean()
+            loss = instance_loss + self.prior_loss_weight * prior_loss
+            self.log("prior_loss", prior_loss.detach(), on_step=True)
+        self.log("loss", loss.detach(), on_step=True, prog_bar=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=True)
+        return loss
+
+    # ------------------------------------------------------------------- optimizer
+    def learning_rates(self) -> tuple[float, float]:
+        """(UNet lr, text encoder lr), scaled by the global batch with `scale_lr`."""
+        unet_lr = self.optim.learning_rate
+        text_lr = self.optim.text_encoder_lr or unet_lr
+        if self.optim.scale_lr:
+            scale = (self.optim.gradient_accumulation_steps * self.optim.train_batch_size
+                     * self.trainer.world_size)
+            unet_lr, text_lr = unet_lr * scale, text_lr * scale
+        return unet_lr, text_lr
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        from diffusers.optimization import get_scheduler
+
+        unet_lr, text_lr = self.learning_rates()
+        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad],
+                   "lr": unet_lr}]
+        if self.optim.train_text_encoder:
+            groups.append({"params": [p for p in self.text_encoder.parameters()
+                                      if p.requires_grad], "lr": text_lr})
+        optimizer_class = adamw_class(self.optim.use_8bit_adam)
+        optimizer = optimizer_class(groups, betas=(self.optim.adam_beta1, self.optim.adam_beta2),
+                                    weight_decay=self.optim.adam_weight_decay,
+                                    eps=self.optim.adam_epsilon)
+        scheduler = get_scheduler(self.optim.lr_scheduler, optimizer,
+                                  num_warmup_steps=self.optim.lr_warmup_steps,
+                                  num_training_steps=self.max_train_steps,
+                                  num_cycles=self.optim.lr_num_cycles, power=self.optim.lr_power)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items()
+                                    if key in trainable}
+        checkpoint["rng_states"] = seeding.capture_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            seeding.restore_rng_state(checkpoint["rng_states"])
+
+
+def adamw_class(use_8bit_adam: bool):
+    """torch's AdamW, or bitsandbytes' 8-bit AdamW with a clear error where it cannot run."""
+    if not use_8bit_adam:
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise ImportError(
+            "use_8bit_adam needs bitsandbytes: pip install 'dreambooth[bnb]' "
+            f"(import failed: {error})") from error
+    if not torch.cuda.is_available():
+        raise RuntimeError("use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit AdamW has no CPU "
+                           "kernels here); drop --use_8bit_adam to train on this machine")
+    return bnb.optim.AdamW8bit
