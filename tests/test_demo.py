@@ -1,0 +1,17 @@
+"""`dreambooth demo` in a fast mode writes every file the README promises."""
+
+from dreambooth.cli import main
+from dreambooth.images import read_png_text
+
+
+def test_demo_fast_mode_produces_every_file(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output_dir", str(out), "--max_train_steps", "4"]) == 0
+    assert (out / "base-model" / "model_index.json").exists()
+    assert len(list((out / "instance-photos").glob("*.png"))) == 4
+    assert len(list((out / "class-images").glob("class-*.png"))) == 8
+    assert (out / "model" / "model_index.json").exists()
+    assert [p.name for p in (out / "model" / "checkpoints").iterdir()] == ["checkpoint-4.ckpt"]
+    assert len(list((out / "model" / "validation").glob("step-*.png"))) == 4
+    assert len(list((out / "samples" / "model").glob("0*.png"))) == 4
+    assert read_png_text(out / "base-vs-trained.png")["prompt"] == "a photo of sks toy"
