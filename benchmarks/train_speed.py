@@ -161,6 +161,21 @@ def write_subject_photos(folder: Path, size: int, count: int = NUM_INSTANCE_PHOT
 
 
 # ------------------------------------------------------------------------------ child process
+def machine_busy_s() -> float | None:
+    """CPU seconds all processes on this machine have used since boot (/proc/stat), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 def make_step_timer(synchronize: bool):
     import lightning as L
     import torch
@@ -170,6 +185,7 @@ def make_step_timer(synchronize: bool):
 
         def __init__(self):
             self.stamps: list[float] = []
+            self.cpu_marks: list[tuple[float | None, float]] = []  # (machine busy, own CPU) s
             self._last_step = -1
             self.cuda_peak_bytes: int | None = None
 
@@ -185,6 +201,7 @@ def make_step_timer(synchronize: bool):
             if synchronize:
                 torch.cuda.synchronize()
             self.stamps.append(time.perf_counter())
+            self.cpu_marks.append((machine_busy_s(), own_cpu_s()))
 
         def on_train_end(self, trainer, pl_module) -> None:
             if synchronize:
@@ -230,7 +247,13 @@ def run_child(spec_path: Path, result_path: Path) -> int:
         measured = stamps[warmup:]
         elapsed = measured[-1] - stamps[warmup - 1]
         step_times = [b - a for a, b in zip(stamps[warmup - 1:], measured)]
+        # CPU time other processes used during the timed window, in cores: a busy machine
+        # (tests running beside the benchmark) slows CPU training a lot, so say so.
+        (busy0, own0), (busy1, own1) = timer.cpu_marks[warmup - 1], timer.cpu_marks[-1]
+        foreign_cores = (None if busy0 is None or busy1 is None
+                         else max(0.0, (busy1 - busy0) - (own1 - own0)) / elapsed)
         result.update(
+            foreign_cpu_cores=foreign_cores,
             ok=True, steps_per_s=len(measured) / elapsed, measured_steps=len(measured),
             measured_s=elapsed, step_times_s=step_times,
             peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
