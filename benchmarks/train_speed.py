@@ -307,8 +307,8 @@ def machine_line(machine: dict) -> str:
 def table_header(on_gpu: bool) -> str:
     memory = "peak CUDA alloc (MiB)" if on_gpu else "peak RSS (MiB)"
     return ("| config | res | batch (inst+prior) | trained | precision | grad ckpt | steps/s "
-            f"| ratio to baseline | {memory} |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+            f"| ratio to baseline | {memory} | other CPU load |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def table_row(config: Configuration, result: dict, baseline_speed: float | None) -> str:
@@ -319,11 +319,13 @@ def table_row(config: Configuration, result: dict, baseline_speed: float | None)
     prefix = (f"| {config.name} | {config.resolution} | {batch} | {config.trained} | {precision} "
               f"| {checkpointing} |")
     if not result.get("ok"):
-        return f"{prefix} failed | - | - |"
+        return f"{prefix} failed | - | - | - |"
     speed = result["steps_per_s"]
     ratio = f"{speed / baseline_speed:.2f}" if baseline_speed else "-"
     memory = result.get("cuda_peak_allocated_mib", result["peak_rss_mib"])
-    return f"{prefix} {speed:.2f} | {ratio} | {memory:,.0f} |"
+    foreign = result.get("foreign_cpu_cores")
+    load = "?" if foreign is None else f"{foreign:.2f} cores"
+    return f"{prefix} {speed:.2f} | {ratio} | {memory:,.0f} | {load} |"
 
 
 def run_configuration(config: Configuration, *, model_path: Path, instance_dir: Path,
@@ -446,6 +448,10 @@ def main(argv=None) -> int:
                 result.update(suite=suite, configuration=asdict(config))
                 report["results"].append(result)
                 print(table_row(config, result, baseline_speed), flush=True)
+                if (result.get("foreign_cpu_cores") or 0) > 0.2:
+                    print(f"warning: other processes kept {result['foreign_cpu_cores']:.2f} CPU "
+                          f"cores busy while {config.name} was timed; its steps/s is not "
+                          "trustworthy, rerun on a quiet machine", file=sys.stderr, flush=True)
                 if not result.get("ok"):
                     failures += 1
                     print(f"\n{config.name} failed: {result['error']}\n"
@@ -461,6 +467,8 @@ def main(argv=None) -> int:
         memory_note += ("; peak CUDA alloc: torch.cuda.max_memory_allocated() from the start of "
                         "the training loop to its end")
     report["memory_note"] = memory_note
+    print("other CPU load: CPU time used by other processes on this machine during the timed "
+          "steps, in cores (from /proc/stat); above ~0.2 the CPU figures are disturbed")
     print(memory_note)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
