@@ -414,6 +414,15 @@ def main(argv=None) -> int:
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     print(f"machine: {machine_line(machine)}")
     print(f"command: {command}")
+    busy_before = machine_busy_s()
+    time.sleep(1.0)
+    busy_after = machine_busy_s()
+    if busy_before is not None and busy_after is not None:
+        machine["busy_cores_at_start"] = busy_after - busy_before
+        print(f"CPU cores busy with other work at start: {busy_after - busy_before:.2f}")
+        if busy_after - busy_before > 0.2:
+            print("warning: the machine is not idle; CPU timings will be disturbed",
+                  file=sys.stderr)
     print(f"accelerator: {accelerator}; steps {args.steps} per configuration, first "
           f"{args.warmup} not timed; seed {args.seed}\n")
 

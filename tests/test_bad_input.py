@@ -82,8 +82,10 @@ def test_model_that_is_not_a_diffusers_pipeline(tmp_path, instance_dir, make_fol
 
 
 def test_uncached_hub_id_explains_how_to_fetch(tmp_path, instance_dir, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
         train(tiny_config("someone/not-cached", instance_dir, tmp_path / "out"))
 
@@ -108,3 +110,32 @@ def test_failed_run_keeps_earlier_output(tmp_path, tiny_model, instance_dir):
     with pytest.raises(ImageFolderError):
         train(tiny_config(tiny_model, tmp_path / "gone", output, max_train_steps=1))
     assert (output / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+
+
+def test_cached_hub_id_resolves_offline(tmp_path, tiny_model, monkeypatch):
+    """A hub id in the local Hugging Face cache loads without the network."""
+    import shutil
+
+    from dreambooth.models import resolve_model_path
+
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny-sd"
+    commit = "0" * 40
+    shutil.copytree(tiny_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    resolved = resolve_model_path("someone/tiny-sd")
+    assert (resolved / "model_index.json").exists()
+    assert resolved.name == commit
+
+
+def test_tracker_without_its_extra_names_the_extra(tmp_path, tiny_model, instance_dir):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:  # an optional extra; needs it absent
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ImportError, match=r"dreambooth\[wandb\]"):
+        train(tiny_config(tiny_model, instance_dir, tmp_path / "out", report_to="wandb"))

@@ -47,7 +47,9 @@ def save_trained_pipeline(components: DiffusionComponents, output_dir: str | Pat
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for module in (components.unet, components.text_encoder, components.vae):
-        module.to(device="cpu", dtype=torch.float32)
+        module.to("cpu")
+        if module.dtype != torch.float32:  # frozen parts ran in half precision on the GPU
+            module.to(dtype=torch.float32)
     pipeline = DiffusionPipeline.from_pretrained(
         components.path, unet=components.unet, text_encoder=components.text_encoder,
         vae=components.vae, tokenizer=components.tokenizer, local_files_only=True)

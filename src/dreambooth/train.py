@@ -187,7 +187,10 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
         log_every_n_steps=1, enable_model_summary=False)
     if trainer.is_global_zero:
         atomic_write_text(output_dir / CONFIG_FILE, dump_yaml(config))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    with warnings.catch_warnings():
+        # The frozen VAE (and text encoder) stay in eval mode on purpose.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
     if trainer.is_global_zero:
         save_trained_pipeline(components, output_dir, config_yaml=dump_yaml(config))
         log.info("trained pipeline saved to %s", output_dir)
