@@ -59,7 +59,12 @@ def test_train_with_prior_preservation_end_to_end(tmp_path, tiny_model, instance
     assert {"torch", "diffusers", "transformers", "lightning"} <= versions.keys()
 
     # Tracking: TensorBoard events and both loss terms in the CSV log; validation grids.
-    assert list((output_dir / "logs").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output_dir / "logs"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"loss", "instance_loss", "prior_loss", "lr"} <= set(events.Tags()["scalars"])
+    assert [event.step for event in events.Images("validation")] == [2, 4]
     metrics = (output_dir / "logs" / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert {"loss", "instance_loss", "prior_loss", "lr"} <= set(metrics.split(","))
     grids = sorted((output_dir / "validation").glob("step-*.png"))
