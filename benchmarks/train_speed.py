@@ -38,6 +38,7 @@ import platform
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -307,8 +308,8 @@ def machine_line(machine: dict) -> str:
 def table_header(on_gpu: bool) -> str:
     memory = "peak CUDA alloc (MiB)" if on_gpu else "peak RSS (MiB)"
     return ("| config | res | batch (inst+prior) | trained | precision | grad ckpt | steps/s "
-            f"| ratio to baseline | {memory} | other CPU load |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+            f"| median step (ms) | ratio to baseline | {memory} | other CPU load |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def table_row(config: Configuration, result: dict, baseline_speed: float | None) -> str:
@@ -319,13 +320,14 @@ def table_row(config: Configuration, result: dict, baseline_speed: float | None)
     prefix = (f"| {config.name} | {config.resolution} | {batch} | {config.trained} | {precision} "
               f"| {checkpointing} |")
     if not result.get("ok"):
-        return f"{prefix} failed | - | - | - |"
+        return f"{prefix} failed | - | - | - | - |"
     speed = result["steps_per_s"]
     ratio = f"{speed / baseline_speed:.2f}" if baseline_speed else "-"
     memory = result.get("cuda_peak_allocated_mib", result["peak_rss_mib"])
     foreign = result.get("foreign_cpu_cores")
     load = "?" if foreign is None else f"{foreign:.2f} cores"
-    return f"{prefix} {speed:.2f} | {ratio} | {memory:,.0f} | {load} |"
+    median_ms = 1000 * statistics.median(result["step_times_s"])
+    return f"{prefix} {speed:.2f} | {median_ms:.1f} | {ratio} | {memory:,.0f} | {load} |"
 
 
 def run_configuration(config: Configuration, *, model_path: Path, instance_dir: Path,
