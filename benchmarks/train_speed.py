@@ -411,6 +411,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"need 1 <= --warmup < --steps (got warmup={args.warmup}, "
                          f"steps={args.steps})")
     suites = selected_suites(args, cuda)
+    unknown = sorted(set(args.only or ()) - {c.name for c in CONFIGURATIONS})
+    if unknown:
+        raise SystemExit(f"--only: unknown configuration(s) {', '.join(unknown)}; choose from "
+                         + ", ".join(c.name for c in CONFIGURATIONS))
     machine = describe_machine()
     output = args.output or RESULTS_DIR / f"train_speed-{machine['host']}.json"
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])

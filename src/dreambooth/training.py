@@ -78,7 +78,9 @@ class DreamBoothModule(L.LightningModule):
         if optim.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if optim.train_text_encoder:
-                self.text_encoder.gradient_checkpointing_enable()
+                # transformers 5 renamed it; 4.x only has the old name.
+                enable = getattr(self.text_encoder, "activation_checkpointing_enable", None)
+                (enable or self.text_encoder.gradient_checkpointing_enable)()
         # Row 0: instance prompt, row 1: class prompt (or the instance prompt again).
         prompts = [instance_prompt, class_prompt or instance_prompt]
         input_ids = self.tokenizer(prompts, padding="max_length", truncation=True,
