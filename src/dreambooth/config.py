@@ -94,6 +94,19 @@ class OptimizationConfig:
 
 
 @dataclass
+class AdapterConfig:
+    use_lora: bool = option(False, "Train LoRA adapters (peft) instead of the full UNet/text encoder.")
+    rank: int = option(4, "LoRA rank r.")
+    lora_alpha: float | None = option(None, "LoRA alpha (scale = alpha / rank); default: rank.")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA branch.")
+    lora_unet_target_modules: str = option(
+        "to_k,to_q,to_v,to_out.0", "Comma-separated UNet modules that get LoRA layers.")
+    lora_text_encoder_target_modules: str = option(
+        "q_proj,k_proj,v_proj,out_proj",
+        "Comma-separated text encoder modules that get LoRA layers (with train_text_encoder).")
+
+
+@dataclass
 class CheckpointConfig:
     output_dir: str = option("dreambooth-model", "Where the trained pipeline, checkpoints and logs go.")
     checkpointing_steps: int = option(500, "Write a full-state checkpoint every N optimizer steps.")
@@ -139,6 +152,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     optim: OptimizationConfig = field(default_factory=OptimizationConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -280,7 +294,7 @@ def validate(config: TrainConfig) -> list[str]:
     positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
                 "checkpointing_steps", "sample_batch_size", "validation_steps",
                 "num_validation_images", "class_inference_steps", "validation_inference_steps",
-                "num_nodes", "lr_num_cycles")
+                "num_nodes", "lr_num_cycles", "rank")
     for key in positive:
         if flat[key] < 1:
             problems.append(f"{key}={flat[key]} must be at least 1")
@@ -290,7 +304,9 @@ def validate(config: TrainConfig) -> list[str]:
     for key in ("num_class_images", "lr_warmup_steps", "max_grad_norm", "prior_loss_weight"):
         if flat[key] < 0:
             problems.append(f"{key}={flat[key]} must not be negative")
-    for key in ("learning_rate", "text_encoder_lr", "snr_gamma"):
+    if not 0 <= flat["lora_dropout"] < 1:
+        problems.append(f"lora_dropout={flat['lora_dropout']} must be in [0, 1)")
+    for key in ("learning_rate", "text_encoder_lr", "snr_gamma", "lora_alpha"):
         if flat[key] is not None and flat[key] <= 0:
             problems.append(f"{key}={flat[key]} must be positive")
     if flat["resolution"] % 8:

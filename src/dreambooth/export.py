@@ -63,6 +63,11 @@ def save_trained_pipeline(components: DiffusionComponents, output_dir: str | Pat
             entry.replace(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    write_run_files(output_dir, config_yaml)
+    return output_dir
+
+
+def write_run_files(output_dir: Path, config_yaml: str) -> None:
+    """The resolved configuration and library versions, beside the weights."""
     atomic_write_text(output_dir / CONFIG_FILE, config_yaml)
     atomic_write_text(output_dir / VERSIONS_FILE, json.dumps(library_versions(), indent=2) + "\n")
-    return output_dir

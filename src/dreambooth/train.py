@@ -19,9 +19,10 @@ from . import checkpointing
 from .callbacks import ClassImageGeneration, ValidationSamples
 from .config import TrainConfig, dump_yaml, instance_prompt_warnings, parse_train_config
 from .data import DreamBoothDataModule, steps_for_epochs
-from .export import CONFIG_FILE, save_trained_pipeline
+from .export import CONFIG_FILE, save_trained_pipeline, write_run_files
 from .files import atomic_write_text
 from .images import load_image_folder
+from .lora import LoraSettings, lora_metadata, save_lora_files
 from .models import load_components
 from .training import DreamBoothModule, adamw_class
 
@@ -31,7 +32,8 @@ PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 # Keys that must match between a checkpoint and the run resuming it for an exact resume.
 RESUME_INVARIANTS = ("pretrained_model_name_or_path", "train_text_encoder", "train_batch_size",
                      "gradient_accumulation_steps", "with_prior_preservation", "resolution",
-                     "center_crop", "random_flip", "seed")
+                     "center_crop", "random_flip", "seed", "use_lora", "rank", "lora_alpha",
+                     "lora_unet_target_modules", "lora_text_encoder_target_modules")
 
 
 class RunMetadata(L.Callback):
@@ -133,14 +135,17 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
     seed, max_steps = config.optim.seed, config.optim.max_train_steps
 
     load_image_folder(config.data.instance_data_dir, role="instance")  # fail before loading models
+    # Seeded before the models exist: LoRA layers are initialised from the global RNG.
+    L.seed_everything(seed, workers=True, verbose=False)
     components = load_components(config.model.pretrained_model_name_or_path, config.model.revision)
     with_prior = config.prior.with_prior_preservation
+    lora = lora_settings(config)
     module = DreamBoothModule(
         components, instance_prompt=config.data.instance_prompt,
         class_prompt=config.data.class_prompt if with_prior else None,
         prior_loss_weight=config.prior.prior_loss_weight, optim=config.optim,
         max_train_steps=max_steps,
-        pre_compute_text_embeddings=config.hardware.pre_compute_text_embeddings)
+        pre_compute_text_embeddings=config.hardware.pre_compute_text_embeddings, lora=lora)
     datamodule = DreamBoothDataModule(
         instance_data_dir=config.data.instance_data_dir,
         class_data_dir=config.data.class_data_dir if with_prior else None,
@@ -173,7 +178,6 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
             resolution=config.data.resolution, output_dir=output_dir / "validation"))
     run_callbacks += callbacks or []
 
-    L.seed_everything(seed, workers=True, verbose=False)
     trainer = L.Trainer(
         accelerator=config.hardware.accelerator, devices=_devices(config.hardware.devices),
         num_nodes=config.hardware.num_nodes, strategy=config.hardware.strategy,
@@ -192,6 +196,28 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
     if trainer.is_global_zero:
-        save_trained_pipeline(components, output_dir, config_yaml=dump_yaml(config))
-        log.info("trained pipeline saved to %s", output_dir)
+        if lora is None:
+            save_trained_pipeline(components, output_dir, config_yaml=dump_yaml(config))
+            log.info("trained pipeline saved to %s", output_dir)
+        else:
+            metadata = lora_metadata(
+                settings=lora, base_model=str(config.model.pretrained_model_name_or_path),
+                trigger_phrase=config.data.instance_prompt, resolution=config.data.resolution,
+                prediction_type=components.prediction_type, training_steps=trainer.global_step,
+                train_text_encoder=config.optim.train_text_encoder)
+            paths = save_lora_files(output_dir, components.unet, components.text_encoder,
+                                    settings=lora, metadata=metadata)
+            write_run_files(output_dir, dump_yaml(config))
+            log.info("LoRA weights saved: %s", ", ".join(map(str, paths)))
     return output_dir
+
+
+def lora_settings(config: TrainConfig) -> LoraSettings | None:
+    adapter = config.adapter
+    if not adapter.use_lora:
+        return None
+    split = lambda text: tuple(name.strip() for name in text.split(",") if name.strip())
+    return LoraSettings(rank=adapter.rank, alpha=adapter.lora_alpha or float(adapter.rank),
+                        dropout=adapter.lora_dropout,
+                        unet_target_modules=split(adapter.lora_unet_target_modules),
+                        text_encoder_target_modules=split(adapter.lora_text_encoder_target_modules))

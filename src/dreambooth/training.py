@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from . import seeding
 from .config import OptimizationConfig
+from .lora import LoraSettings, add_lora_adapters
 from .models import DiffusionComponents
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class DreamBoothModule(L.LightningModule):
 
     def __init__(self, components: DiffusionComponents, *, instance_prompt: str,
                  class_prompt: str | None, prior_loss_weight: float, optim: OptimizationConfig,
-                 max_train_steps: int, pre_compute_text_embeddings: bool = False):
+                 max_train_steps: int, pre_compute_text_embeddings: bool = False,
+                 lora: LoraSettings | None = None):
         super().__init__()
         self.unet = components.unet
         self.text_encoder = components.text_encoder
@@ -72,9 +74,14 @@ class DreamBoothModule(L.LightningModule):
         # Checkpoints hold only what training changes; the frozen rest comes from the base model.
         self.strict_loading = False
 
+        self.lora = lora
         self.vae.requires_grad_(False).eval()
-        self.text_encoder.requires_grad_(optim.train_text_encoder)
-        self.unet.requires_grad_(True)
+        if lora is not None:
+            add_lora_adapters(self.unet, self.text_encoder, lora,
+                              train_text_encoder=optim.train_text_encoder)
+        else:
+            self.text_encoder.requires_grad_(optim.train_text_encoder)
+            self.unet.requires_grad_(True)
         if optim.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if optim.train_text_encoder:

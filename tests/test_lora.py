@@ -1,0 +1,96 @@
+"""LoRA training with peft: adapter-only optimizer state and checkpoints, diffusers and kohya
+files that diffusers loads back to the very model that was trained."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from dreambooth import seeding
+from dreambooth.lora import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
+from dreambooth.train import train
+
+from conftest import tiny_config
+from test_resume import InterruptAt
+
+LORA = dict(use_lora=True, rank=4, lora_alpha=8, learning_rate=1e-2, train_text_encoder=True)
+
+
+def _sample(pipeline, seeds, steps=2):
+    images = []
+    for seed in seeds:
+        images.append(pipeline("a photo of sks dog", num_inference_steps=steps, guidance_scale=7.5,
+                               generator=torch.Generator().manual_seed(seed),
+                               output_type="np").images[0])
+    return np.stack(images)
+
+
+def test_lora_run_writes_files_that_reproduce_the_trained_model(tmp_path, tiny_model, instance_dir):
+    output = train(tiny_config(tiny_model, instance_dir, tmp_path / "lora", max_train_steps=4,
+                               checkpointing_steps=2, validation_prompt="a photo of sks dog",
+                               validation_steps=100, num_validation_images=2, **LORA))
+    assert (output / DIFFUSERS_LORA_FILE).exists() and (output / KOHYA_LORA_FILE).exists()
+    assert not (output / "unet").exists()  # adapters only, no full copy of the model
+
+    # Checkpoints hold only the adapters, and so does the optimizer.
+    checkpoint = torch.load(output / "checkpoints" / "checkpoint-4.ckpt", weights_only=True)
+    assert checkpoint["state_dict"] and all("lora_" in key for key in checkpoint["state_dict"])
+    optimizer_params = sum(len(group["params"])
+                           for group in checkpoint["optimizer_states"][0]["param_groups"])
+    assert optimizer_params == len(checkpoint["state_dict"])
+
+    # kohya layout and metadata.
+    with safe_open(output / KOHYA_LORA_FILE, "pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+        alpha = handle.get_tensor(next(k for k in keys if k.endswith(".alpha")))
+    assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in keys)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
+    assert all(k.rsplit(".", 2)[0].count(".") == 0 for k in keys)  # dots only before the suffix
+    assert alpha.item() == 8.0
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "8.0"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert metadata["modelspec.trigger_phrase"] == "a photo of sks dog"
+    assert metadata["modelspec.prediction_type"] == "epsilon"
+    assert metadata["modelspec.resolution"] == "32x32" and metadata["training_steps"] == "4"
+
+    # diffusers loads both files; both reproduce the live model's last validation images.
+    seeds = [seeding.derive_seed(7, seeding.VALIDATION, i) % 2**32 for i in range(2)]
+    live = np.asarray(Image.open(output / "validation" / "step-000004.png"), dtype=np.float32)
+    base = StableDiffusionPipeline.from_pretrained(tiny_model)
+    base_images = _sample(base, seeds)
+    for lora_file in (output, output / KOHYA_LORA_FILE):
+        pipeline = StableDiffusionPipeline.from_pretrained(tiny_model)
+        pipeline.load_lora_weights(lora_file)
+        images = _sample(pipeline, seeds)
+        grid = np.concatenate(list(images), axis=1) * 255
+        assert np.abs(grid - live).max() <= 2, lora_file  # PNG rounding
+        assert np.abs(images - base_images).max() > 0.01
+
+
+def test_lora_resume_matches_uninterrupted(tmp_path, tiny_model, instance_dir):
+    common = dict(max_train_steps=4, checkpointing_steps=2, **LORA)
+    reference = train(tiny_config(tiny_model, instance_dir, tmp_path / "ref", **common))
+    with pytest.raises(SystemExit):
+        train(tiny_config(tiny_model, instance_dir, tmp_path / "cut", **common),
+              callbacks=[InterruptAt(2)])
+    resumed = train(tiny_config(tiny_model, instance_dir, tmp_path / "cut",
+                                resume_from_checkpoint="latest", **common))
+    a, b = load_file(reference / DIFFUSERS_LORA_FILE), load_file(resumed / DIFFUSERS_LORA_FILE)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def test_rank_larger_than_a_layer_is_refused(tmp_path, tiny_model, instance_dir):
+    with pytest.raises(ValueError, match=r"rank=64 is larger than layer 'unet\..*' allows"):
+        train(tiny_config(tiny_model, instance_dir, tmp_path / "out", use_lora=True, rank=64))
+
+
+def test_unknown_target_modules_are_refused(tmp_path, tiny_model, instance_dir):
+    with pytest.raises(ValueError, match="no Linear layer of the unet matches"):
+        train(tiny_config(tiny_model, instance_dir, tmp_path / "out", use_lora=True,
+                          lora_unet_target_modules="attention_typo"))
