@@ -37,3 +37,11 @@ def tiny_config(model: Path, instance: Path, output_dir: Path, **overrides):
     )
     values.update(overrides)
     return parse_train_config(values)
+
+
+@pytest.fixture(scope="session", params=["sd1", "sd2", "sdxl"])
+def family_model(request, tmp_path_factory) -> tuple[str, Path]:
+    """(family, folder) of a tiny pipeline of each model family."""
+    family = request.param
+    return family, save_tiny_pipeline(tmp_path_factory.mktemp("models") / f"tiny-{family}",
+                                      family=family)

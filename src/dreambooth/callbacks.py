@@ -22,18 +22,20 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def _sampling_context(trainer, pl_module):
     """Eval mode, no grad, the run's autocast, and the text encoder on the device."""
-    text_encoder_device = pl_module.text_encoder.device
-    pl_module.text_encoder.to(pl_module.device)
+    encoders = pl_module.text_encoders
+    encoder_devices = [encoder.device for encoder in encoders]
     was_training = pl_module.unet.training
     pl_module.unet.eval()
-    pl_module.text_encoder.eval()
+    for encoder in encoders:
+        encoder.to(pl_module.device).eval()
     try:
         with torch.no_grad(), trainer.strategy.precision_plugin.forward_context():
             yield
     finally:
         pl_module.unet.train(was_training)
-        pl_module.text_encoder.train(was_training and pl_module.optim.train_text_encoder)
-        pl_module.text_encoder.to(text_encoder_device)
+        for encoder, device in zip(encoders, encoder_devices):
+            encoder.train(was_training and pl_module.optim.train_text_encoder)
+            encoder.to(device)
 
 
 class ClassImageGeneration(Callback):
@@ -62,7 +64,7 @@ class ClassImageGeneration(Callback):
                      len(missing), self.class_prompt, self.class_data_dir, trainer.world_size)
         if share:
             device = trainer.strategy.root_device
-            for module in (pl_module.unet, pl_module.vae, pl_module.text_encoder):
+            for module in (pl_module.unet, pl_module.vae, *pl_module.text_encoders):
                 module.to(device)
             pipeline = assemble_pipeline(self.components)
             with _sampling_context(trainer, pl_module):
@@ -105,8 +107,7 @@ class ValidationSamples(Callback):
     def sample(self, trainer, pl_module) -> list:
         if not trainer.is_global_zero:
             return []
-        pipeline = assemble_pipeline(self.components, unet=pl_module.unet,
-                                     text_encoder=pl_module.text_encoder)
+        pipeline = assemble_pipeline(self.components)
         with _sampling_context(trainer, pl_module):
             images = sample_images(pipeline, self.prompt, seeds=self.seeds,
                                    num_inference_steps=self.num_inference_steps,

@@ -22,16 +22,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import seeding
-from .images import list_image_files, load_image_folder, preprocess_image
+from .images import list_image_files, load_image_folder, pil_to_tensor, resize_and_crop
 
 log = logging.getLogger(__name__)
 
 
 class LatentCache:
-    """Latent distributions of one image set: (N, V, C, h, w) means and stds, V views per image."""
+    """Latent distributions of one image set: (N, V, C, h, w) means and stds, V views per image.
 
-    def __init__(self, means: torch.Tensor, stds: torch.Tensor, paths: list[Path]):
-        self.means, self.stds, self.paths = means, stds, paths
+    `time_ids` (N, V, 6) hold SDXL's size conditioning per view: original (height, width),
+    crop (top, left) and target (height, width), as in the SDXL paper (sec. 2.2).
+    """
+
+    def __init__(self, means: torch.Tensor, stds: torch.Tensor, time_ids: torch.Tensor,
+                 paths: list[Path]):
+        self.means, self.stds, self.time_ids, self.paths = means, stds, time_ids, paths
 
     def __len__(self) -> int:
         return self.means.shape[0]
@@ -47,11 +52,18 @@ class LatentCache:
                batch_size: int = 8) -> "LatentCache":
         """Read `folder` robustly, crop, and encode every image (and its mirror) with `vae`."""
         images = load_image_folder(folder, role=role, min_size=resolution)[:limit]
-        pixels = []
+        pixels, time_ids = [], []
         for index, (_, image) in enumerate(images):
             crop_generator = seeding.generator(seed, seeding.CROP, role == "class", index)
-            view = preprocess_image(image, resolution, center_crop, generator=crop_generator)
+            crop, (top, left), (_, resized_width) = resize_and_crop(
+                image, resolution, center_crop, generator=crop_generator)
+            view = pil_to_tensor(crop)
+            ids = [[image.height, image.width, top, left, resolution, resolution]]
+            if random_flip:  # the mirrored crop starts where the original one ended
+                ids.append([image.height, image.width, top, resized_width - left - resolution,
+                            resolution, resolution])
             pixels.append(torch.stack([view, view.flip(-1)]) if random_flip else view[None])
+            time_ids.append(torch.tensor(ids, dtype=torch.float32))
         pixels = torch.stack(pixels)  # (N, V, 3, H, W) in [-1, 1]
         n, v = pixels.shape[:2]
         device, dtype = vae.device, vae.dtype
@@ -66,7 +78,7 @@ class LatentCache:
         stds = torch.cat(stds).unflatten(0, (n, v))
         log.info("encoded %d %s image(s) x %d view(s) into latents %s", n, role, v,
                  tuple(means.shape[2:]))
-        return cls(means, stds, [path for path, _ in images])
+        return cls(means, stds, torch.stack(time_ids), [path for path, _ in images])
 
 
 class _EpochOrder:
@@ -91,7 +103,7 @@ class MicroStepBatches(Dataset):
 
     Returns `latents` (B or 2B, C, h, w) scaled by the VAE's scaling factor, instance samples
     first and then as many class samples; `seeds` (same length) from which the training step
-    draws noise and timesteps; `is_prior` marking the class samples.
+    draws noise and timesteps; `time_ids` (B, 6) for SDXL; `is_prior` marking class samples.
     """
 
     def __init__(self, instance: LatentCache, prior: LatentCache | None, *, batch_size: int,
@@ -109,7 +121,7 @@ class MicroStepBatches(Dataset):
 
     def _draw(self, cache: LatentCache, order: _EpochOrder, kind: int, micro_step: int):
         global_batch = self.batch_size * self.world_size
-        latents, seeds = [], []
+        latents, seeds, time_ids = [], [], []
         for slot in range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size):
             n = micro_step * global_batch + slot
             sample_generator = seeding.generator(self.seed, seeding.SAMPLE, kind, n)
@@ -119,19 +131,20 @@ class MicroStepBatches(Dataset):
             eps = torch.randn(mean.shape, generator=sample_generator)
             latents.append((mean + std * eps) * self.scaling_factor)  # (C, h, w)
             seeds.append(seeding.derive_seed(self.seed, seeding.SAMPLE, kind, n, 1))
-        return latents, seeds
+            time_ids.append(cache.time_ids[image, view])
+        return latents, seeds, time_ids
 
     def __getitem__(self, micro_step: int) -> dict[str, torch.Tensor]:
-        latents, seeds = self._draw(self.instance, self._instance_order, 0, micro_step)
+        latents, seeds, time_ids = self._draw(self.instance, self._instance_order, 0, micro_step)
         is_prior = [False] * len(latents)
         if self.prior is not None:
-            prior_latents, prior_seeds = self._draw(self.prior, self._prior_order, 1, micro_step)
-            latents += prior_latents
-            seeds += prior_seeds
-            is_prior += [True] * len(prior_latents)
+            prior = self._draw(self.prior, self._prior_order, 1, micro_step)
+            latents, seeds, time_ids = latents + prior[0], seeds + prior[1], time_ids + prior[2]
+            is_prior += [True] * len(prior[0])
         return {
             "latents": torch.stack(latents),
             "seeds": torch.tensor(seeds, dtype=torch.int64),
+            "time_ids": torch.stack(time_ids),  # (B, 6) SDXL size conditioning
             "is_prior": torch.tensor(is_prior),
             "micro_step": torch.tensor(micro_step),
         }

@@ -46,13 +46,13 @@ def save_trained_pipeline(components: DiffusionComponents, output_dir: str | Pat
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for module in (components.unet, components.text_encoder, components.vae):
+    modules = components.pipeline_modules
+    for module in (components.unet, components.vae, *components.text_encoders):
         module.to("cpu")
         if module.dtype != torch.float32:  # frozen parts ran in half precision on the GPU
             module.to(dtype=torch.float32)
-    pipeline = DiffusionPipeline.from_pretrained(
-        components.path, unet=components.unet, text_encoder=components.text_encoder,
-        vae=components.vae, tokenizer=components.tokenizer, local_files_only=True)
+    pipeline = DiffusionPipeline.from_pretrained(components.path, **modules,
+                                                 local_files_only=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output_dir))
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)

@@ -1,17 +1,24 @@
-"""Text-to-image generation with classifier-free guidance via diffusers' StableDiffusionPipeline.
+"""Text-to-image, image-to-image and inpainting with classifier-free guidance via diffusers.
 
-This is the one generation API: the `dreambooth generate` CLI and the HTTP server are thin
-adapters over `generate(...)`. Every image depends only on its own seed (one CPU generator per
-image), so a seed reproduces its image whatever the batch size, and every PNG written carries an
-AUTOMATIC1111-style `parameters` text chunk describing how it was made.
+This is the one generation API: the `dreambooth generate` CLI and the HTTP server
+(`dreambooth serve`) are thin adapters over it. Every image depends only on its own seed (one
+CPU generator per image), so a seed reproduces its image whatever the batch size and whatever
+else shares the batch, and every PNG written carries an AUTOMATIC1111-style `parameters` text
+chunk describing how it was made. LoRA files (diffusers/peft or kohya format) are loaded once
+per pipeline and switched on per call (`apply_lora`, `sampling_settings`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import re
 import secrets
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +29,8 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
 )
 from diffusers.utils import deprecation_utils
@@ -46,6 +55,8 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # only know `torch_dtype`.
 _DTYPE_KEYWORD = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 _IMAGE_NAME = re.compile(r"^(\d+)-.*\.png$")
+# The file name diffusers' `save_lora_weights` writes (and training scripts upload).
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 class GenerationError(ValueError):
@@ -104,13 +115,14 @@ def set_scheduler(pipeline: StableDiffusionPipeline, name: str | None) -> str:
 
 
 def _check_arguments(
-    prompt: str,
+    prompt: str | Sequence[str],
     num_inference_steps: int,
     guidance_scale: float,
     height: int | None,
     width: int | None,
 ) -> None:
-    if not prompt.strip():
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or any(not text.strip() for text in prompts):
         raise GenerationError("prompt is empty; describe the image to generate")
     if num_inference_steps < 1:
         raise GenerationError(f"num_inference_steps={num_inference_steps} must be at least 1")
@@ -126,46 +138,242 @@ def default_size(pipeline: StableDiffusionPipeline) -> int:
     return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
 
 
+def _per_seed(name: str, value, seeds: list[int]) -> list:
+    """`value` repeated for every seed, or `value` itself when it is already one entry per seed."""
+    if isinstance(value, (str, Image.Image)):
+        return [value] * len(seeds)
+    values = list(value)
+    if len(values) != len(seeds):
+        raise GenerationError(
+            f"{name} has {len(values)} entries for {len(seeds)} seeds; pass one {name} for all "
+            "seeds or exactly one per seed"
+        )
+    return values
+
+
+def _check_batching(seeds: list[int], batch_size: int | None) -> int:
+    if not seeds:
+        raise GenerationError("seeds is empty; pass at least one seed")
+    batch_size = batch_size or len(seeds)
+    if batch_size < 1:
+        raise GenerationError(f"batch_size={batch_size} must be at least 1")
+    return batch_size
+
+
+def _run_in_chunks(
+    pipeline_call, *, seeds: list[int], batch_size: int, per_image: dict[str, list], **shared
+) -> list[Image.Image]:
+    """Call `pipeline_call` on `batch_size` seeds at a time, slicing every per-image argument."""
+    images: list[Image.Image] = []
+    with torch.inference_mode():
+        for start in range(0, len(seeds), batch_size):
+            stop = start + batch_size
+            # One CPU generator per image: its initial latents, its VAE posterior sample (edits)
+            # and any ancestral noise come from its own stream, so the image does not depend on
+            # its batch neighbours.
+            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[start:stop]]
+            chunk = {name: values[start:stop] for name, values in per_image.items()}
+            output = pipeline_call(**chunk, **shared, generator=generators, output_type="pil")
+            images.extend(output.images)
+    return images
+
+
 def sample_images(
     pipeline: StableDiffusionPipeline,
-    prompt: str,
+    prompt: str | Sequence[str],
     *,
     seeds: list[int],
-    negative_prompt: str = "",
+    negative_prompt: str | Sequence[str] = "",
     num_inference_steps: int = 30,
     guidance_scale: float = 7.5,
     height: int | None = None,
     width: int | None = None,
     batch_size: int | None = None,
 ) -> list[Image.Image]:
-    """Generate one image per seed, `batch_size` at a time (default: all at once)."""
+    """Generate one image per seed, `batch_size` at a time (default: all at once).
+
+    `prompt` and `negative_prompt` are one string for every seed or a list with one per seed, so
+    requests with different prompts can share a UNet batch.
+    """
     _check_arguments(prompt, num_inference_steps, guidance_scale, height, width)
-    if not seeds:
+    batch_size = _check_batching(seeds, batch_size)
+    prompts = _per_seed("prompt", prompt, seeds)
+    negative_prompts = _per_seed("negative_prompt", negative_prompt, seeds)
+    return _run_in_chunks(
+        pipeline, seeds=seeds, batch_size=batch_size,
+        per_image={"prompt": prompts, "negative_prompt": negative_prompts},
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        height=height or default_size(pipeline), width=width or default_size(pipeline),
+    )
+
+
+def _edit_pipeline(pipeline: StableDiffusionPipeline, *, inpaint: bool):
+    """An img2img or inpainting pipeline over the same modules (no copy): weights, LoRA adapters
+    and the current scheduler are shared with `pipeline`."""
+    cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionImg2ImgPipeline
+    edit_pipeline = cls(**pipeline.components, requires_safety_checker=False)
+    edit_pipeline.set_progress_bar_config(disable=True)
+    return edit_pipeline
+
+
+def edit_images(
+    pipeline: StableDiffusionPipeline,
+    prompt: str | Sequence[str],
+    *,
+    image: Image.Image | Sequence[Image.Image],
+    mask: Image.Image | Sequence[Image.Image] | None = None,
+    strength: float | None = None,
+    seeds: list[int],
+    negative_prompt: str | Sequence[str] = "",
+    num_inference_steps: int = 30,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int | None = None,
+) -> list[Image.Image]:
+    """Image-to-image from `image`, or inpainting inside `mask`; one result per seed.
+
+    `image` (RGB) and `mask` are one for every seed or one per seed. The mask follows diffusers:
+    white repaints, black keeps (the server converts OpenAI's alpha masks). `strength` in
+    (0, 1] is how far the picture is noised before denoising, so int(steps * strength) steps run;
+    default 0.8 for image-to-image and 1.0 for inpainting. The output is `height` x `width`
+    (default: the first image's size, which must then be a multiple of 8); images are resized
+    to it.
+
+    Inpainting runs diffusers' StableDiffusionInpaintPipeline on the text-to-image modules. With
+    the usual 4-channel UNet it works in diffusers' blending mode: after each denoising step the
+    latents outside the mask are replaced by the picture's latents noised to the next step's
+    level, so only the masked area is generated (Lugmayr et al. 2022, "RePaint", without
+    resampling). A 9-channel inpainting UNet would instead take mask and masked picture as input.
+    """
+    images = _per_seed("image", image, seeds)
+    masks = None if mask is None else _per_seed("mask", mask, seeds)
+    if not images:
         raise GenerationError("seeds is empty; pass at least one seed")
-    batch_size = batch_size or len(seeds)
-    if batch_size < 1:
-        raise GenerationError(f"batch_size={batch_size} must be at least 1")
-    height = height or default_size(pipeline)
-    width = width or default_size(pipeline)
-    images: list[Image.Image] = []
-    with torch.inference_mode():
-        for start in range(0, len(seeds), batch_size):
-            chunk = seeds[start : start + batch_size]
-            # One CPU generator per image: its initial latents and any ancestral noise come
-            # from its own stream, so the image does not depend on its batch neighbours.
-            generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in chunk]
-            output = pipeline(
-                prompt=[prompt] * len(chunk),
-                negative_prompt=[negative_prompt] * len(chunk),
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                height=height,
-                width=width,
-                generator=generators,
-                output_type="pil",
+    if height is None or width is None:
+        if images[0].width % 8 or images[0].height % 8:
+            raise GenerationError(
+                f"image is {images[0].width}x{images[0].height}, not a multiple of 8 on both "
+                "sides; pass height and width (multiples of 8) to resize it"
             )
-            images.extend(output.images)
-    return images
+        width, height = width or images[0].width, height or images[0].height
+    _check_arguments(prompt, num_inference_steps, guidance_scale, height, width)
+    batch_size = _check_batching(seeds, batch_size)
+    if masks is not None:
+        for index, (picture, picture_mask) in enumerate(zip(images, masks)):
+            if picture_mask.size != picture.size:
+                raise GenerationError(
+                    f"mask {index} is {picture_mask.width}x{picture_mask.height} but its image is "
+                    f"{picture.width}x{picture.height}; the mask must have the image's size"
+                )
+    strength = strength if strength is not None else (0.8 if masks is None else 1.0)
+    if not 0 < strength <= 1:
+        raise GenerationError(f"strength={strength} must be in (0, 1]")
+    if int(num_inference_steps * strength) < 1:
+        raise GenerationError(
+            f"num_inference_steps={num_inference_steps} with strength={strength} leaves no "
+            "denoising step (int(steps * strength) = 0); raise either"
+        )
+    per_image = {
+        "prompt": _per_seed("prompt", prompt, seeds),
+        "negative_prompt": _per_seed("negative_prompt", negative_prompt, seeds),
+        "image": [picture.convert("RGB") for picture in images],
+    }
+    if masks is not None:
+        per_image["mask_image"] = [picture_mask.convert("L") for picture_mask in masks]
+    edit_pipeline = _edit_pipeline(pipeline, inpaint=masks is not None)
+    return _run_in_chunks(
+        edit_pipeline, seeds=seeds, batch_size=batch_size, per_image=per_image,
+        strength=strength, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, height=height, width=width,
+    )
+
+
+# LoRA adapters loaded per UNet (the module LoRA layers live in, shared by every pipeline built
+# over it): resolved file -> ((mtime_ns, size) when loaded, peft adapter name).
+_LORA_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ADAPTER_IDS = itertools.count()
+
+
+def lora_file(lora: str | Path) -> Path:
+    """The LoRA weights file for a `.safetensors` path or a folder holding LORA_WEIGHT_NAME."""
+    path = Path(lora).expanduser()
+    if path.is_dir():
+        path = path / LORA_WEIGHT_NAME
+    if not path.is_file():
+        raise GenerationError(
+            f"lora '{lora}' not found: pass a LoRA .safetensors file (diffusers/peft or kohya "
+            f"format) or a folder holding {LORA_WEIGHT_NAME}"
+        )
+    if path.suffix != ".safetensors":
+        raise GenerationError(
+            f"lora '{lora}' is not a .safetensors file; pickled LoRA files can run code when "
+            "loaded and are not read"
+        )
+    return path.resolve()
+
+
+def apply_lora(
+    pipeline: StableDiffusionPipeline, lora: str | Path | None, scale: float = 1.0
+) -> None:
+    """Switch LoRA `lora` on at `scale` (on UNet and text encoder), or every LoRA off for None.
+
+    A file is loaded into a pipeline once, with diffusers' `load_lora_weights` (which reads
+    diffusers/peft and kohya files), and kept as a peft adapter; later calls only activate it,
+    so switching LoRA or scale reads nothing from disk. A file changed on disk is loaded again.
+    """
+    adapters = _LORA_ADAPTERS.setdefault(pipeline.unet, {})
+    if lora is None:
+        if adapters:
+            pipeline.disable_lora()
+        return
+    if not math.isfinite(scale):
+        raise GenerationError(f"lora_scale={scale} must be a finite number")
+    path = lora_file(lora)
+    stat = path.stat()
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    loaded = adapters.get(path)
+    if loaded is None or loaded[0] != stamp:
+        if loaded is not None:
+            pipeline.delete_adapters(loaded[1])
+            del adapters[path]
+        name = f"lora{next(_ADAPTER_IDS)}"
+        logger.info("loading LoRA %s as adapter %s", path, name)
+        try:
+            pipeline.load_lora_weights(str(path), adapter_name=name, local_files_only=True)
+        except (ValueError, KeyError, RuntimeError, OSError) as error:
+            _delete_partial_adapter(pipeline, name)
+            raise GenerationError(f"lora '{lora}' cannot be applied to this model: {error}") from error
+        adapters[path] = (stamp, name)
+    pipeline.enable_lora()
+    pipeline.set_adapters([adapters[path][1]], adapter_weights=[scale])
+
+
+def _delete_partial_adapter(pipeline: StableDiffusionPipeline, name: str) -> None:
+    # A load that failed half-way may have injected layers into the UNet only.
+    if any(name in names for names in pipeline.get_list_adapters().values()):
+        pipeline.delete_adapters(name)
+
+
+@contextmanager
+def sampling_settings(
+    pipeline: StableDiffusionPipeline,
+    *,
+    scheduler: str | None = None,
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
+) -> Iterator[str]:
+    """Use `scheduler` and `lora` inside the block, then restore the pipeline's scheduler and
+    switch LoRA off. Yields the AUTOMATIC1111 sampler name."""
+    original_scheduler = pipeline.scheduler
+    try:
+        sampler = set_scheduler(pipeline, scheduler)
+        apply_lora(pipeline, lora, lora_scale)
+        yield sampler
+    finally:
+        pipeline.scheduler = original_scheduler
+        if lora is not None:
+            apply_lora(pipeline, None)
 
 
 def _quote(value: str) -> str:
@@ -175,15 +383,16 @@ def _quote(value: str) -> str:
 
 def format_parameters(
     *, prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int,
-    width: int, height: int, model_name: str,
+    width: int, height: int, model_name: str, extra: dict[str, object] | None = None,
 ) -> str:
-    """The AUTOMATIC1111 `parameters` text for one image."""
+    """The AUTOMATIC1111 `parameters` text for one image; `extra` fields (e.g. "Lora",
+    "Denoising strength") follow the standard ones."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
     fields = {
         "Steps": steps, "Sampler": sampler, "CFG scale": float(cfg_scale), "Seed": seed,
-        "Size": f"{width}x{height}", "Model": model_name,
+        "Size": f"{width}x{height}", "Model": model_name, **(extra or {}),
     }
     lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in fields.items()))
     return "\n".join(lines)
@@ -232,12 +441,16 @@ def generate(
     batch_size: int | None = None,
     device: str | None = None,
     dtype: str = "auto",
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
 ) -> GenerationResult:
     """Generate `num_images` images with seeds `seed, seed+1, ...` and optionally save them.
 
     `model` is a pipeline folder, a cached hub id, or a loaded pipeline (then `device`/`dtype`
-    are ignored and its scheduler is restored afterwards). With `output_dir`, images go to
-    `{index:05d}-{seed}.png` plus `grid-{first index:05d}.png` when there are several.
+    are ignored, and its scheduler is restored and LoRA switched off afterwards). `lora` is a
+    LoRA .safetensors file (diffusers/peft or kohya format) or a folder holding one, applied at
+    `lora_scale`. With `output_dir`, images go to `{index:05d}-{seed}.png` plus
+    `grid-{first index:05d}.png` when there are several.
     """
     if num_images < 1:
         raise GenerationError(f"num_images={num_images} must be at least 1")
@@ -255,16 +468,14 @@ def generate(
     height = height or default_size(pipeline)
     width = width or default_size(pipeline)
 
-    original_scheduler = pipeline.scheduler
-    try:
-        sampler = set_scheduler(pipeline, scheduler)
+    with sampling_settings(
+        pipeline, scheduler=scheduler, lora=lora, lora_scale=lora_scale
+    ) as sampler:
         images = sample_images(
             pipeline, prompt, seeds=seeds, negative_prompt=negative_prompt,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             height=height, width=width, batch_size=batch_size,
         )
-    finally:
-        pipeline.scheduler = original_scheduler
 
     result = GenerationResult(images=images, seeds=seeds, paths=[], grid_path=None)
     if output_dir is None:
@@ -272,11 +483,17 @@ def generate(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     first_index = _next_index(output_dir)
+    # A1111 names a LoRA by its file stem; a folder is named by itself.
+    lora_extra = None
+    if lora is not None:
+        lora_name = Path(lora).name if Path(lora).is_dir() else Path(lora).stem
+        lora_extra = {"Lora": lora_name, "Lora scale": float(lora_scale)}
     texts = [
         format_parameters(
             prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
             sampler=sampler, cfg_scale=guidance_scale, seed=image_seed, width=width,
             height=height, model_name=model_name,
+            extra=lora_extra,
         )
         for image_seed in seeds
     ]

@@ -150,16 +150,17 @@ def load_image_folder(
     return loaded
 
 
-def preprocess_image(
+def resize_and_crop(
     image: Image.Image,
     resolution: int,
     center_crop: bool,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Resize the shorter side to `resolution`, crop a square, return (3, R, R) in [-1, 1].
+) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
+    """Resize the shorter side to `resolution` and crop a square.
 
+    Returns the crop, its (top, left) corner and the resized (height, width).
     The crop is centered when `center_crop` is set or no generator is given, so randomness
-    only ever comes from an injected generator.
+    only ever comes from an injected generator. SDXL conditions on the crop's top-left corner.
     """
     if image.mode != "RGB":
         raise ValueError(
@@ -181,9 +182,25 @@ def preprocess_image(
     else:
         left = int(torch.randint(0, max_left + 1, (1,), generator=generator).item())
         top = int(torch.randint(0, max_top + 1, (1,), generator=generator).item())
-    image = image.crop((left, top, left + resolution, top + resolution))
-    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3) in [-1, 1]
-    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())  # (3, R, R)
+    crop = image.crop((left, top, left + resolution, top + resolution))
+    return crop, (top, left), (image.height, image.width)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [-1, 1] from an RGB image."""
+    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
+    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+
+
+def preprocess_image(
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Resize the shorter side to `resolution`, crop a square, return (3, R, R) in [-1, 1]."""
+    cropped, _, _ = resize_and_crop(image, resolution, center_crop, generator)
+    return pil_to_tensor(cropped)
 
 
 def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:

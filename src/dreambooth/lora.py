@@ -60,32 +60,39 @@ def _check_rank(model: torch.nn.Module, target_modules: tuple[str, ...], rank: i
                          f"{', '.join(target_modules)}")
 
 
-def add_lora_adapters(unet, text_encoder, settings: LoraSettings, *, train_text_encoder: bool):
+def _text_encoder_prefixes(text_encoders: list) -> list[str]:
+    return ["text_encoder", "text_encoder_2"][:len(text_encoders)]
+
+
+def add_lora_adapters(unet, text_encoders: list, settings: LoraSettings, *,
+                      train_text_encoder: bool) -> None:
     """Freeze the base weights and inject trainable LoRA layers (peft) into UNet attention and,
-    optionally, the text encoder's attention projections."""
+    optionally, the text encoders' attention projections."""
     from peft import inject_adapter_in_model
 
     unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
     _check_rank(unet, settings.unet_target_modules, settings.rank, "unet")
     unet.add_adapter(settings.peft_config(settings.unet_target_modules), adapter_name=ADAPTER_NAME)
-    if train_text_encoder:
-        _check_rank(text_encoder, settings.text_encoder_target_modules, settings.rank,
-                    "text_encoder")
-        # peft directly: transformers' add_adapter insists on a newer peft than may be installed.
-        inject_adapter_in_model(settings.peft_config(settings.text_encoder_target_modules),
-                                text_encoder, adapter_name=ADAPTER_NAME)
-    for model in (unet, text_encoder):
+    for prefix, encoder in zip(_text_encoder_prefixes(text_encoders), text_encoders):
+        encoder.requires_grad_(False)
+        if train_text_encoder:
+            _check_rank(encoder, settings.text_encoder_target_modules, settings.rank, prefix)
+            # peft directly: transformers' add_adapter insists on a newer peft than may exist.
+            inject_adapter_in_model(settings.peft_config(settings.text_encoder_target_modules),
+                                    encoder, adapter_name=ADAPTER_NAME)
+    for model in (unet, *text_encoders):
         for name, parameter in model.named_parameters():
             parameter.requires_grad_("lora_" in name)
 
 
-def lora_state_dicts(unet, text_encoder) -> dict[str, dict[str, torch.Tensor]]:
-    """{"unet": ..., "text_encoder": ...} in peft layout (`<module>.lora_A.weight`), fp32 CPU."""
+def lora_state_dicts(unet, text_encoders: list) -> dict[str, dict[str, torch.Tensor]]:
+    """{"unet": ..., "text_encoder": ..., "text_encoder_2": ...} in peft layout
+    (`<module>.lora_A.weight`), fp32 on the CPU; only models that carry adapters."""
     from peft.utils import get_peft_model_state_dict
 
     result = {}
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+    models = [("unet", unet), *zip(_text_encoder_prefixes(text_encoders), text_encoders)]
+    for prefix, model in models:
         if any("lora_" in name for name, _ in model.named_parameters()):
             state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
             result[prefix] = {k: v.detach().to("cpu", torch.float32).contiguous()
@@ -93,17 +100,23 @@ def lora_state_dicts(unet, text_encoder) -> dict[str, dict[str, torch.Tensor]]:
     return result
 
 
-def to_kohya(states: dict[str, dict[str, torch.Tensor]], alpha: float,
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KOHYA_PREFIXES_SDXL = {"unet": "lora_unet_", "text_encoder": "lora_te1_",
+                       "text_encoder_2": "lora_te2_"}
+
+
+def to_kohya(states: dict[str, dict[str, torch.Tensor]], alpha: float, *, family: str = "sd1",
              ) -> dict[str, torch.Tensor]:
-    """peft layout -> kohya layout for SD 1.x/2.x (`lora_unet_*`, `lora_te_*`, `.alpha`)."""
+    """peft layout -> kohya layout (`lora_unet_*`, `lora_te_*` or SDXL's `lora_te1_*`/`lora_te2_*`,
+    with `.lora_down.weight`, `.lora_up.weight` and `.alpha` per module)."""
+    heads = KOHYA_PREFIXES_SDXL if family == "sdxl" else KOHYA_PREFIXES
     kohya: dict[str, torch.Tensor] = {}
     for prefix, state in states.items():
         for key, tensor in state.items():
             module, kind = key.rsplit(".lora_", 1)  # "a.b.to_q", "A.weight"
-            if prefix == "text_encoder" and not module.startswith("text_model."):
+            if prefix != "unet" and not module.startswith("text_model."):
                 module = "text_model." + module  # transformers 5 dropped the prefix in names
-            head = "lora_unet_" if prefix == "unet" else "lora_te_"
-            name = head + module.replace(".", "_")
+            name = heads[prefix] + module.replace(".", "_")
             direction = "lora_down" if kind.startswith("A") else "lora_up"
             kohya[f"{name}.{direction}.weight"] = tensor
             if direction == "lora_down":
@@ -113,9 +126,11 @@ def to_kohya(states: dict[str, dict[str, torch.Tensor]], alpha: float,
 
 def lora_metadata(*, settings: LoraSettings, base_model: str, trigger_phrase: str,
                   resolution: int, prediction_type: str, training_steps: int,
-                  train_text_encoder: bool, family: str = "stable-diffusion-v1") -> dict[str, str]:
+                  train_text_encoder: bool, family: str = "sd1") -> dict[str, str]:
     """kohya `ss_*` and ModelSpec keys (all values strings, as safetensors requires)."""
-    version = {"stable-diffusion-v1": "sd_v1", "stable-diffusion-v2": "sd_v2"}.get(family, family)
+    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family]
+    architecture = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2",
+                    "sdxl": "stable-diffusion-xl-v1-base"}[family]
     return {
         "ss_base_model_version": version,
         "ss_network_module": "networks.lora",
@@ -126,11 +141,11 @@ def lora_metadata(*, settings: LoraSettings, base_model: str, trigger_phrase: st
         "ss_sd_model_name": base_model,
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_max_train_steps": str(training_steps),
-        "ss_v2": str(family == "stable-diffusion-v2"),
+        "ss_v2": str(family == "sd2"),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_text_encoder_lr": "trained" if train_text_encoder else "0",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{family}/lora",
+        "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": "https://github.com/huggingface/diffusers",
         "modelspec.title": f"DreamBooth LoRA: {trigger_phrase}",
         "modelspec.trigger_phrase": trigger_phrase,
@@ -141,16 +156,18 @@ def lora_metadata(*, settings: LoraSettings, base_model: str, trigger_phrase: st
     }
 
 
-def save_lora_files(output_dir: str | Path, unet, text_encoder, *, settings: LoraSettings,
-                    metadata: dict[str, str]) -> tuple[Path, Path]:
+def save_lora_files(output_dir: str | Path, unet, text_encoders: list, *,
+                    settings: LoraSettings, metadata: dict[str, str],
+                    family: str = "sd1") -> tuple[Path, Path]:
     """Write the diffusers and the kohya LoRA files atomically; return their paths."""
     output_dir = Path(output_dir)
-    states = lora_state_dicts(unet, text_encoder)
+    states = lora_state_dicts(unet, text_encoders)
     diffusers_state = {f"{prefix}.{key}": value for prefix, state in states.items()
                        for key, value in state.items()}
     # diffusers reads each adapter's LoraConfig from these keys (alpha / rank scale).
+    text_config = settings.peft_config(settings.text_encoder_target_modules)
     configs = {"unet": settings.peft_config(settings.unet_target_modules),
-               "text_encoder": settings.peft_config(settings.text_encoder_target_modules)}
+               "text_encoder": text_config, "text_encoder_2": text_config}
     adapter_metadata = {}
     for prefix in states:
         for key, value in configs[prefix].to_dict().items():
@@ -162,5 +179,5 @@ def save_lora_files(output_dir: str | Path, unet, text_encoder, *, settings: Lor
     with atomic_path(diffusers_path) as tmp:
         save_file(diffusers_state, str(tmp), metadata=diffusers_metadata)
     with atomic_path(kohya_path) as tmp:
-        save_file(to_kohya(states, settings.alpha), str(tmp), metadata=metadata)
+        save_file(to_kohya(states, settings.alpha, family=family), str(tmp), metadata=metadata)
     return diffusers_path, kohya_path

@@ -70,16 +70,27 @@ def _check_pipeline_folder(path: Path, shown_name: str) -> Path:
     return path
 
 
+FAMILY_NAMES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2",
+                "sdxl": "stable-diffusion-xl-v1-base"}
+
+
 @dataclass
 class DiffusionComponents:
-    """The parts of a Stable Diffusion pipeline that training touches."""
+    """The parts of a Stable Diffusion pipeline that training touches.
+
+    `family` is "sd1", "sd2" or "sdxl"; SDXL adds a second tokenizer and text encoder (the
+    latter with a projection that gives the pooled embedding).
+    """
 
     path: Path
+    family: str
     tokenizer: Any
     text_encoder: Any
     vae: Any
     unet: Any
     noise_scheduler: Any  # DDPMScheduler with the model's training config
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
 
     @property
     def prediction_type(self) -> str:
@@ -89,28 +100,71 @@ class DiffusionComponents:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def text_encoders(self) -> list:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
-def load_components(name_or_path: str | Path, revision: str | None = None) -> DiffusionComponents:
-    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler from a pipeline."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    @property
+    def pipeline_modules(self) -> dict[str, Any]:
+        """Keyword arguments naming the modules of this family's diffusers pipeline."""
+        modules = dict(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                       unet=self.unet)
+        if self.family == "sdxl":
+            modules.update(text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
+        return modules
 
-    path = resolve_model_path(name_or_path, revision)
+
+def detect_family(path: Path) -> str:
+    """sdxl if the pipeline has a second text encoder; sd2 if its UNet uses linear projections
+    in the transformer blocks (SD 2.x does, SD 1.x does not); else sd1."""
     index = json.loads((path / "model_index.json").read_text())
     if "text_encoder_2" in index:
-        raise ModelLoadError(
-            f"model folder '{path}' is an SDXL pipeline (it has text_encoder_2); this trainer "
-            "handles Stable Diffusion 1.x and 2.x pipelines."
-        )
+        return "sdxl"
+    unet_config = json.loads((path / "unet" / "config.json").read_text())
+    return "sd2" if unet_config.get("use_linear_projection") else "sd1"
+
+
+def load_components(name_or_path: str | Path, revision: str | None = None, *,
+                    vae_name_or_path: str | Path | None = None,
+                    variant: str | None = None) -> DiffusionComponents:
+    """Load tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler.
+
+    `vae_name_or_path` swaps in another VAE (a pipeline folder with vae/ or a VAE folder), as
+    diffusers' `--pretrained_vae_model_name_or_path` does for SDXL's fp16-safe VAE.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    path = resolve_model_path(name_or_path, revision)
+    family = detect_family(path)
+    weights = dict(variant=variant) if variant else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
-        vae = AutoencoderKL.from_pretrained(path / "vae")
-        unet = UNet2DConditionModel.from_pretrained(path / "unet")
-        noise_scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+        components = DiffusionComponents(
+            path=path, family=family,
+            tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", **weights),
+            vae=AutoencoderKL.from_pretrained(path / "vae", **weights),
+            unet=UNet2DConditionModel.from_pretrained(path / "unet", **weights),
+            noise_scheduler=DDPMScheduler.from_pretrained(path / "scheduler"),
+        )
+        if family == "sdxl":
+            components.tokenizer_2 = AutoTokenizer.from_pretrained(path / "tokenizer_2")
+            components.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                path / "text_encoder_2", **weights)
+        if vae_name_or_path:
+            components.vae = _load_vae(vae_name_or_path)
     except (OSError, ValueError, EnvironmentError) as error:
         raise ModelLoadError(f"could not load the pipeline in '{path}': {error}") from error
-    return DiffusionComponents(path, tokenizer, text_encoder, vae, unet, noise_scheduler)
+    return components
+
+
+def _load_vae(name_or_path: str | Path):
+    from diffusers import AutoencoderKL
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        return AutoencoderKL.from_pretrained(path / "vae" if (path / "vae").is_dir() else path)
+    return AutoencoderKL.from_pretrained(str(name_or_path), local_files_only=True)
 
 
 def load_inference_scheduler(path: Path):
@@ -123,15 +177,16 @@ def load_inference_scheduler(path: Path):
     return scheduler_class.from_pretrained(path / "scheduler")
 
 
-def assemble_pipeline(components: DiffusionComponents, *, unet=None, text_encoder=None,
-                      scheduler=None):
-    """A StableDiffusionPipeline over live modules (no copy), for sampling during training."""
-    from diffusers import StableDiffusionPipeline
+def assemble_pipeline(components: DiffusionComponents, *, scheduler=None):
+    """A diffusers pipeline over the live modules (no copy), for sampling during training."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=text_encoder or components.text_encoder,
-        tokenizer=components.tokenizer, unet=unet or components.unet,
-        scheduler=scheduler or load_inference_scheduler(components.path),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler = scheduler or load_inference_scheduler(components.path)
+    if components.family == "sdxl":
+        pipeline = StableDiffusionXLPipeline(**components.pipeline_modules, scheduler=scheduler)
+    else:
+        pipeline = StableDiffusionPipeline(
+            **components.pipeline_modules, scheduler=scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

@@ -55,67 +55,81 @@ def build_tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def _tiny_text_encoder(tokenizer, *, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
 def build_tiny_pipeline(
     *,
+    family: str = "sd1",
     seed: int = 0,
     prediction_type: str = "epsilon",
     sample_size: int = 32,
     block_channels: tuple[int, ...] = (32, 64),
 ):
-    """A StableDiffusionPipeline with ~1M parameters: 2-block UNet, 2-block VAE, 2-layer CLIP.
+    """A Stable Diffusion pipeline of the given family with ~1M parameters.
 
+    - sd1: UNet with conv projections in its transformer blocks, one CLIP text encoder.
+    - sd2: linear projections (`use_linear_projection`, as SD 2.x), per-block head dims.
+    - sdxl: two text encoders (the second with a projection giving pooled embeddings), the UNet
+      conditioned on pooled text + size/crop "time ids" (`addition_embed_type="text_time"`).
     `sample_size` is the image size in pixels; latents are `sample_size // 4` with this VAE.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler,
+                           StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
 
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is not one of {', '.join(FAMILIES)}")
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size // 4,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=block_channels,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(block_channels) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(block_channels) - 1) + ("UpBlock2D",),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
+    blocks = len(block_channels)
+    unet_kwargs = dict(
+        sample_size=sample_size // 4, in_channels=4, out_channels=4,
+        block_out_channels=block_channels, layers_per_block=1, norm_num_groups=16,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (blocks - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (blocks - 1) + ("UpBlock2D",),
+        cross_attention_dim=32, attention_head_dim=8,
     )
+    if family == "sd2":
+        unet_kwargs.update(use_linear_projection=True, attention_head_dim=(2, 4)[:blocks])
+    if family == "sdxl":
+        # pooled text (32) + 6 time ids x 8 = 80 inputs to the added embedding.
+        unet_kwargs.update(use_linear_projection=True, attention_head_dim=(2, 4)[:blocks],
+                           cross_attention_dim=64, addition_embed_type="text_time",
+                           addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
+    unet = UNet2DConditionModel(**unet_kwargs)
     vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=sample_size,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        in_channels=3, out_channels=3, block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4, norm_num_groups=16, sample_size=sample_size,
     )
     scheduler_kwargs = dict(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        num_train_timesteps=1000, prediction_type=prediction_type,
+        num_train_timesteps=1000, prediction_type=prediction_type, steps_offset=1,
     )
-    # Training reads the scheduler config; PNDM is what SD 1.x checkpoints ship for sampling.
-    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1, **scheduler_kwargs)
-    del DDPMScheduler
+    if family == "sdxl":
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=_tiny_text_encoder(tokenizer),
+            text_encoder_2=_tiny_text_encoder(tokenizer, with_projection=True),
+            tokenizer=tokenizer, tokenizer_2=build_tiny_tokenizer(), unet=unet,
+            scheduler=EulerDiscreteScheduler(**scheduler_kwargs),
+        )
+    # PNDM is what SD 1.x/2.x checkpoints ship for sampling; training reads only its config.
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        vae=vae, text_encoder=_tiny_text_encoder(tokenizer), tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler(skip_prk_steps=True, **scheduler_kwargs),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 

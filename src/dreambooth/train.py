@@ -204,9 +204,9 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
                 settings=lora, base_model=str(config.model.pretrained_model_name_or_path),
                 trigger_phrase=config.data.instance_prompt, resolution=config.data.resolution,
                 prediction_type=components.prediction_type, training_steps=trainer.global_step,
-                train_text_encoder=config.optim.train_text_encoder)
-            paths = save_lora_files(output_dir, components.unet, components.text_encoder,
-                                    settings=lora, metadata=metadata)
+                train_text_encoder=config.optim.train_text_encoder, family=components.family)
+            paths = save_lora_files(output_dir, components.unet, components.text_encoders,
+                                    settings=lora, metadata=metadata, family=components.family)
             write_run_files(output_dir, dump_yaml(config))
             log.info("LoRA weights saved: %s", ", ".join(map(str, paths)))
     return output_dir

@@ -54,17 +54,22 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
 
 
 class DreamBoothModule(L.LightningModule):
-    """Trains the UNet (and optionally the text encoder) of a Stable Diffusion model; VAE frozen."""
+    """Trains the UNet (and optionally the text encoder(s)) of a Stable Diffusion model.
+
+    The VAE is frozen. For SDXL the UNet is also conditioned on the pooled embedding of the
+    second text encoder and on each image's size/crop "time ids".
+    """
 
     def __init__(self, components: DiffusionComponents, *, instance_prompt: str,
                  class_prompt: str | None, prior_loss_weight: float, optim: OptimizationConfig,
                  max_train_steps: int, pre_compute_text_embeddings: bool = False,
                  lora: LoraSettings | None = None):
         super().__init__()
+        self.family = components.family
         self.unet = components.unet
         self.text_encoder = components.text_encoder
+        self.text_encoder_2 = components.text_encoder_2  # None outside SDXL
         self.vae = components.vae
-        self.tokenizer = components.tokenizer
         self.noise_scheduler = components.noise_scheduler
         self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
         self.prior_loss_weight = prior_loss_weight
@@ -77,52 +82,81 @@ class DreamBoothModule(L.LightningModule):
         self.lora = lora
         self.vae.requires_grad_(False).eval()
         if lora is not None:
-            add_lora_adapters(self.unet, self.text_encoder, lora,
+            add_lora_adapters(self.unet, self.text_encoders, lora,
                               train_text_encoder=optim.train_text_encoder)
         else:
-            self.text_encoder.requires_grad_(optim.train_text_encoder)
+            for encoder in self.text_encoders:
+                encoder.requires_grad_(optim.train_text_encoder)
             self.unet.requires_grad_(True)
         if optim.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if optim.train_text_encoder:
-                # transformers 5 renamed it; 4.x only has the old name.
-                enable = getattr(self.text_encoder, "activation_checkpointing_enable", None)
-                (enable or self.text_encoder.gradient_checkpointing_enable)()
+                for encoder in self.text_encoders:
+                    # transformers 5 renamed it; 4.x only has the old name.
+                    enable = getattr(encoder, "activation_checkpointing_enable", None)
+                    (enable or encoder.gradient_checkpointing_enable)()
         # Row 0: instance prompt, row 1: class prompt (or the instance prompt again).
         prompts = [instance_prompt, class_prompt or instance_prompt]
-        input_ids = self.tokenizer(prompts, padding="max_length", truncation=True,
-                                   max_length=self.tokenizer.model_max_length,
-                                   return_tensors="pt").input_ids
-        self.register_buffer("prompt_ids", input_ids, persistent=False)  # (2, 77)
-        self.prompt_embeds: torch.Tensor | None = None  # (2, 77, D) when the encoder is frozen
+        tokenizers = [components.tokenizer, components.tokenizer_2][:len(self.text_encoders)]
+        for index, tokenizer in enumerate(tokenizers):
+            input_ids = tokenizer(prompts, padding="max_length", truncation=True,
+                                  max_length=tokenizer.model_max_length,
+                                  return_tensors="pt").input_ids
+            self.register_buffer(f"prompt_ids_{index}", input_ids, persistent=False)  # (2, 77)
+        # (2, 77, D) and, for SDXL, (2, P) pooled: computed once when the encoders are frozen.
+        self.prompt_embeds: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
     # ----------------------------------------------------------------------- setup
     def on_fit_start(self) -> None:
         mixed = self.trainer.precision in ("16-mixed", "bf16-mixed")
         if mixed and self.device.type == "cuda":
-            # Frozen modules only run forward: keep them in half precision to save memory.
+            # Frozen modules only run forward: keep them in half precision to save memory
+            # (not a VAE that overflows in fp16, such as SDXL's: `force_upcast`).
             half = torch.float16 if self.trainer.precision == "16-mixed" else torch.bfloat16
-            self.vae.to(dtype=half)
+            if not (half == torch.float16 and self.vae.config.get("force_upcast", False)):
+                self.vae.to(dtype=half)
             if not self.optim.train_text_encoder:
-                self.text_encoder.to(dtype=half)
+                for encoder in self.text_encoders:
+                    encoder.to(dtype=half)
         if not self.optim.train_text_encoder:
             with torch.no_grad():
-                self.prompt_embeds = self.text_encoder(self.prompt_ids)[0].float()
+                embeds, pooled = self.encode_prompts()
+            self.prompt_embeds = (embeds.float(), None if pooled is None else pooled.float())
             if self.pre_compute_text_embeddings:
-                self.text_encoder.to("cpu")
-                log.info("text embeddings precomputed; text encoder moved off %s", self.device)
+                for encoder in self.text_encoders:
+                    encoder.to("cpu")
+                log.info("text embeddings precomputed; text encoders moved off %s", self.device)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------ loss
-    def encoder_hidden_states(self, is_prior: torch.Tensor) -> torch.Tensor:
-        """(B, 77, D) prompt embeddings: the class prompt's for prior samples."""
-        if self.prompt_embeds is not None:
-            embeds = self.prompt_embeds
-        else:
-            embeds = self.text_encoder(self.prompt_ids)[0]
-        return embeds[is_prior.long()]
+    def encode_prompts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings of [instance prompt, class prompt]: (2, 77, D) and SDXL's pooled (2, P).
+
+        SD 1.x/2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate
+        hidden states, concatenated on the feature axis, and the second one's projection.
+        """
+        if self.family != "sdxl":
+            return self.text_encoder(self.prompt_ids_0)[0], None
+        first = self.text_encoder(self.prompt_ids_0, output_hidden_states=True)
+        second = self.text_encoder_2(self.prompt_ids_1, output_hidden_states=True)
+        embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return embeds, second.text_embeds
+
+    def unet_conditioning(self, is_prior: torch.Tensor, time_ids: torch.Tensor) -> dict:
+        """Keyword arguments of the UNet call for a batch: the class prompt for prior samples."""
+        embeds, pooled = self.prompt_embeds or self.encode_prompts()
+        rows = is_prior.long()
+        conditioning = {"encoder_hidden_states": embeds[rows]}  # (B, 77, D)
+        if self.family == "sdxl":
+            conditioning["added_cond_kwargs"] = {"text_embeds": pooled[rows],  # (B, P)
+                                                 "time_ids": time_ids.to(embeds.dtype)}  # (B, 6)
+        return conditioning
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         latents = batch["latents"]  # (B, 4, H/8, W/8), instance samples then class samples
@@ -134,7 +168,7 @@ class DreamBoothModule(L.LightningModule):
         noise, timesteps = noise.to(latents), timesteps.to(latents.device)
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)  # z_t
         model_pred = self.unet(noisy_latents, timesteps,
-                               self.encoder_hidden_states(is_prior)).sample
+                               **self.unet_conditioning(is_prior, batch["time_ids"])).sample
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -173,8 +207,9 @@ class DreamBoothModule(L.LightningModule):
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad],
                    "lr": unet_lr}]
         if self.optim.train_text_encoder:
-            groups.append({"params": [p for p in self.text_encoder.parameters()
-                                      if p.requires_grad], "lr": text_lr})
+            groups.append({"params": [p for encoder in self.text_encoders
+                                      for p in encoder.parameters() if p.requires_grad],
+                           "lr": text_lr})
         optimizer_class = adamw_class(self.optim.use_8bit_adam)
         optimizer = optimizer_class(groups, betas=(self.optim.adam_beta1, self.optim.adam_beta2),
                                     weight_decay=self.optim.adam_weight_decay,

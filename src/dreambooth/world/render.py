@@ -16,7 +16,6 @@ import hashlib
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -42,7 +41,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 # Backgrounds: plain colors (caption "on a blue background") and textures/scenes.
 PLAIN_BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (236, 236, 230),
-    "gray": (125, 125, 128),
+    "gray": (110, 110, 112),
     "blue": (115, 165, 230),
     "yellow": (245, 225, 120),
     "pink": (240, 170, 195),
@@ -205,7 +204,7 @@ def sample_pose(rng: np.random.Generator) -> dict[str, float | int]:
     """Position, scale, rotation, lighting and texture layout: what varies between photos."""
     return dict(x=float(rng.uniform(0.32, 0.68)), y=float(rng.uniform(0.32, 0.68)),
                 scale=float(rng.uniform(0.38, 0.62)), rotation=float(rng.uniform(0.0, 360.0)),
-                lighting=float(rng.uniform(0.8, 1.15)), light_angle=float(rng.uniform(0, 360)),
+                lighting=float(rng.uniform(0.85, 1.12)), light_angle=float(rng.uniform(0, 360)),
                 texture_seed=int(rng.integers(2**31)))
 
 
@@ -383,10 +382,11 @@ def render(scene: Scene) -> Image.Image:
     top = int(round(scene.y * _CANVAS - size / 2))
     canvas.paste(sprite, (left, top), mask=coverage)
     small = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float64)  # (64, 64, 3)
-    # Light: overall brightness times a gentle gradient from the light's side (+-12%).
+    # Light: overall brightness times a gentle gradient from the light's side (+-8%); kept
+    # mild so a dim white background never looks like a bright gray one.
     yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] / (IMAGE_SIZE - 1) - 0.5
     angle = math.radians(scene.light_angle)
-    gradient = 1.0 - 0.24 * (xx * math.cos(angle) + yy * math.sin(angle))
+    gradient = 1.0 - 0.16 * (xx * math.cos(angle) + yy * math.sin(angle))
     lit = small * (scene.lighting * gradient)[..., None]
     return Image.fromarray(np.clip(lit, 0, 255).round().astype(np.uint8), mode="RGB")
 

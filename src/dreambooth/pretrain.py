@@ -1,0 +1,578 @@
+"""Pretraining the world's base model from scratch on an endless stream of captioned renders.
+
+Why not `dreambooth.train.train`: DreamBooth fine-tunes a finished pipeline on a fixed folder of
+photos with one instance prompt (and one class prompt), encoding each photo once. Pretraining
+starts from random weights, needs a VAE trained first, and sees a new captioned scene in every
+sample. So this module has its own two small LightningModules over the project's pieces
+(`training.draw_noise_and_timesteps` and `min_snr_weights`, `seeding`, the resumable sampler of
+`data`, the atomic checkpoints of `checkpointing`):
+
+- stage 1, `VAEModule`: AutoencoderKL (64x64x3 -> 16x16x4) with an L1 + MSE reconstruction loss
+  and a small KL term; afterwards the latent scaling factor is set to 1 / std of the latents
+  (what SD's 0.18215 is for its VAE) and the VAE is saved in `output_dir/vae`;
+- stage 2, `DiffusionModule`: CLIP text encoder + UNet2DConditionModel trained together on
+  epsilon prediction (Ho et al. 2020) with Min-SNR-5 weighting (Hang et al. 2023), 10% empty
+  captions for classifier-free guidance (Ho & Salimans 2022) and an EMA of the weights, which is
+  what gets exported.
+
+Sample n of a stage is `world.training_scene(seed, n)` and batch i holds samples
+[i*B, (i+1)*B), so every batch, noise draw and caption dropout is a function of (seed, i): a
+run resumed from any checkpoint ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from . import checkpointing, seeding
+from .config import option
+from .data import ResumableLoader, ResumingSampler
+from .training import draw_noise_and_timesteps, min_snr_weights
+from .world import TRAIN_COMBINATIONS, VOCABULARY, caption, render, training_scene
+
+log = logging.getLogger(__name__)
+
+# seeding streams of this module (kept apart from DreamBooth's 0-5)
+_VAE_SAMPLE, _LATENT_SAMPLE, _CAPTION_DROP, _NOISE = 100, 101, 102, 103
+TOKENIZER_WORDS = tuple(dict.fromkeys(VOCABULARY + ("sks",)))
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs; defaults are the shipped model's run."""
+
+    output_dir: str = option("runs/world-model", "Run folder: stages, checkpoints, logs, model/.")
+    seed: int = option(0, "Seed of weights, data stream, noise and caption dropout.")
+    # architecture
+    vae_channels: tuple[int, ...] = option((32, 64, 64), "AutoencoderKL block channels (3 blocks: 4x down).")
+    unet_channels: tuple[int, ...] = option((64, 128, 192), "UNet block channels.")
+    unet_layers_per_block: int = option(1, "ResNet layers per UNet block.")
+    text_hidden_size: int = option(128, "CLIP text encoder width (= UNet cross-attention dim).")
+    text_layers: int = option(4, "CLIP text encoder layers.")
+    text_intermediate_size: int = option(512, "CLIP text encoder MLP width.")
+    # stage 1: VAE
+    vae_steps: int = option(3000, "Optimizer steps of stage 1 (VAE).")
+    vae_batch_size: int = option(32, "Renders per VAE step.")
+    vae_learning_rate: float = option(1e-3, "VAE AdamW learning rate (cosine decay to 10%).")
+    kl_weight: float = option(1e-6, "Weight of the VAE's KL term (SD's autoencoder uses 1e-6).")
+    # stage 2: text encoder + UNet
+    unet_steps: int = option(40000, "Optimizer steps of stage 2 (text encoder + UNet).")
+    unet_batch_size: int = option(32, "Renders per diffusion step.")
+    unet_learning_rate: float = option(5e-4, "UNet and text encoder AdamW learning rate.")
+    warmup_steps: int = option(500, "Linear warmup of the stage-2 learning rate.")
+    caption_dropout: float = option(0.1, "Share of empty captions (for classifier-free guidance).")
+    snr_gamma: float = option(5.0, "Min-SNR loss weighting gamma.")
+    ema_decay: float = option(0.999, "EMA decay of the stage-2 weights (the EMA is exported).")
+    # run
+    checkpoint_every: int = option(500, "Write a resumable checkpoint every N steps.")
+    keep_checkpoints: int = option(2, "Keep the newest N checkpoints of each stage.")
+    log_every: int = option(50, "Log loss and speed every N steps.")
+    sample_every: int = option(2000, "Stage 2: sample held-out prompts and score them every N steps (0: never).")
+    num_workers: int = option(1, "Render in N background processes (0: in the training process).")
+    threads: int = option(2, "torch CPU threads.")
+
+    def __post_init__(self) -> None:
+        problems = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith(("_steps", "_size", "_every", "_layers")) and (
+                    not isinstance(value, int) or value < 0):
+                problems.append(f"{f.name}={value!r} must be a non-negative integer")
+        for name in ("vae_batch_size", "unet_batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)!r} must be at least 1")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            problems.append(f"caption_dropout={self.caption_dropout!r} must be in [0, 1)")
+        if len(self.vae_channels) != 3:
+            problems.append(f"vae_channels={self.vae_channels!r} needs 3 blocks (64 px -> 16x16)")
+        if problems:
+            raise ValueError("invalid pretraining configuration: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------- models
+def build_word_tokenizer(words=TOKENIZER_WORDS):
+    """A CLIPTokenizer over the 512 byte-level symbols plus whole-word merges for `words`
+    (dreambooth.tiny's pattern), so every world caption word and "sks" is one token."""
+    from transformers import CLIPTokenizer
+
+    from .tiny import _bytes_to_unicode
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            if (merged, piece) not in merges:
+                merges.append((merged, piece))
+            merged = merged + piece
+            vocab_list.append(merged)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(vocab_list))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_vae(config: PretrainConfig):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seeding.derive_seed(config.seed, 200))
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=tuple(config.vae_channels),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=64)
+
+
+def build_text_encoder_and_unet(config: PretrainConfig, tokenizer):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seeding.derive_seed(config.seed, 201))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=config.text_hidden_size,
+        intermediate_size=config.text_intermediate_size, num_hidden_layers=config.text_layers,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    blocks = len(config.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=tuple(config.unet_channels),
+        layers_per_block=config.unet_layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (blocks - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (blocks - 1) + ("UpBlock2D",),
+        cross_attention_dim=config.text_hidden_size, attention_head_dim=8, norm_num_groups=16)
+    return text_encoder, unet
+
+
+def noise_schedulers():
+    """(training DDPM scheduler, sampling PNDM scheduler) with SD 1.x's schedule."""
+    from diffusers import DDPMScheduler, PNDMScheduler
+
+    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    num_train_timesteps=1000, prediction_type="epsilon")
+    return DDPMScheduler(**schedule), PNDMScheduler(skip_prk_steps=True, steps_offset=1,
+                                                    **schedule)
+
+
+# --------------------------------------------------------------------------------- data
+class RenderBatches(Dataset):
+    """Batch i: renders of training scenes [i*B, (i+1)*B) of stream `seed` and their captions
+    (empty with probability `caption_dropout`, decided per sample from (seed, n))."""
+
+    def __init__(self, *, seed: int, batch_size: int, num_steps: int, tokenizer=None,
+                 caption_dropout: float = 0.0):
+        self.seed, self.batch_size, self.num_steps = seed, batch_size, num_steps
+        self.tokenizer, self.caption_dropout = tokenizer, caption_dropout
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        numbers = range(step * self.batch_size, (step + 1) * self.batch_size)
+        scenes = [training_scene(self.seed, n) for n in numbers]
+        pixels = np.stack([np.asarray(render(scene)) for scene in scenes])  # (B, 64, 64, 3)
+        batch = {"pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0,
+                 "step": torch.tensor(step),
+                 "seeds": torch.tensor([seeding.derive_seed(self.seed, _NOISE, n)
+                                        for n in numbers])}
+        if self.tokenizer is not None:
+            captions = [
+                "" if np.random.default_rng([self.seed, _CAPTION_DROP, n]).random()
+                < self.caption_dropout else caption(scene) for n, scene in zip(numbers, scenes)]
+            batch["input_ids"] = self.tokenizer(
+                captions, padding="max_length", truncation=True,
+                max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        return batch
+
+
+class RenderDataModule(L.LightningDataModule):
+    def __init__(self, dataset: RenderBatches, num_workers: int):
+        super().__init__()
+        self.dataset, self.num_workers = dataset, num_workers
+
+    def train_dataloader(self):
+        trainer = self.trainer
+        sampler = ResumingSampler(len(self.dataset),
+                                  lambda: trainer.global_step if trainer else 0)
+        return ResumableLoader(self.dataset, batch_size=None, sampler=sampler,
+                               num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0)
+
+
+# -------------------------------------------------------------------------------- stage 1
+def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = F.mse_loss(reconstruction.clamp(-1, 1), target).item()
+    return 10 * math.log10(4.0 / max(mse, 1e-10))
+
+
+class VAEModule(L.LightningModule):
+    """Stage 1: reconstruct renders through 16x16x4 latents (L1 + MSE + kl_weight * KL)."""
+
+    def __init__(self, vae, config: PretrainConfig):
+        super().__init__()
+        self.vae, self.config = vae, config
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        pixels = batch["pixels"]  # (B, 3, 64, 64)
+        posterior = self.vae.encode(pixels).latent_dist
+        generator = seeding.generator(self.config.seed, _VAE_SAMPLE, int(batch["step"]))
+        latents = posterior.mean + posterior.std * torch.randn(
+            posterior.mean.shape, generator=generator).to(pixels)  # (B, 4, 16, 16)
+        reconstruction = self.vae.decode(latents).sample
+        reconstruction_loss = F.l1_loss(reconstruction, pixels) + F.mse_loss(reconstruction,
+                                                                             pixels)
+        kl = posterior.kl().mean()
+        loss = reconstruction_loss + self.config.kl_weight * kl
+        self.log_dict({"loss": loss.detach(), "kl": kl.detach(),
+                       "psnr": psnr(reconstruction.detach(), pixels)}, on_step=True)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.vae.parameters(), lr=self.config.vae_learning_rate,
+                                      weight_decay=0.0)
+        return {"optimizer": optimizer, "lr_scheduler": {
+            "scheduler": _warmup_cosine(optimizer, 100, self.config.vae_steps), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["pretrain_config"] = _config_dict(self.config)
+
+
+# -------------------------------------------------------------------------------- stage 2
+class DiffusionModule(L.LightningModule):
+    """Stage 2: the text encoder and UNet learn eps-prediction on latents of the frozen VAE."""
+
+    def __init__(self, *, vae, text_encoder, unet, noise_scheduler, config: PretrainConfig):
+        super().__init__()
+        self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
+        self.noise_scheduler, self.config = noise_scheduler, config
+        self.vae.requires_grad_(False).eval()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        with torch.no_grad():
+            posterior = self.vae.encode(batch["pixels"]).latent_dist
+            generator = seeding.generator(self.config.seed, _LATENT_SAMPLE, int(batch["step"]))
+            latents = posterior.mean + posterior.std * torch.randn(
+                posterior.mean.shape, generator=generator).to(posterior.mean)
+            latents = latents * self.vae.config.scaling_factor  # z_0 (B, 4, 16, 16), unit std
+        noise, timesteps = draw_noise_and_timesteps(
+            batch["seeds"].cpu(), tuple(latents.shape[1:]),
+            num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+            offset_noise=False)
+        noise, timesteps = noise.to(latents), timesteps.to(latents.device)
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)  # z_t
+        encoder_hidden_states = self.text_encoder(batch["input_ids"])[0]  # (B, 77, D)
+        model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        per_sample = F.mse_loss(model_pred.float(), noise.float(),
+                                reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        weights = min_snr_weights(self.noise_scheduler, timesteps, self.config.snr_gamma)
+        loss = (per_sample * weights).mean()
+        self.log_dict({"loss": loss.detach(), "mse": per_sample.mean().detach()}, on_step=True)
+        return loss
+
+    def configure_optimizers(self):
+        parameters = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        optimizer = torch.optim.AdamW(parameters, lr=self.config.unet_learning_rate,
+                                      weight_decay=1e-2)
+        return {"optimizer": optimizer, "lr_scheduler": {
+            "scheduler": _warmup_cosine(optimizer, self.config.warmup_steps,
+                                        self.config.unet_steps), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The VAE is frozen and saved in output_dir/vae; checkpoints hold what training changes.
+        checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items()
+                                    if not key.startswith("vae.")}
+        checkpoint["pretrain_config"] = _config_dict(self.config)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.strict_loading = False
+
+
+def _warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup, then cosine decay to 10% of the peak learning rate."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _config_dict(config: PretrainConfig) -> dict[str, Any]:
+    return {f.name: list(v) if isinstance(v := getattr(config, f.name), tuple) else v
+            for f in fields(config)}
+
+
+# ------------------------------------------------------------------------------ callbacks
+class EMA(L.Callback):
+    """Exponential moving average of the trainable weights (Polyak averaging), with the usual
+    warmup min(decay, (1 + step) / (10 + step)); its state travels in checkpoints."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.shadow: dict[str, torch.Tensor] | None = None
+
+    def _trainable(self, pl_module) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.shadow is None:
+            self.shadow = {name: p.detach().clone()
+                           for name, p in self._trainable(pl_module).items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for name, parameter in self._trainable(pl_module).items():
+            self.shadow[name].lerp_(parameter.detach(), 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, pl_module) -> None:
+        for name, parameter in self._trainable(pl_module).items():
+            parameter.copy_(self.shadow[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": self.shadow}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.shadow = state_dict["shadow"]
+
+
+class ProgressLog(L.Callback):
+    """One log line every N steps: stage, step, losses, speed and time left."""
+
+    def __init__(self, stage: str, every: int, total_steps: int):
+        self.stage, self.every, self.total_steps = stage, every, total_steps
+        self._started: tuple[float, int] | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self._started is None:
+            self._started = (time.perf_counter(), step - 1)
+        if step % self.every and step != self.total_steps:
+            return
+        elapsed = time.perf_counter() - self._started[0]
+        rate = (step - self._started[1]) / max(elapsed, 1e-9)
+        metrics = " ".join(f"{k} {v.item():.4g}" for k, v in trainer.callback_metrics.items())
+        log.info("%s step %d/%d  %s  %.2f steps/s  ~%.0f min left", self.stage, step,
+                 self.total_steps, metrics, rate, (self.total_steps - step) / rate / 60)
+
+
+class HeldOutSamples(L.Callback):
+    """Every N steps: sample held-out caption combinations with the EMA weights, save a grid
+    (`output_dir/samples/step-N.png`) and log the world evaluator's prompt fidelity on them."""
+
+    def __init__(self, *, every: int, ema: EMA, tokenizer, output_dir: Path, seed: int,
+                 num_prompts: int = 16):
+        from .world import HELD_OUT_COMBINATIONS, Scene
+
+        self.every, self.ema, self.tokenizer = every, ema, tokenizer
+        self.output_dir, self.seed = output_dir, seed
+        triples = sorted(HELD_OUT_COMBINATIONS)[:num_prompts]
+        self.prompts = [caption(Scene(*triple)) for triple in triples]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every and step % self.every == 0:
+            fidelity = sample_and_score(pl_module, self.ema, self.tokenizer, self.prompts,
+                                        self.output_dir / f"step-{step}.png", self.seed)
+            log.info("step %d: prompt fidelity on %d held-out prompts %.3f", step,
+                     len(self.prompts), fidelity)
+
+
+@torch.no_grad()
+def sample_and_score(module: DiffusionModule, ema: EMA | None, tokenizer, prompts: list[str],
+                     grid_path: Path, seed: int, num_inference_steps: int = 25,
+                     guidance_scale: float = 5.0) -> float:
+    """Generate one image per prompt (EMA weights if given), save a grid, return prompt
+    fidelity as judged by the shipped world evaluator (nan if it is not there)."""
+    from diffusers import StableDiffusionPipeline
+
+    from .evaluate import load_evaluator, prompt_fidelity
+    from .images import make_grid, save_png
+
+    trainable = {name: p.detach().clone() for name, p in module.named_parameters()
+                 if p.requires_grad}
+    if ema is not None:
+        ema.copy_to(module)
+    was_training = module.training
+    module.eval()
+    try:
+        pipeline = StableDiffusionPipeline(
+            vae=module.vae, text_encoder=module.text_encoder, tokenizer=tokenizer,
+            unet=module.unet, scheduler=noise_schedulers()[1], safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        pipeline.set_progress_bar_config(disable=True)
+        generators = [seeding.generator(seed, 104, index) for index in range(len(prompts))]
+        images = pipeline(prompts, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, generator=generators, height=64,
+                          width=64).images
+    finally:
+        for name, parameter in module.named_parameters():
+            if name in trainable:
+                parameter.copy_(trainable[name])
+        module.train(was_training)
+    save_png(make_grid(images, columns=8), grid_path, text={"prompts": "; ".join(prompts)})
+    try:
+        return prompt_fidelity(images, prompts, load_evaluator())
+    except FileNotFoundError:
+        return float("nan")
+
+
+# ---------------------------------------------------------------------------------- runs
+def _fit(module: L.LightningModule, dataset: RenderBatches, *, stage_dir: Path,
+         config: PretrainConfig, total_steps: int, callbacks: list) -> L.Trainer:
+    """Fit `module` to `total_steps`, resuming from the newest checkpoint in `stage_dir`."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    checkpoint_dir = stage_dir / "checkpoints"
+    resume_path = checkpointing.resolve_resume_path("latest", checkpoint_dir)
+    if resume_path is not None:
+        log.info("%s: resuming from %s", stage_dir.name, resume_path)
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, max_steps=total_steps, max_epochs=-1,
+        gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0,
+        use_distributed_sampler=False, enable_progress_bar=False, enable_model_summary=False,
+        logger=CSVLogger(stage_dir, name="logs", version=""), log_every_n_steps=config.log_every,
+        plugins=[checkpointing.AtomicCheckpointIO()], default_root_dir=stage_dir,
+        callbacks=[checkpointing.periodic_checkpoints(checkpoint_dir, config.checkpoint_every,
+                                                      config.keep_checkpoints),
+                   checkpointing.InterruptCheckpoint(checkpoint_dir, 1),
+                   ProgressLog(stage_dir.name, config.log_every, total_steps), *callbacks])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        trainer.fit(module, datamodule=RenderDataModule(dataset, config.num_workers),
+                    ckpt_path=resume_path)
+    return trainer
+
+
+@torch.no_grad()
+def vae_report(vae, seed: int, num_images: int = 256) -> dict[str, float]:
+    """Latent std (-> scaling factor) and reconstruction PSNR on renders of another stream."""
+    scenes = [training_scene(seed + 1, n) for n in range(num_images)]
+    pixels = torch.from_numpy(np.stack([np.asarray(render(s)) for s in scenes]))
+    pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    vae.eval()
+    means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(64)])
+    reconstruction = torch.cat([vae.decode(chunk).sample for chunk in means.split(64)])
+    return {"latent_std": means.std().item(), "psnr_db": psnr(reconstruction, pixels),
+            "mse": F.mse_loss(reconstruction.clamp(-1, 1), pixels).item()}
+
+
+def pretrain_vae(config: PretrainConfig) -> Path:
+    """Stage 1 (resumable); saves the VAE with its scaling factor in `output_dir/vae`."""
+    import json
+
+    from .files import atomic_write_text
+
+    output_dir = Path(config.output_dir)
+    vae_dir = output_dir / "vae"
+    if (vae_dir / "config.json").is_file():
+        log.info("stage 1 done before: using the VAE in %s", vae_dir)
+        return vae_dir
+    vae = build_vae(config)
+    log.info("stage 1: VAE, %.2fM parameters, %d steps", _millions(vae), config.vae_steps)
+    dataset = RenderBatches(seed=config.seed, batch_size=config.vae_batch_size,
+                            num_steps=config.vae_steps)
+    _fit(VAEModule(vae, config), dataset, stage_dir=output_dir / "stage1-vae", config=config,
+         total_steps=config.vae_steps, callbacks=[])
+    vae.to("cpu")
+    report = vae_report(vae, config.seed)
+    vae.register_to_config(scaling_factor=1.0 / report["latent_std"])
+    vae.save_pretrained(vae_dir, safe_serialization=True)
+    atomic_write_text(vae_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    log.info("stage 1: reconstruction PSNR %.2f dB (MSE %.4f in [-1, 1]), scaling factor %.4f",
+             report["psnr_db"], report["mse"], 1.0 / report["latent_std"])
+    return vae_dir
+
+
+def pretrain(config: PretrainConfig) -> Path:
+    """Both stages (each resumable), then the EMA model as a diffusers folder (fp16
+    safetensors) in `output_dir/model`, which `StableDiffusionPipeline.from_pretrained` loads."""
+    from diffusers import AutoencoderKL
+
+    torch.set_num_threads(config.threads)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _log_to_file(output_dir / "pretrain.log")
+    vae = AutoencoderKL.from_pretrained(pretrain_vae(config))
+    tokenizer = build_word_tokenizer()
+    text_encoder, unet = build_text_encoder_and_unet(config, tokenizer)
+    log.info("stage 2: UNet %.2fM + text encoder %.2fM parameters, %d steps (%d training "
+             "caption combinations)", _millions(unet), _millions(text_encoder), config.unet_steps,
+             len(TRAIN_COMBINATIONS))
+    noise_scheduler, _ = noise_schedulers()
+    module = DiffusionModule(vae=vae, text_encoder=text_encoder, unet=unet,
+                             noise_scheduler=noise_scheduler, config=config)
+    ema = EMA(config.ema_decay)
+    callbacks: list = [ema]
+    if config.sample_every:
+        callbacks.append(HeldOutSamples(every=config.sample_every, ema=ema, tokenizer=tokenizer,
+                                        output_dir=output_dir / "samples", seed=config.seed))
+    dataset = RenderBatches(seed=config.seed, batch_size=config.unet_batch_size,
+                            num_steps=config.unet_steps, tokenizer=tokenizer,
+                            caption_dropout=config.caption_dropout)
+    _fit(module, dataset, stage_dir=output_dir / "stage2-unet", config=config,
+         total_steps=config.unet_steps, callbacks=callbacks)
+    module.to("cpu")
+    if ema.shadow is not None:
+        ema.copy_to(module)
+    return export_model(module, tokenizer, output_dir / "model", config)
+
+
+def export_model(module: DiffusionModule, tokenizer, path: Path, config: PretrainConfig) -> Path:
+    """Save the pipeline with fp16 weights (safetensors), its config and library versions."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from .export import VERSIONS_FILE, library_versions
+    from .files import atomic_write_text
+
+    pipeline = StableDiffusionPipeline(
+        vae=module.vae, text_encoder=module.text_encoder, tokenizer=tokenizer, unet=module.unet,
+        scheduler=noise_schedulers()[1], safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipeline.to(torch.float16)
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipeline.save_pretrained(staging, safe_serialization=True)
+    pipeline.to(torch.float32)
+    atomic_write_text(staging / "pretrain_config.json",
+                      json.dumps(_config_dict(config), indent=2) + "\n")
+    atomic_write_text(staging / VERSIONS_FILE, json.dumps(library_versions(), indent=2) + "\n")
+    shutil.rmtree(path, ignore_errors=True)
+    staging.replace(path)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+    log.info("saved the base model in %s (%.1f MB)", path, size)
+    return path
+
+
+def _millions(module: torch.nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+def _log_to_file(path: Path) -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve()
+               for h in root.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)

@@ -1,0 +1,349 @@
+"""`dreambooth serve`: personalized models behind the image APIs clients already speak.
+
+One FastAPI app serves OpenAI's Images API (`/v1/images/generations`, `/v1/images/edits`,
+`/v1/models`), OpenRouter's image-output chat completions (`/api/v1/chat/completions`, also at
+`/v1/chat/completions`) and AUTOMATIC1111's `/sdapi/v1/txt2img`, plus `/healthz` and Prometheus
+`/metrics`. A client written for OpenAI or OpenRouter switches by changing `base_url`.
+
+The server validates a request, calls the generation API of `dreambooth.generate`
+(`sampling_settings`, `sample_images`, `edit_images`: the functions the CLI uses) through the
+batching scheduler of `serve_batching`, and encodes the answer; it holds no model logic. Every
+error is OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from .generate import (GenerationError, default_size, edit_images, load_pipeline, lora_file,
+                       sample_images, sampling_settings, set_scheduler)
+from .models import resolve_model_path
+from .serve_batching import BatchKey, Job, ModelWorker
+from .serve_schemas import APIError, validation_error
+
+try:
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from .serve_routes import ServedModel, ServerState, public_router, read_trigger_phrase, router
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"`dreambooth serve` needs the `serve` extra ({error.name} is missing): "
+        "pip install 'dreambooth[serve]'") from error
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "DREAMBOOTH_API_KEY"
+_NAME = re.compile(r"[\w.:/-]{1,128}")
+
+
+class ServeConfigError(ValueError):
+    """Server settings that cannot be used; the message lists every problem."""
+
+
+class ServeMetrics:
+    """Prometheus metrics of one app, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.queue_depth = Gauge("dreambooth_queue_depth", "Requests waiting for a batch.",
+                                 ["model"], registry=self.registry)
+        self.requests = Counter("dreambooth_requests", "HTTP requests by route and status.",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "dreambooth_request_latency_seconds", "Time from request to answer, by route.",
+            ["route"], registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.images = Counter("dreambooth_images", "Images generated.", ["model"],
+                              registry=self.registry)
+        self.batch_images = Histogram("dreambooth_batch_images", "Images per UNet batch.",
+                                      ["model"], registry=self.registry,
+                                      buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.batch_seconds = Histogram("dreambooth_batch_seconds", "Time to run one batch.",
+                                       ["model"], registry=self.registry)
+
+    def batch_done(self, model: str, images: int, seconds: float) -> None:
+        self.images.labels(model).inc(images)
+        self.batch_images.labels(model).observe(images)
+        self.batch_seconds.labels(model).observe(seconds)
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+class RequestMetrics:
+    """ASGI middleware: count requests and time them, labelled by route template."""
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_with_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            # The router stores the matched route in the scope; unmatched paths share one label
+            # so that scanners cannot blow up the metric's cardinality.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+class BodySizeLimit:
+    """ASGI middleware: answer 413 to a body over `max_bytes`, declared or streamed.
+
+    A declared Content-Length is refused before anything is read; a chunked body is cut off
+    as soon as it passes the limit (the app then sees a disconnect and its answer is dropped).
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"Request body is larger than the server's limit of "
+                             f"{self.max_bytes} bytes (--max_upload_mb).",
+                        code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            error = self._too_large() if declared.isdigit() else APIError(
+                400, "Content-Length is not a number.", code="invalid_body")
+            return await _error_response(error)(scope, receive, send)
+        received, too_large, answered = 0, False, False
+
+        async def limited_receive():
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    too_large = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            nonlocal answered
+            if too_large:
+                return  # the 413 below answers instead
+            answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not too_large:
+                raise
+        if too_large and not answered:
+            await _error_response(self._too_large())(scope, receive, send)
+
+
+def _batch_runner(pipeline: StableDiffusionPipeline, max_batch: int):
+    """Run one batch of jobs through the generation API (the functions the CLI calls)."""
+
+    def run(key: BatchKey, jobs: list[Job]) -> list[Image.Image]:
+        per_image = dict(
+            seeds=[seed for job in jobs for seed in job.seeds],
+            negative_prompt=[text for job in jobs for text in job.negative_prompts],
+            num_inference_steps=key.num_inference_steps, guidance_scale=key.guidance_scale,
+            height=key.height, width=key.width, batch_size=max_batch)
+        prompts = [text for job in jobs for text in job.prompts]
+        with sampling_settings(pipeline, scheduler=key.scheduler, lora=key.lora,
+                               lora_scale=key.lora_scale):
+            if key.task == "txt2img":
+                return sample_images(pipeline, prompts, **per_image)
+            masks = [mask for job in jobs for mask in job.masks] if key.task == "inpaint" else None
+            return edit_images(pipeline, prompts, image=[i for job in jobs for i in job.images],
+                               mask=masks, strength=key.strength, **per_image)
+
+    return run
+
+
+def _load_model(name: str, source: str | Path | StableDiffusionPipeline, *,
+                device: str | None, dtype: str) -> ServedModel:
+    if isinstance(source, StableDiffusionPipeline):
+        pipeline = source
+        folder = Path(pipeline.name_or_path) if pipeline.name_or_path else None
+    else:
+        folder = resolve_model_path(source)
+        pipeline = load_pipeline(folder, device=device, dtype=dtype)
+    return ServedModel(name=name, pipeline=pipeline, trigger_phrase=read_trigger_phrase(folder),
+                       created=int(time.time()), default_sampler=set_scheduler(pipeline, None),
+                       native_size=default_size(pipeline))
+
+
+def _check_settings(models: Mapping, loras: Mapping, *, max_queue: int, max_batch: int,
+                    batch_wait_ms: float, max_upload_mb: float, max_image_size: int,
+                    max_steps: int) -> dict[str, Path]:
+    """Every problem with the settings at once; returns the LoRA files by name."""
+    problems = []
+    if not models:
+        problems.append("no model to serve: pass --model NAME=PATH at least once")
+    for name in [*models, *loras]:
+        if not _NAME.fullmatch(name):
+            problems.append(f"name '{name}' must be 1-128 letters, digits or . _ : / -")
+    for name, value, low in (("max_queue", max_queue, 1), ("max_batch", max_batch, 1),
+                             ("batch_wait_ms", batch_wait_ms, 0),
+                             ("max_upload_mb", max_upload_mb, 0.001),
+                             ("max_image_size", max_image_size, 8), ("max_steps", max_steps, 1)):
+        if not value >= low:
+            problems.append(f"{name}={value} must be at least {low}")
+    lora_files = {}
+    for name, path in loras.items():
+        try:
+            lora_files[name] = lora_file(path)
+        except GenerationError as error:
+            problems.append(f"--lora {name}: {error}")
+    if problems:
+        raise ServeConfigError("cannot serve:\n  " + "\n  ".join(problems))
+    return lora_files
+
+
+def create_app(
+    models: Mapping[str, str | Path | StableDiffusionPipeline],
+    *,
+    loras: Mapping[str, str | Path] | None = None,
+    api_key: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    max_queue: int = 64,
+    max_batch: int = 8,
+    batch_wait_ms: float = 10.0,
+    max_upload_mb: float = 20.0,
+    max_image_size: int = 2048,
+    max_steps: int = 150,
+) -> FastAPI:
+    """The app serving `models` (name -> pipeline folder, cached hub id or loaded pipeline).
+
+    `loras` (name -> LoRA file or folder) are what requests may name in `lora`; clients never
+    pass server paths. With `api_key`, every route but /healthz needs `Authorization: Bearer
+    KEY`. Per model, at most `max_queue` requests wait (one more gets 429) and a batch holds at
+    most `max_batch` images, gathered for up to `batch_wait_ms`. Bodies over `max_upload_mb`
+    get 413; image sides are multiples of 8 up to `max_image_size`; at most `max_steps` steps.
+    The pipelines are loaded here, before the app answers anything.
+    """
+    lora_files = _check_settings(
+        models, loras or {}, max_queue=max_queue, max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb,
+        max_image_size=max_image_size, max_steps=max_steps)
+    metrics = ServeMetrics()
+    served_models = {}
+    for name, source in models.items():
+        served = _load_model(name, source, device=device, dtype=dtype)
+        served.worker = ModelWorker(
+            name, _batch_runner(served.pipeline, max_batch), max_queue=max_queue,
+            max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000,
+            on_queue_depth=metrics.queue_depth.labels(name).set,
+            on_batch=lambda images, seconds, name=name: metrics.batch_done(name, images, seconds))
+        served_models[name] = served
+    state = ServerState(served_models, lora_files, metrics, max_image_size=max_image_size,
+                        max_steps=max_steps)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for served in served_models.values():
+            served.worker.start()
+        try:
+            yield
+        finally:
+            for served in served_models.values():
+                await run_in_threadpool(served.worker.stop)
+
+    app = FastAPI(title="dreambooth serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.server = state
+    app.include_router(public_router)
+    app.include_router(router, dependencies=[Depends(_require_key(api_key))] if api_key else [])
+    _add_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=int(max_upload_mb * 1024 * 1024))
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees 413s too
+    return app
+
+
+def _require_key(api_key: str):
+    expected = api_key.encode()
+
+    async def require_key(request: Request) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken does not reveal how much of the key matched.
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
+                                                                    expected):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer "
+                                "<key>' with the key the server was started with.",
+                           code="invalid_api_key")
+
+    return require_key
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape; 500 only for failures of the server itself."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return _error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        return _error_response(validation_error(list(error.errors())))
+
+    @app.exception_handler(GenerationError)
+    async def generation_error(request: Request, error: GenerationError):
+        return _error_response(APIError(400, str(error), code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        return _error_response(APIError(error.status_code, str(error.detail), type=kind,
+                                        headers=getattr(error, "headers", None)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception):
+        logger.error("internal error on %s", request.url.path, exc_info=error)
+        return _error_response(APIError(500, "The server failed to answer this request; the "
+                                             "error is in its log.", type="server_error"))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run_server(models: Mapping[str, str | Path], *, host: str = "127.0.0.1", port: int = 8000,
+               **app_options) -> None:
+    """Load `models`, then serve them with uvicorn until interrupted."""
+    import uvicorn
+
+    if not _is_loopback(host) and not app_options.get("api_key"):
+        logger.warning("listening on %s without an API key: anyone who can reach port %d can "
+                       "generate; pass --api_key or set %s", host, port, API_KEY_ENV)
+    app = create_app(models, **app_options)
+    uvicorn.run(app, host=host, port=port, log_level="info")

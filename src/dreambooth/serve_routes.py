@@ -1,0 +1,432 @@
+"""The routes of `dreambooth serve`: what each API's request means and how its answer looks.
+
+Handlers validate (pydantic bodies from `serve_schemas`, then the limits in `ServerState`),
+turn a request into a `Job` for its model's worker (`serve_batching`) and encode the images the
+worker returns: base64 PNG (with AUTOMATIC1111 `parameters`), JPEG or WebP, as each API wants.
+`router` needs the API key when one is set; `public_router` (/healthz) never does.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+from diffusers import StableDiffusionPipeline
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from PIL import Image, ImageOps, features
+from PIL.PngImagePlugin import PngInfo
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from .export import CONFIG_FILE
+from .generate import SCHEDULERS, format_parameters
+from .serve_batching import BatchKey, Job, ModelWorker, QueueFull, WorkerStopped
+from .serve_schemas import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, QUALITY_STEPS, APIError,
+                            ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest,
+                            Txt2ImgRequest, parse)
+
+if TYPE_CHECKING:
+    from .serve import ServeMetrics
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GUIDANCE_SCALE = 7.5  # generate()'s default
+IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.8, 1.0  # edit_images' defaults, for the PNG parameters
+_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+_UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
+_A1111_SAMPLERS = {sampler: name for name, (_, sampler) in SCHEDULERS.items()}
+
+
+@dataclass
+class ServedModel:
+    """A loaded pipeline, what /v1/models reports about it, and the worker that runs it."""
+
+    name: str
+    pipeline: StableDiffusionPipeline
+    trigger_phrase: str | None  # the instance prompt of a DreamBooth model; None for a base model
+    created: int
+    default_sampler: str  # A1111 name of the pipeline's own scheduler
+    native_size: int
+    worker: ModelWorker | None = None
+
+
+def read_trigger_phrase(folder: Path | None) -> str | None:
+    """The `instance_prompt` in a trained model's training_config.yaml; None when there is none."""
+    config = folder / CONFIG_FILE if folder is not None else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        values = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        logger.warning("cannot read %s (%s): no trigger phrase reported", config, error)
+        return None
+    prompt = values.get("instance_prompt") if isinstance(values, dict) else None
+    return prompt if isinstance(prompt, str) and prompt.strip() else None
+
+
+class ServerState:
+    """Loaded models, registered LoRAs and limits; what the route handlers consult."""
+
+    def __init__(self, models: dict[str, ServedModel], loras: dict[str, Path],
+                 metrics: ServeMetrics, *, max_image_size: int, max_steps: int):
+        self.models, self.loras, self.metrics = models, loras, metrics
+        self.max_image_size, self.max_steps = max_image_size, max_steps
+
+    def model(self, name: str | None, param: str = "model") -> ServedModel:
+        if name is None:
+            return next(iter(self.models.values()))
+        if name not in self.models:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves: "
+                                f"{', '.join(self.models)}.", param=param, code="model_not_found")
+        return self.models[name]
+
+    def lora(self, name: str | None) -> str | None:
+        if name is None:
+            return None
+        if name not in self.loras:
+            known = ", ".join(self.loras) or "none (start the server with --lora NAME=PATH)"
+            raise APIError(404, f"The LoRA '{name}' does not exist; this server has: {known}.",
+                           param="lora", code="lora_not_found")
+        return str(self.loras[name])
+
+    def check_size(self, width: int, height: int, param: str) -> tuple[int, int]:
+        if not all(8 <= side <= self.max_image_size and side % 8 == 0 for side in (width, height)):
+            raise APIError(400, f"Invalid value for '{param}': {width}x{height}; width and "
+                                f"height must be multiples of 8 from 8 to {self.max_image_size}.",
+                           param=param, code="invalid_size")
+        return width, height
+
+    def size(self, text: str | None, served: ServedModel, param: str = "size") -> tuple[int, int]:
+        """'WxH' (or None/'auto': the model's native size) as (width, height)."""
+        if text is None or text == "auto":
+            return served.native_size, served.native_size
+        match = _SIZE.fullmatch(text.strip())
+        if match is None:
+            raise APIError(400, f"Invalid value for '{param}': '{text}' is not WIDTHxHEIGHT "
+                                "(e.g. '512x512') or 'auto'.", param=param, code="invalid_size")
+        return self.check_size(int(match[1]), int(match[2]), param)
+
+    def steps(self, num_inference_steps: int | None, quality: str | None,
+              param: str = "num_inference_steps") -> int:
+        steps = num_inference_steps or QUALITY_STEPS[quality or "auto"]
+        if steps > self.max_steps:
+            raise APIError(400, f"Invalid value for '{param}': {steps} steps is more than this "
+                                f"server's limit of {self.max_steps}.", param=param,
+                           code="invalid_value")
+        return steps
+
+    async def run(self, served: ServedModel, job: Job) -> list[Image.Image]:
+        try:
+            return await served.worker.submit(job)
+        except QueueFull as error:
+            raise APIError(429, f"{error} (the limit, --max_queue); retry shortly.",
+                           type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from error
+        except WorkerStopped as error:
+            raise APIError(503, str(error), type="server_error", code="shutting_down") from error
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def _seeds(seed: int | None, n: int) -> list[int]:
+    """Image i gets seed + i, as with `dreambooth generate`; no seed: a random base seed."""
+    base = secrets.randbelow(MAX_SEED + 2 - n) if seed is None else seed
+    return [base + offset for offset in range(n)]
+
+
+def _parameters(served: ServedModel, job: Job, seed_index: int) -> str:
+    """The A1111 `parameters` text a PNG answer carries."""
+    key = job.key
+    sampler = SCHEDULERS[key.scheduler][1] if key.scheduler else served.default_sampler
+    extra: dict[str, object] = {}
+    if key.lora is not None:
+        extra.update({"Lora": Path(key.lora).stem, "Lora scale": key.lora_scale})
+    if key.task != "txt2img":
+        default = INPAINT_STRENGTH if key.task == "inpaint" else IMG2IMG_STRENGTH
+        extra["Denoising strength"] = key.strength if key.strength is not None else default
+    return format_parameters(
+        prompt=job.prompts[seed_index], negative_prompt=job.negative_prompts[seed_index],
+        steps=key.num_inference_steps, sampler=sampler, cfg_scale=key.guidance_scale,
+        seed=job.seeds[seed_index], width=key.width, height=key.height,
+        model_name=served.name, extra=extra)
+
+
+def encode_image(image: Image.Image, output_format: str, quality: int | None,
+                 parameters: str) -> bytes:
+    """PNG (with the A1111 `parameters` text chunk), JPEG or WebP bytes."""
+    buffer = io.BytesIO()
+    if output_format == "png":
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+        image.save(buffer, format="PNG", pnginfo=info)
+    else:
+        image.convert("RGB").save(buffer, format=output_format.upper(),
+                                  quality=95 if quality is None else quality)
+    return buffer.getvalue()
+
+
+async def _encode_all(served: ServedModel, job: Job, images: list[Image.Image],
+                      output_format: str, quality: int | None) -> list[str]:
+    """Base64 of every image, encoded off the event loop."""
+    if output_format == "webp" and not features.check("webp"):
+        raise APIError(400, "output_format 'webp' needs Pillow built with libwebp; ask for png "
+                            "or jpeg.", param="output_format", code="unsupported_format")
+
+    def encode() -> list[str]:
+        return [base64.b64encode(encode_image(image, output_format, quality,
+                                              _parameters(served, job, index))).decode("ascii")
+                for index, image in enumerate(images)]
+
+    return await run_in_threadpool(encode)
+
+
+async def _images_answer(state: ServerState, served: ServedModel, job: Job,
+                         body: ImageGenerationRequest) -> dict:
+    images = await state.run(served, job)
+    output_format = body.output_format or "png"
+    encoded = await _encode_all(served, job, images, output_format, body.output_compression)
+    # response_format "url" is answered with data: URLs; this server hosts no files.
+    if body.response_format == "url":
+        data = [{"url": f"data:image/{output_format};base64,{b64}"} for b64 in encoded]
+    else:
+        data = [{"b64_json": b64} for b64 in encoded]
+    for item, seed in zip(data, job.seeds):
+        item["seed"] = seed  # our extra: reproduce an image with extra_body={"seed": ...}
+    return {"created": int(time.time()), "data": data, "background": "opaque",
+            "output_format": output_format, "quality": body.quality or "auto",
+            "size": f"{job.key.width}x{job.key.height}"}
+
+
+router = APIRouter()
+public_router = APIRouter()
+
+
+@public_router.get("/healthz")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def metrics(state: ServerState = Depends(_state)) -> Response:
+    for served in state.models.values():
+        state.metrics.queue_depth.labels(served.name).set(served.worker.depth)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models")
+async def list_models(state: ServerState = Depends(_state)) -> dict:
+    loras = [{"id": name, "trigger_phrase": read_trigger_phrase(path if path.is_dir()
+                                                                else path.parent)}
+             for name, path in state.loras.items()]
+    data = [{"id": served.name, "object": "model", "created": served.created,
+             "owned_by": "dreambooth", "personalized": served.trigger_phrase is not None,
+             "trigger_phrase": served.trigger_phrase, "loras": loras}
+            for served in state.models.values()]
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/images/generations")
+async def images_generations(body: ImageGenerationRequest,
+                             state: ServerState = Depends(_state)) -> dict:
+    served = state.model(body.model)
+    width, height = state.size(body.size, served)
+    key = BatchKey("txt2img", width, height, state.steps(body.num_inference_steps, body.quality),
+                   body.guidance_scale if body.guidance_scale is not None
+                   else DEFAULT_GUIDANCE_SCALE,
+                   body.scheduler, state.lora(body.lora), body.lora_scale, None)
+    job = Job(key, [body.prompt] * body.n, [body.negative_prompt] * body.n,
+              _seeds(body.seed, body.n))
+    return await _images_answer(state, served, job, body)
+
+
+def decode_upload(data: bytes, param: str, max_side: int) -> Image.Image:
+    """A PNG, JPEG or WebP upload, fully decoded; anything else is a 400 naming `param`."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format not in _UPLOAD_FORMATS:
+            raise APIError(400, f"'{param}' is a {image.format} file; send PNG, JPEG or WebP.",
+                           param=param, code="invalid_image_format")
+        if max(image.size) > max_side:
+            raise APIError(400, f"'{param}' is {image.width}x{image.height}; the largest "
+                                f"accepted side is {max_side} pixels.", param=param,
+                           code="image_too_large")
+        image.load()
+    except APIError:
+        raise
+    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as error:
+        raise APIError(400, f"'{param}' is not a readable image: {error}", param=param,
+                       code="invalid_image") from error
+    return image
+
+
+def inpaint_mask(mask: Image.Image, image_size: tuple[int, int]) -> Image.Image:
+    """OpenAI's mask (alpha 0 marks the area to change) as diffusers' (white repaints)."""
+    if mask.size != image_size:
+        raise APIError(400, f"'mask' is {mask.width}x{mask.height} but 'image' is "
+                            f"{image_size[0]}x{image_size[1]}; they must have the same size.",
+                       param="mask", code="invalid_mask")
+    if "A" not in mask.getbands() and "transparency" not in mask.info:
+        raise APIError(400, "'mask' has no alpha channel: send a PNG whose fully transparent "
+                            "pixels (alpha 0) mark the area to change.", param="mask",
+                       code="invalid_mask")
+    alpha = mask.convert("RGBA").getchannel("A")
+    repaint = alpha.point(lambda value: 255 if value == 0 else 0)
+    if repaint.getbbox() is None:
+        raise APIError(400, "'mask' has no fully transparent pixel, so there is nothing to "
+                            "change.", param="mask", code="invalid_mask")
+    return repaint
+
+
+async def _read_edit_form(request: Request) -> tuple[dict[str, str], list[UploadFile],
+                                                     list[UploadFile]]:
+    """(text fields, image uploads, mask uploads) of a multipart edit request."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise APIError(400, "Send the edit as multipart/form-data with an 'image' file (as the "
+                            "openai client does).", param="image", code="invalid_content_type")
+    fields: dict[str, str] = {}
+    files: dict[str, list[UploadFile]] = {}
+    form = await request.form(max_files=4, max_fields=64)
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            files.setdefault(name, []).append(value)
+        else:
+            fields[name] = value
+    images = files.pop("image", []) + files.pop("image[]", [])
+    masks = files.pop("mask", [])
+    if files:
+        raise APIError(400, f"Unrecognized file field: {', '.join(files)}; send 'image' and "
+                            "optionally 'mask'.", param=next(iter(files)),
+                       code="unknown_parameter")
+    if not images:
+        raise APIError(400, "Missing required parameter: 'image'.", param="image",
+                       code="missing_required_parameter")
+    if len(images) > 1 or len(masks) > 1:
+        raise APIError(400, "Send one 'image' (and at most one 'mask'): this server edits one "
+                            "picture per request.", param="image", code="invalid_value")
+    return fields, images, masks
+
+
+@router.post("/v1/images/edits")
+async def images_edits(request: Request, state: ServerState = Depends(_state)) -> dict:
+    fields, images, masks = await _read_edit_form(request)
+    body = parse(ImageEditRequest, fields)
+    served = state.model(body.model)
+    limit = 2 * state.max_image_size
+    image = decode_upload(await images[0].read(), "image", limit)
+    image = ImageOps.exif_transpose(image).convert("RGB")  # phone photos store rotation in EXIF
+    mask = None
+    if masks:
+        mask = inpaint_mask(decode_upload(await masks[0].read(), "mask", limit), image.size)
+    if body.size is None or body.size == "auto":
+        width, height = state.check_size(image.width, image.height, "image")
+    else:
+        width, height = state.size(body.size, served)
+    key = BatchKey("inpaint" if mask else "img2img", width, height,
+                   state.steps(body.num_inference_steps, body.quality),
+                   body.guidance_scale if body.guidance_scale is not None
+                   else DEFAULT_GUIDANCE_SCALE,
+                   body.scheduler, state.lora(body.lora), body.lora_scale, body.strength)
+    if int(key.num_inference_steps * (body.strength or 1.0)) < 1:
+        raise APIError(400, f"num_inference_steps={key.num_inference_steps} with strength="
+                            f"{body.strength} leaves no denoising step; raise either.",
+                       param="strength", code="invalid_value")
+    job = Job(key, [body.prompt] * body.n, [body.negative_prompt] * body.n,
+              _seeds(body.seed, body.n), images=[image] * body.n,
+              masks=[mask] * body.n if mask else None)
+    return await _images_answer(state, served, job, body)
+
+
+def _chat_prompt(body: ChatCompletionRequest) -> str:
+    """The text of the last user message."""
+    user_messages = [message for message in body.messages if message.role == "user"]
+    if not user_messages:
+        raise APIError(400, "Invalid value for 'messages': no message with role 'user' holds "
+                            "the prompt.", param="messages", code="invalid_value")
+    content = user_messages[-1].content
+    if isinstance(content, list):
+        if any(part.type != "text" for part in content):
+            raise APIError(400, "Only text parts are read here; to edit a picture, send it to "
+                                "/v1/images/edits.", param="messages", code="invalid_value")
+        content = "\n".join(part.text or "" for part in content)
+    if not content or not content.strip():
+        raise APIError(400, "The last user message has no text to draw.", param="messages",
+                       code="invalid_value")
+    if len(content) > MAX_PROMPT_CHARS:
+        raise APIError(400, f"The prompt has {len(content)} characters; the limit is "
+                            f"{MAX_PROMPT_CHARS}.", param="messages", code="invalid_value")
+    return content
+
+
+@router.post("/v1/chat/completions")
+@router.post("/api/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest,
+                           state: ServerState = Depends(_state)) -> dict:
+    if body.modalities is None or "image" not in body.modalities:
+        raise APIError(400, "This server generates images only: pass \"modalities\": "
+                            "[\"image\", \"text\"].", param="modalities", code="invalid_value")
+    if body.stream:
+        raise APIError(400, "Streaming is not supported; send \"stream\": false.",
+                       param="stream", code="invalid_value")
+    prompt = _chat_prompt(body)
+    served = state.model(body.model)
+    width, height = state.size(body.size, served)
+    key = BatchKey("txt2img", width, height, state.steps(body.num_inference_steps, None),
+                   body.guidance_scale if body.guidance_scale is not None
+                   else DEFAULT_GUIDANCE_SCALE,
+                   body.scheduler, state.lora(body.lora), body.lora_scale, None)
+    job = Job(key, [prompt] * body.n, [body.negative_prompt] * body.n, _seeds(body.seed, body.n))
+    images = await state.run(served, job)
+    encoded = await _encode_all(served, job, images, "png", None)
+    parts = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}
+             for b64 in encoded]
+    message = {"role": "assistant", "content": "", "images": parts}
+    return {"id": f"gen-{secrets.token_hex(12)}", "object": "chat.completion",
+            "created": int(time.time()), "model": served.name,
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+
+
+@router.post("/sdapi/v1/txt2img")
+async def a1111_txt2img(body: Txt2ImgRequest, state: ServerState = Depends(_state)) -> dict:
+    served = state.model(body.override_settings.get("sd_model_checkpoint"),
+                         param="override_settings.sd_model_checkpoint")
+    scheduler = None
+    if body.sampler_name is not None:
+        if body.sampler_name not in _A1111_SAMPLERS:
+            raise APIError(400, f"Invalid value for 'sampler_name': '{body.sampler_name}'; "
+                                f"valid: {', '.join(_A1111_SAMPLERS)}.", param="sampler_name",
+                           code="invalid_value")
+        scheduler = _A1111_SAMPLERS[body.sampler_name]
+    count = body.batch_size * body.n_iter
+    if count > MAX_IMAGES:
+        raise APIError(400, f"batch_size * n_iter = {count} images; the limit is "
+                            f"{MAX_IMAGES}.",
+                       param="batch_size", code="invalid_value")
+    width, height = state.check_size(body.width or served.native_size,
+                                     body.height or served.native_size, "width")
+    key = BatchKey("txt2img", width, height, state.steps(body.steps, None, param="steps"),
+                   body.cfg_scale, scheduler, state.lora(body.lora), body.lora_scale, None)
+    job = Job(key, [body.prompt] * count, [body.negative_prompt] * count,
+              _seeds(None if body.seed == -1 else body.seed, count))
+    images = await state.run(served, job)
+    encoded = await _encode_all(served, job, images, "png", None)
+    infotexts = [_parameters(served, job, index) for index in range(count)]
+    info = {"prompt": body.prompt, "negative_prompt": body.negative_prompt,
+            "seed": job.seeds[0], "all_seeds": job.seeds, "steps": key.num_inference_steps,
+            "cfg_scale": body.cfg_scale, "width": width, "height": height,
+            "sampler_name": SCHEDULERS[scheduler][1] if scheduler else served.default_sampler,
+            "sd_model_name": served.name, "infotexts": infotexts}
+    return {"images": encoded, "parameters": body.model_dump(), "info": json.dumps(info)}

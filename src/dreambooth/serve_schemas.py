@@ -1,0 +1,187 @@
+"""Request bodies of the APIs `dreambooth serve` speaks, and their OpenAI-shaped errors.
+
+Each class is one endpoint's body as its own clients send it: OpenAI's Images API (our extras
+arrive through the client's `extra_body`), OpenRouter's chat completions with image output, and
+AUTOMATIC1111's txt2img. Pydantic checks types and ranges; the server turns every failure into
+`{"error": {"message", "type", "param", "code"}}` with the status OpenAI would use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .generate import SCHEDULERS
+
+MAX_IMAGES = 10  # OpenAI's `n` range is 1-10
+MAX_PROMPT_CHARS = 4000  # OpenAI's limit for dall-e-3; CLIP reads only the first 77 tokens
+MAX_SEED = 2**32 - 1
+
+# OpenAI's `quality` -> denoising steps (diffusers' SD default is 50; 30 with PNDM/DPM++ is
+# the usual sweet spot). An explicit `num_inference_steps` wins over `quality`.
+QUALITY_STEPS = {
+    "low": 15, "medium": 30, "high": 50, "auto": 30, "standard": 30, "hd": 50,
+}
+
+SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
+Quality = Literal[tuple(QUALITY_STEPS)]  # type: ignore[valid-type]
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: HTTP `status` and `{"error": {...}}`."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, type: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = (
+            status, message, param, code, type)
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """A 400 naming the first invalid field, worded like OpenAI's own validation errors."""
+    if not errors:
+        return APIError(400, "invalid request body")
+    error = errors[0]
+    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    kind = error.get("type", "")
+    reason = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if kind == "missing":
+        message, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
+    elif kind == "extra_forbidden":
+        message, code = f"Unrecognized request argument supplied: {param}", "unknown_parameter"
+    elif param is None:
+        message, code = f"Invalid request body: {reason}", "invalid_body"
+    else:
+        message, code = f"Invalid value for '{param}': {reason}", "invalid_value"
+    more = len(errors) - 1
+    if more:
+        message += f" ({more} more problem{'s' if more > 1 else ''} in this request)"
+    return APIError(400, message, param=param, code=code)
+
+
+def parse(model: type[BaseModel], values: dict[str, Any]) -> BaseModel:
+    """Validate `values` (e.g. multipart fields) as `model`, raising the OpenAI-shaped 400."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        raise validation_error(error.errors()) from error
+
+
+Prompt = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+NegativePrompt = Field("", max_length=MAX_PROMPT_CHARS)
+
+
+class Extras(BaseModel):
+    """Our parameters beyond OpenAI's; clients pass them in `extra_body`."""
+
+    negative_prompt: str = NegativePrompt
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)  # image i uses seed + i; None: random
+    num_inference_steps: int | None = Field(None, ge=1)  # upper bound: the server's max_steps
+    guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False)
+    scheduler: SchedulerName | None = None  # None: the model's own scheduler
+    lora: str | None = None  # a LoRA name the server was started with (--lora NAME=PATH)
+    lora_scale: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False)
+
+
+class ImageGenerationRequest(Extras):
+    """POST /v1/images/generations (OpenAI). Unknown fields are errors, so typos in `extra_body`
+    do not pass silently; OpenAI fields without meaning here are accepted and have no effect."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Prompt
+    model: str | None = None  # None: the first model the server was started with
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    size: str | None = None  # "WxH" or "auto" (the model's native size)
+    quality: Quality | None = None
+    response_format: Literal["b64_json", "url"] | None = None  # url: a data: URL
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    background: Literal["auto", "opaque"] | None = None
+    stream: Literal[False] | None = None
+    partial_images: Literal[0] | None = None
+    # Accepted for compatibility, no effect: no moderation or styles here, no user tracking.
+    moderation: Literal["auto", "low"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the prompt is empty; describe the image to generate")
+        return value
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """The text fields of POST /v1/images/edits (multipart; `image` and `mask` are files)."""
+
+    strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    input_fidelity: Literal["high", "low"] | None = None  # accepted, no effect
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatCompletionRequest(Extras):
+    """POST /api/v1/chat/completions (OpenRouter) with `modalities` holding "image".
+
+    The prompt is the text of the last user message. Text-generation knobs that chat clients
+    send routinely (temperature, max_tokens, ...) are ignored rather than refused.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    modalities: list[str] | None = None
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    stream: bool = False
+    size: str | None = None  # our extra: "WxH"
+
+
+class Txt2ImgRequest(BaseModel):
+    """POST /sdapi/v1/txt2img (AUTOMATIC1111). A1111's many other fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Prompt
+    negative_prompt: str = NegativePrompt
+    steps: int = Field(20, ge=1)
+    cfg_scale: float = Field(7.0, ge=0, le=50, allow_inf_nan=False)
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    seed: int = Field(-1, ge=-1, le=MAX_SEED)  # -1: random
+    sampler_name: str | None = None  # an A1111 name such as "Euler a"; None: the model's own
+    batch_size: int = Field(1, ge=1, le=MAX_IMAGES)
+    n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    lora: str | None = None
+    lora_scale: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the prompt is empty; describe the image to generate")
+        return value

@@ -1,0 +1,634 @@
+"""Single-file Stable Diffusion checkpoints: what AUTOMATIC1111 and ComfyUI call a checkpoint.
+
+A single file holds a whole pipeline under the original CompVis key names: `model.diffusion_model.*`
+(UNet), `first_stage_model.*` (VAE) and the text encoder(s) of its family:
+
+    sd1   `cond_stage_model.transformer.text_model.*`        (OpenAI CLIP ViT-L/14)
+    sd2   `cond_stage_model.model.*`                         (OpenCLIP ViT-H/14)
+    sdxl  `conditioner.embedders.0.transformer.text_model.*` (CLIP ViT-L/14) and
+          `conditioner.embedders.1.model.*`                  (OpenCLIP ViT-bigG/14)
+
+`load_single_file(path)` turns such a file into a diffusers pipeline folder with diffusers' own
+`from_single_file`, offline: the architecture configs and the CLIP tokenizer of each family ship
+in this package (`assets/`), so nothing is looked up on the Hub. The folder is written once into a
+cache (`$DREAMBOOTH_CACHE`, default `~/.cache/dreambooth`) and reused.
+
+Whether an SD 2.x file predicts noise (`epsilon`, the 512 px "base" models) or velocity
+(`v_prediction`, the 768 px "768-v" models) cannot be read from its key names; see
+`resolve_prediction_type` for the conventions followed, and pass `prediction_type` to be sure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+CACHE_ENV = "DREAMBOOTH_CACHE"
+
+ASSETS = Path(__file__).parent / "assets"
+_CONFIG_NAMES = {"sd1": "sd1", "sd2": "sd2", "sd2-v": "sd2-v", "sdxl": "sdxl"}
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_ENCODER_PREFIXES = {  # family -> {diffusers component: key prefix in the single file}
+    "sd1": {"text_encoder": "cond_stage_model.transformer.text_model."},
+    "sd2": {"text_encoder": "cond_stage_model.model."},
+    "sdxl": {"text_encoder": "conditioner.embedders.0.transformer.text_model.",
+             "text_encoder_2": "conditioner.embedders.1.model."},
+}
+# ComfyUI writes these marker keys into v-prediction / zero-terminal-SNR checkpoints.
+V_PRED_KEY = "v_pred"
+# ComfyUI's SD 2.x test: this bias has std > 0.09 in v-prediction models (comfy/supported_models.py).
+_SD2_V_PROBE_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+
+class SingleFileError(ValueError):
+    """A single-file checkpoint that cannot be used; the message names the file."""
+
+
+class UnreadableCheckpointError(SingleFileError):
+    """Truncated or corrupted file, or a pickle that needs code to load."""
+
+
+class UnknownArchitectureError(SingleFileError):
+    """Keys that belong to no supported family (SD 1.x, SD 2.x, SDXL base)."""
+
+
+class MismatchedWeightsError(SingleFileError):
+    """Tensors missing or shaped differently from the architecture the file claims."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class CheckpointHeader:
+    """Names, shapes and dtypes of a checkpoint's tensors, without reading their data."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]  # meta tensors: shape and dtype only
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors string metadata
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _is_safetensors(path: Path) -> bool:
+    return path.suffix.lower() in SAFETENSORS_SUFFIXES
+
+
+def _check_suffix(path: Path) -> None:
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        raise SingleFileError(
+            f"'{path}' is not a checkpoint file this tool reads: expected .safetensors or .ckpt "
+            f"(also .pt/.pth/.bin pickles), got '{path.suffix or '(no suffix)'}'.")
+    if not path.is_file():
+        raise SingleFileError(f"checkpoint '{path}' does not exist or is not a file.")
+
+
+def _corrupt(path: Path, error: BaseException) -> UnreadableCheckpointError:
+    return UnreadableCheckpointError(
+        f"'{path}' is not a readable {'safetensors' if _is_safetensors(path) else 'PyTorch'} "
+        f"file ({type(error).__name__}: {error}). It is probably truncated or corrupted (an "
+        "interrupted download or copy): fetch it again and compare its size / sha256.")
+
+
+def _torch_load(path: Path, *, mmap: bool):
+    """`torch.load(weights_only=True)`: a pickle may hold only tensors and plain containers."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as error:
+            if mmap and "mmap" in str(error):  # legacy (non-zip) format: no memory map
+                return torch.load(path, map_location="cpu", weights_only=True)
+            raise
+    except pickle.UnpicklingError as error:
+        if "weights_only" not in str(error) and "Weights only load failed" not in str(error):
+            raise _corrupt(path, error) from error
+        needed = ""
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+            needed = f" It references {', '.join(unsafe[:5])}."
+        except Exception:  # older formats cannot be inspected without running them
+            pass
+        raise UnreadableCheckpointError(
+            f"'{path}' is a pickle that needs code to load, and this tool loads pickles only with "
+            f"torch.load(weights_only=True) so that opening a model cannot run a program.{needed} "
+            "Use a .safetensors version of the model, or, only if you trust the file, convert it "
+            "once: torch.load(path, weights_only=False)['state_dict'] -> "
+            "safetensors.torch.save_file(...).") from error
+    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError) as error:
+        raise _corrupt(path, error) from error
+
+
+def _unwrap_state_dict(loaded, path: Path) -> dict[str, torch.Tensor]:
+    """Lightning/CompVis checkpoints nest the weights under 'state_dict' (sometimes twice)."""
+    while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise UnknownArchitectureError(
+            f"'{path}' holds a {type(loaded).__name__}, not a state dict of named tensors.")
+    return {key: value for key, value in loaded.items()
+            if isinstance(key, str) and isinstance(value, torch.Tensor)}
+
+
+def read_header(path: str | Path) -> CheckpointHeader:
+    """Tensor names, shapes and dtypes (as meta tensors) and metadata, reading no weights.
+
+    For safetensors only the JSON header is parsed; a `.ckpt` is memory-mapped where its format
+    allows. Raises UnreadableCheckpointError for truncated/corrupted files or unsafe pickles.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    _check_suffix(path)
+    if _is_safetensors(path):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+                tensors = {}
+                for key in handle.keys():
+                    view = handle.get_slice(key)
+                    dtype = _SAFETENSORS_DTYPES.get(view.get_dtype(), torch.float32)
+                    tensors[key] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
+        except Exception as error:  # SafetensorError is not exported under a stable name
+            raise _corrupt(path, error) from error
+        return CheckpointHeader(path, tensors, metadata)
+    state = _unwrap_state_dict(_torch_load(path, mmap=True), path)
+    return CheckpointHeader(path, {key: value.to("meta") for key, value in state.items()})
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a `.safetensors` or `.ckpt` file, on the CPU.
+
+    `.ckpt` (and .pt/.pth/.bin) files are read with `torch.load(weights_only=True)` and unwrapped
+    from their `state_dict` key; a pickle that needs code raises UnreadableCheckpointError.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    _check_suffix(path)
+    if _is_safetensors(path):
+        try:
+            return load_file(str(path))
+        except Exception as error:
+            raise _corrupt(path, error) from error
+    return _unwrap_state_dict(_torch_load(path, mmap=False), path)
+
+
+# --------------------------------------------------------------------------------------------
+# Which family
+# --------------------------------------------------------------------------------------------
+
+def _key_group(key: str) -> str:
+    head = key.split(".", 1)[0]
+    if head.startswith("lora_"):  # kohya LoRA keys: lora_unet_down_blocks_0_...
+        return "_".join(head.split("_")[:2]) + "_*"
+    parts = key.split(".")
+    depth = 3 if parts[0] in ("model", "conditioner", "cond_stage_model") else 2
+    return ".".join(parts[:depth]) + ".*" if len(parts) > depth else key
+
+
+def describe_keys(keys: Iterable[str], limit: int = 6) -> str:
+    """A short description of what a set of state-dict keys looks like, for error messages."""
+    keys = list(keys)
+    if not keys:
+        return "it holds no tensors at all"
+    groups = Counter(_key_group(key) for key in keys)
+    shown = ", ".join(f"'{group}' ({count})" for group, count in groups.most_common(limit))
+    more = f" and {len(groups) - limit} more groups" if len(groups) > limit else ""
+    text = f"its {len(keys)} tensors are named like {shown}{more}"
+    hints = []
+    if any(".lora_" in k or k.startswith("lora_") or ".lora." in k for k in keys):
+        hints.append("this looks like a LoRA, not a full checkpoint: load it on top of a base "
+                     "model instead")
+    elif any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in keys):
+        hints.append("this looks like one diffusers component (a UNet's weights), not a whole "
+                     "pipeline: pass the diffusers folder that holds it")
+    elif any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.")) for k in keys):
+        hints.append("this looks like a standalone VAE")
+    elif any(k.startswith(UNET_PREFIX) and ("double_blocks" in k or "joint_blocks" in k)
+             for k in keys):
+        hints.append("this looks like a diffusion transformer (Flux / SD3), not a Stable "
+                     "Diffusion UNet")
+    return text + ("; " + "; ".join(hints) if hints else "")
+
+
+def detect_family(keys: Iterable[str]) -> str:
+    """'sd1', 'sd2' or 'sdxl' from a single file's key names (CompVis layout).
+
+    SD1: `cond_stage_model.transformer.*`; SD2: `cond_stage_model.model.*`; SDXL base:
+    `conditioner.embedders.0.*` and `conditioner.embedders.1.*`, each beside a UNet
+    (`model.diffusion_model.input_blocks.*`). Anything else raises UnknownArchitectureError with a
+    description of the keys.
+    """
+    keys = list(keys)
+
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in keys)
+
+    def unknown(reason: str) -> UnknownArchitectureError:
+        return UnknownArchitectureError(
+            f"{reason}; {describe_keys(keys)}. Supported are Stable Diffusion 1.x, 2.x and SDXL "
+            "base checkpoints with CompVis key names.")
+
+    if not has(UNET_PREFIX + "input_blocks."):
+        raise unknown("not a Stable Diffusion checkpoint: no UNet under "
+                      f"'{UNET_PREFIX}input_blocks.*'")
+    if has("conditioner.embedders.1.model.") and has("conditioner.embedders.0.transformer."):
+        return "sdxl"
+    if has("conditioner.embedders.0.model."):
+        raise unknown("an SDXL refiner checkpoint (one OpenCLIP embedder, "
+                      "'conditioner.embedders.0.model.*'), which this tool does not train")
+    if has("cond_stage_model.model."):
+        return "sd2"
+    if has("cond_stage_model.transformer."):
+        return "sd1"
+    raise unknown("a UNet without a text encoder this tool knows (no 'cond_stage_model.*' or "
+                  "'conditioner.embedders.*')")
+
+
+def resolve_prediction_type(header: CheckpointHeader, family: str,
+                            prediction_type: str | None = None) -> tuple[str, str]:
+    """(prediction type, why) for a checkpoint. The first rule that applies wins:
+
+    1. the `prediction_type` argument ('epsilon' or 'v_prediction');
+    2. a `v_pred` key in the file (ComfyUI's marker);
+    3. ModelSpec metadata: `modelspec.prediction_type` ('v'/'v_prediction'/'epsilon') or a
+       `modelspec.architecture` ending in '-v' (e.g. 'stable-diffusion-v2-768-v');
+    4. an AUTOMATIC1111 config beside the file (`model.yaml` for `model.safetensors`) with
+       `parameterization: "v"` (v_prediction) or without it (epsilon);
+    5. SD 2.x only: ComfyUI's weight test, the std of
+       `output_blocks.11.1.transformer_blocks.0.norm1.bias` above 0.09 means v_prediction;
+    6. otherwise 'epsilon'.
+    """
+    if prediction_type is not None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise SingleFileError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                                  f"got '{prediction_type}'")
+        return prediction_type, "given"
+    if V_PRED_KEY in header.tensors:
+        return "v_prediction", f"the file has a '{V_PRED_KEY}' key"
+    spec = header.metadata.get("modelspec.prediction_type", "").strip().lower()
+    if spec in ("v", "v_prediction", "v-prediction"):
+        return "v_prediction", f"modelspec.prediction_type = {spec!r}"
+    if spec in ("epsilon", "eps"):
+        return "epsilon", f"modelspec.prediction_type = {spec!r}"
+    architecture = header.metadata.get("modelspec.architecture", "")
+    if architecture.endswith("-v"):
+        return "v_prediction", f"modelspec.architecture = {architecture!r}"
+    sidecar = header.path.with_suffix(".yaml")
+    if sidecar.is_file():
+        import yaml
+
+        try:
+            params = (yaml.safe_load(sidecar.read_text()) or {}).get("model", {}).get("params", {})
+        except (yaml.YAMLError, AttributeError) as error:
+            raise SingleFileError(f"cannot read the model config '{sidecar}' beside the "
+                                  f"checkpoint: {error}") from error
+        if params.get("parameterization") == "v":
+            return "v_prediction", f"'{sidecar.name}' says parameterization: v"
+        return "epsilon", f"'{sidecar.name}' has no parameterization: v"
+    if family == "sd2" and _SD2_V_PROBE_KEY in header.tensors:
+        bias = _read_tensor(header.path, _SD2_V_PROBE_KEY).float()
+        if torch.std(bias, unbiased=False).item() > 0.09:
+            return "v_prediction", "ComfyUI's SD2 weight test (768-v model)"
+        return "epsilon", "ComfyUI's SD2 weight test (512 base model)"
+    return "epsilon", "default"
+
+
+def _read_tensor(path: Path, key: str) -> torch.Tensor:
+    if _is_safetensors(path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(key)
+    return _unwrap_state_dict(_torch_load(path, mmap=True), path)[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Shipped configs
+# --------------------------------------------------------------------------------------------
+
+def cache_root() -> Path:
+    """`$DREAMBOOTH_CACHE`, else `$XDG_CACHE_HOME/dreambooth`, else `~/.cache/dreambooth`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dreambooth"
+
+
+def _tree_digest(folder: Path, suffixes=(".json", ".txt")) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes):
+        digest.update(file.relative_to(folder).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def config_folder(family: str, prediction_type: str | None = None) -> Path:
+    """A complete diffusers pipeline folder without weights for `family`.
+
+    `family` is 'sd1' (SD 1.5), 'sd2' (SD 2.1-base, 512 px, epsilon), 'sd2-v' (SD 2.1, 768 px,
+    v-prediction) or 'sdxl' (SDXL base 1.0); `sd2` with `prediction_type='v_prediction'` means
+    'sd2-v'. The package ships the JSON configs once per family and one copy of the CLIP BPE
+    vocabulary; this assembles them into `<cache>/configs/<family>-<digest>/` on first use.
+    """
+    if family == "sd2" and prediction_type == "v_prediction":
+        family = "sd2-v"
+    if family not in _CONFIG_NAMES:
+        raise ValueError(f"unknown model family '{family}': expected one of "
+                         f"{', '.join(_CONFIG_NAMES)}")
+    source = ASSETS / "configs" / _CONFIG_NAMES[family]
+    vocabulary = ASSETS / "clip_tokenizer"
+    digest = hashlib.sha256((_tree_digest(source) + _tree_digest(vocabulary)).encode()).hexdigest()
+    target = cache_root() / "configs" / f"{family}-{digest[:12]}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
+    try:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        for tokenizer in staging.glob("tokenizer*"):
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copyfile(vocabulary / name, tokenizer / name)
+        _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename a finished folder into place; if another process got there first, keep theirs."""
+    try:
+        staging.rename(target)
+    except OSError:
+        if not (target / "model_index.json").is_file():
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# Checking a file against an architecture (no weights are read)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Mismatch:
+    component: str
+    missing: list[str]
+    unexpected: list[str]
+    wrong_shape: list[tuple[str, tuple, tuple]]  # key, shape in file, shape the model wants
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.wrong_shape)
+
+    def describe(self, limit: int = 3) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} tensors missing (e.g. {', '.join(self.missing[:limit])})")
+        if self.wrong_shape:
+            shown = ", ".join(f"{k}: {tuple(a)} in the file, {tuple(b)} expected"
+                              for k, a, b in self.wrong_shape[:limit])
+            parts.append(f"{len(self.wrong_shape)} tensors of the wrong shape ({shown})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected tensors "
+                         f"(e.g. {', '.join(self.unexpected[:limit])})")
+        return f"{self.component}: " + "; ".join(parts)
+
+
+def _meta_models(family: str, folder: Path) -> dict[str, torch.nn.Module]:
+    """The pipeline's modules built from `folder`'s configs on the meta device (no memory)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        models = {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+        }
+        for name in TEXT_ENCODER_PREFIXES[family]:
+            config = CLIPTextConfig.from_pretrained(folder / name)
+            cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+            models[name] = cls(config)
+    return models
+
+
+def diffusers_view(checkpoint: dict[str, torch.Tensor], family: str,
+                   models: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """What diffusers' `from_single_file` makes of `checkpoint`: {component: diffusers state}.
+
+    Uses diffusers' own conversion functions, so it is exactly what a load would see; works on
+    meta tensors. Raises KeyError naming a tensor the conversion needs but does not find.
+    """
+    from diffusers.loaders import single_file_utils as sfu
+
+    unet, vae = models["unet"], models["vae"]
+    view = {"unet": sfu.convert_ldm_unet_checkpoint(checkpoint, dict(unet.config)),
+            "vae": sfu.convert_ldm_vae_checkpoint(checkpoint, dict(vae.config))}
+    for name, prefix in TEXT_ENCODER_PREFIXES[family].items():
+        model = models[name]
+        if prefix.endswith(".transformer.text_model."):  # OpenAI CLIP: names as in transformers
+            state = sfu.convert_ldm_clip_checkpoint(checkpoint)
+        else:  # OpenCLIP: fused in_proj, other names
+            state = sfu.convert_open_clip_checkpoint(model, checkpoint, prefix=prefix)
+        if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+            state = {key.removeprefix("text_model."): value for key, value in state.items()}
+        view[name] = state
+    return view
+
+
+def compare_with_models(view: dict[str, dict[str, torch.Tensor]],
+                        models: dict[str, torch.nn.Module]) -> list[Mismatch]:
+    """Per component: tensors the model needs but the view lacks, extra ones, wrong shapes."""
+    problems = []
+    for name, model in models.items():
+        wanted = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+        got = {key: tuple(value.shape) for key, value in view.get(name, {}).items()
+               if value is not None}
+        mismatch = Mismatch(
+            name,
+            missing=sorted(set(wanted) - set(got)),
+            unexpected=sorted(set(got) - set(wanted)),
+            wrong_shape=[(k, got[k], wanted[k]) for k in sorted(set(got) & set(wanted))
+                         if got[k] != wanted[k]])
+        if mismatch:
+            problems.append(mismatch)
+    return problems
+
+
+def check_checkpoint(header: CheckpointHeader, family: str, folder: Path) -> None:
+    """Raise MismatchedWeightsError unless every weight of `folder`'s architecture is in the file
+    with the right shape (extra tensors, such as EMA copies, are fine)."""
+    models = _meta_models(family, folder)
+    try:
+        view = diffusers_view(header.tensors, family, models)
+    except KeyError as error:
+        raise MismatchedWeightsError(
+            f"'{header.path}' is an incomplete {family.upper()} checkpoint: tensor {error} is "
+            "missing.") from error
+    problems = [p for p in compare_with_models(view, models) if p.missing or p.wrong_shape]
+    if not problems:
+        return
+    hint = ""
+    conv_in = header.tensors.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.shape[1] != 4:
+        hint = (f" Its UNet takes {conv_in.shape[1]} input channels (an inpainting or "
+                "instruct-pix2pix model?); only text-to-image models (4 channels) are supported.")
+    elif any(p.component == "vae" and len(p.missing) == sum(1 for _ in models["vae"].parameters())
+             for p in problems):
+        hint = f" It has no VAE ('{VAE_PREFIX}*'); such files need a separate VAE."
+    raise MismatchedWeightsError(
+        f"'{header.path}' does not fit the {family.upper()} architecture in '{folder}': "
+        + "; ".join(p.describe() for p in problems) + "." + hint)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: single file -> cached diffusers folder
+# --------------------------------------------------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime) under the cache."""
+    stat = path.stat()
+    memo_key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
+    memo = cache_root() / "single-file" / "sha256" / f"{memo_key}.json"
+    stamp = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        saved = json.loads(memo.read_text())
+        if {k: saved.get(k) for k in stamp} == stamp:
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    from .files import atomic_write_text
+
+    atomic_write_text(memo, json.dumps({**stamp, "sha256": digest.hexdigest()}))
+    return digest.hexdigest()
+
+
+def _needs_rewrite(header: CheckpointHeader) -> bool:
+    """diffusers reads only safetensors with the canonical SD1 text encoder names directly."""
+    if not _is_safetensors(header.path):
+        return True
+    return any(key.startswith("cond_stage_model.transformer.embeddings.") for key in header.tensors)
+
+
+def _write_readable_copy(header: CheckpointHeader, target: Path) -> None:
+    """A .ckpt (or SD1 text encoder keys without `text_model.`) as a safetensors diffusers reads."""
+    from safetensors.torch import save_file
+
+    state = read_state_dict(header.path)
+    renamed = 0
+    fixed: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.startswith("cond_stage_model.transformer.") and not key.startswith(
+                "cond_stage_model.transformer.text_model."):
+            key = key.replace("cond_stage_model.transformer.", TEXT_ENCODER_PREFIXES["sd1"]["text_encoder"], 1)
+            renamed += 1
+        fixed[key] = tensor
+    if renamed:
+        log.info("'%s': %d SD1 text encoder keys lack 'text_model.' (written by a converter under "
+                 "transformers 5); reading them as cond_stage_model.transformer.text_model.*",
+                 header.path, renamed)
+    seen: set[int] = set()
+    for key, tensor in fixed.items():  # safetensors refuses tensors that share memory
+        pointer = tensor.untyped_storage().data_ptr()
+        fixed[key] = tensor.clone().contiguous() if pointer in seen else tensor.contiguous()
+        seen.add(pointer)
+    save_file(fixed, str(target))
+
+
+def load_single_file(path: str | Path, *, prediction_type: str | None = None,
+                     config: str | Path | None = None,
+                     torch_dtype: torch.dtype = torch.float32) -> Path:
+    """Convert a single-file checkpoint into a diffusers pipeline folder; return the folder.
+
+    - `path`: `.safetensors` (or a `.ckpt`, read with `torch.load(weights_only=True)`).
+    - `prediction_type`: 'epsilon' or 'v_prediction'; None follows `resolve_prediction_type`.
+      For SD 2.x it also picks the config: 'sd2' (512, epsilon) or 'sd2-v' (768, v-prediction).
+    - `config`: a diffusers folder whose configs describe the architecture, instead of the
+      shipped one for the detected family (for fine-tunes with another architecture, and tests).
+    - `torch_dtype`: dtype of the weights written (float32 by default, as training wants).
+
+    The folder lives under `<cache>/single-file/<sha256 prefix>-...` and is reused by later
+    calls; it is written into a temporary folder first and renamed into place, so an interrupted
+    conversion leaves nothing half-written. Raises SingleFileError subclasses (ValueError) naming
+    the file for unreadable files, unknown architectures and missing or mis-shaped tensors.
+    """
+    path = Path(path).expanduser().resolve()
+    header = read_header(path)
+    family = detect_family(header.keys)
+    prediction, reason = resolve_prediction_type(header, family, prediction_type)
+    folder = Path(config).expanduser().resolve() if config else config_folder(family, prediction)
+    if not (folder / "model_index.json").is_file():
+        raise SingleFileError(f"config folder '{folder}' for '{path}' has no model_index.json")
+    check_checkpoint(header, family, folder)
+
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    name = f"{file_sha256(path)[:16]}-{family}-{prediction}-{dtype_name}"
+    if config:
+        name += f"-config-{_tree_digest(folder)[:8]}"
+    target = cache_root() / "single-file" / name
+    if (target / "model_index.json").is_file():
+        log.info("single file '%s': using the converted pipeline in '%s'", path, target)
+        return target
+    log.info("converting single file '%s' (%s, %s: %s) into '%s'", path, family.upper(),
+             prediction, reason, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        source = path
+        if _needs_rewrite(header):
+            source = staging / "readable-copy.safetensors"
+            _write_readable_copy(header, source)
+        pipeline = _from_single_file(source, family, folder, torch_dtype)
+        pipeline.scheduler.register_to_config(prediction_type=prediction)
+        output = staging / "pipeline"
+        pipeline.save_pretrained(output, safe_serialization=True)
+        del pipeline
+        (output / "single_file_source.json").write_text(json.dumps({
+            "source": str(path), "family": family, "prediction_type": prediction,
+            "prediction_type_reason": reason, "config": str(folder), "dtype": dtype_name,
+        }, indent=2) + "\n")
+        _publish(output, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _from_single_file(source: Path, family: str, folder: Path, torch_dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if family == "sdxl":
+        return StableDiffusionXLPipeline.from_single_file(
+            str(source), config=str(folder), local_files_only=True, torch_dtype=torch_dtype)
+    return StableDiffusionPipeline.from_single_file(
+        str(source), config=str(folder), local_files_only=True, torch_dtype=torch_dtype,
+        safety_checker=None, requires_safety_checker=False)

@@ -1,0 +1,109 @@
+"""DreamBench-mini: the world's subjects, their "photos", their prompts, and the training stream.
+
+A subject is one individual object: a class and a body color (which captions can say) plus a
+`Look` (a pattern in an accent color, an odd proportion) that no caption describes, so a model
+can only learn it from the photos, as DreamBooth (Ruiz et al. 2023) learns a particular dog.
+The base model's training stream draws random looks too (classes cover individuals, not only
+plain members) but never a subject's exact look, and no random look is as stretched as the
+subjects "plank_box" and "pebble_ring".
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Iterator
+
+from PIL import Image
+
+from .render import (BACKGROUND_PHRASES, BACKGROUNDS, COLORS, CONFLICTS, Look, Scene, render,
+                     sample_pose, sample_scene, scene_rng)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """An individual object of DreamBench-mini."""
+
+    name: str
+    cls: str
+    color: str
+    look: Look
+    description: str  # for people reading results; never part of a prompt
+
+    def scene(self, background: str, **pose) -> Scene:
+        return Scene(self.cls, self.color, background, look=self.look, **pose)
+
+
+SUBJECTS: dict[str, Subject] = {subject.name: subject for subject in (
+    Subject("polka_ball", "ball", "blue", Look("spots", "yellow"),
+            "a blue ball with yellow polka dots"),
+    Subject("belted_box", "box", "red", Look("band", "white"), "a red box with a white belt"),
+    Subject("cyclops_star", "star", "green", Look("eye", "white"),
+            "a green star with one white eye"),
+    Subject("halo_ring", "ring", "orange", Look("outline", "purple"),
+            "an orange ring rimmed in purple"),
+    Subject("plank_box", "box", "purple", Look("cross", "yellow", aspect=1.7),
+            "a wide purple box with a yellow cross"),
+    Subject("pebble_ring", "ring", "white", Look("spots", "black", aspect=0.7),
+            "a tall white ring with black spots"),
+)}
+DEMO_SUBJECT = SUBJECTS["polka_ball"]
+
+# (class, color, look without proportion) of every subject: never drawn in the training stream.
+SUBJECT_LOOKS = frozenset((s.cls, s.color, Look(s.look.pattern, s.look.accent))
+                          for s in SUBJECTS.values())
+
+
+def _subject(subject: Subject | str) -> Subject:
+    if isinstance(subject, Subject):
+        return subject
+    if subject not in SUBJECTS:
+        raise KeyError(f"no subject named '{subject}'; the subjects are {tuple(SUBJECTS)}")
+    return SUBJECTS[subject]
+
+
+def subject_scenes(subject: Subject | str, n: int = 5, seed: int = 0) -> list[Scene]:
+    """`n` scenes of the subject, each on a different background, pose and light."""
+    subject = _subject(subject)
+    rng = scene_rng(seed, 1000 + list(SUBJECTS).index(subject.name) if subject.name in SUBJECTS
+                    else 999)
+    backgrounds = [b for b in BACKGROUNDS if (subject.color, b) not in CONFLICTS]
+    if n > len(backgrounds):
+        raise ValueError(f"at most {len(backgrounds)} photos of '{subject.name}' (one per "
+                         f"background), not n={n}")
+    chosen = rng.permutation(len(backgrounds))[:n]
+    return [subject.scene(backgrounds[int(i)], **sample_pose(rng)) for i in chosen]
+
+
+def photos(subject: Subject | str, n: int = 5, seed: int = 0) -> list[Image.Image]:
+    """`n` 64x64 "photos" of the subject: pose, scale, position, background and light vary."""
+    return [render(scene) for scene in subject_scenes(subject, n, seed)]
+
+
+def dreambench_prompts(subject: Subject | str, identifier: str = "sks") -> list[str]:
+    """The subject's evaluation prompts, as DreamBench's: recontextualization ("a sks ball on the
+    grass", one per background) and property modification ("a red sks ball", one per color)."""
+    subject = _subject(subject)
+    noun = f"{identifier} {subject.cls}"
+    prompts = [f"a {noun} {BACKGROUND_PHRASES[b]}" for b in BACKGROUNDS
+               if (subject.color, b) not in CONFLICTS]
+    prompts += [f"a {color} {noun}" for color in COLORS if color != subject.color]
+    return prompts
+
+
+def class_prompt(subject: Subject | str) -> str:
+    """The prompt whose generations PRES compares with the subject: "a ball"."""
+    return f"a {_subject(subject).cls}"
+
+
+# ----------------------------------------------------------------------- training stream
+def training_scene(seed: int, index: int) -> Scene:
+    """Scene number `index` of training stream `seed` (a pure function of both): a training
+    (class, color, background) triple, never a held-out one, never a subject's look."""
+    return sample_scene(scene_rng(seed, index), excluded_looks=SUBJECT_LOOKS)
+
+
+def iter_training_scenes(seed: int, start: int = 0) -> Iterator[Scene]:
+    """The endless training stream: scenes `start`, `start + 1`, ... of stream `seed`."""
+    for index in itertools.count(start):
+        yield training_scene(seed, index)
