@@ -139,3 +139,22 @@ def test_tracker_without_its_extra_names_the_extra(tmp_path, tiny_model, instanc
         pytest.skip("wandb is installed here")
     with pytest.raises(ImportError, match=r"dreambooth\[wandb\]"):
         train(tiny_config(tiny_model, instance_dir, tmp_path / "out", report_to="wandb"))
+
+
+def test_unsupported_diffusers_flags_are_refused_with_alternatives(tmp_path, capsys):
+    code = main(["train", "--pretrained_model_name_or_path=m", "--instance_data_dir=d",
+                 "--instance_prompt=a sks dog", "--dataset_name=someone/photos",
+                 "--do_edm_style_training", "--print_config"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "dataset_name is not supported" in err and "--instance_data_dir" in err
+    assert "do_edm_style_training is not supported" in err
+
+
+def test_prodigy_without_its_package_names_it(tmp_path, tiny_model, instance_dir):
+    import importlib.util
+
+    if importlib.util.find_spec("prodigyopt") is not None:
+        pytest.skip("prodigyopt is installed here")
+    with pytest.raises(ImportError, match="prodigyopt"):
+        train(tiny_config(tiny_model, instance_dir, tmp_path / "out", optimizer="prodigy"))

@@ -94,3 +94,22 @@ def test_unknown_target_modules_are_refused(tmp_path, tiny_model, instance_dir):
     with pytest.raises(ValueError, match="no Linear layer of the unet matches"):
         train(tiny_config(tiny_model, instance_dir, tmp_path / "out", use_lora=True,
                           lora_unet_target_modules="attention_typo"))
+
+
+def test_dora_and_a_separate_vae_train(tmp_path, tiny_model, instance_dir):
+    from dreambooth.tiny import save_tiny_pipeline
+
+    other = save_tiny_pipeline(tmp_path / "other", seed=5)  # its VAE differs from the base's
+    output = train(tiny_config(tiny_model, instance_dir, tmp_path / "dora", max_train_steps=2,
+                               use_lora=True, use_dora=True,
+                               pretrained_vae_model_name_or_path=str(other)))
+    with safe_open(output / DIFFUSERS_LORA_FILE, "pt") as handle:
+        keys = list(handle.keys())
+    assert any("lora_magnitude_vector" in key for key in keys)
+    from dreambooth.models import load_components
+
+    swapped = load_components(tiny_model, vae_name_or_path=str(other)).vae.state_dict()
+    wanted = load_file(other / "vae" / "diffusion_pytorch_model.safetensors")
+    base = load_file(tiny_model / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(swapped[k], wanted[k]) for k in wanted)
+    assert any(not torch.equal(base[k], wanted[k]) for k in wanted)

@@ -1,4 +1,4 @@
-"""`dreambooth` command line: a thin layer over the Python API (train, generate).
+"""`dreambooth` command line: a thin layer over the Python API (train, generate, serve).
 
 `dreambooth train` takes the flags of diffusers' examples/dreambooth/train_dreambooth.py,
 generated from the typed config (config.py), plus `--config FILE` (flat YAML, flags override it)
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
-from .config import (IGNORED_FLAGS, ConfigError, dump_yaml, field_type, leaf_fields,
+from .config import (IGNORED_FLAGS, UNSUPPORTED_FLAGS, ConfigError, dump_yaml, field_type, leaf_fields,
                      load_yaml_config, parse_train_config)
 
 
@@ -38,6 +39,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for name, reason in IGNORED_FLAGS.items():
         parser.add_argument(f"--{name}", nargs="?", const=True, default=argparse.SUPPRESS,
                             help=f"Ignored: {reason}.")
+    for name, reason in UNSUPPORTED_FLAGS.items():
+        parser.add_argument(f"--{name}", nargs="?", const=True, default=argparse.SUPPRESS,
+                            help=f"Refused: {reason}.")
 
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +65,57 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="auto = fp16 on CUDA, fp32 elsewhere.")
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--lora", default=None, metavar="FILE",
+                        help="LoRA .safetensors (diffusers/peft or kohya format) or a folder "
+                             "holding pytorch_lora_weights.safetensors.")
+    parser.add_argument("--lora_scale", type=float, default=1.0,
+                        help="LoRA strength (0 = off, 1 = as trained).")
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                        help="A model to serve as NAME (repeatable): a training output_dir, a "
+                             "diffusers folder or a cached hub id. Without NAME=, the folder's "
+                             "name (or the hub id) is the name. The first is the default model.")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                        help="A LoRA file or folder requests may name in `lora` (repeatable).")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="Address to bind (default: loopback only; 0.0.0.0 exposes it).")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api_key", default=None,
+                        help="Require 'Authorization: Bearer KEY' on every route but /healthz "
+                             "(default: the DREAMBOOTH_API_KEY environment variable, which "
+                             "keeps the key out of the process list).")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available).")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="auto = fp16 on CUDA, fp32 elsewhere.")
+    parser.add_argument("--max_queue", type=int, default=64,
+                        help="Requests that may wait per model; one more gets 429.")
+    parser.add_argument("--max_batch", type=int, default=8, help="Images per UNet batch.")
+    parser.add_argument("--batch_wait_ms", type=float, default=10.0,
+                        help="How long a worker waits for compatible requests to fill a batch.")
+    parser.add_argument("--max_upload_mb", type=float, default=20.0,
+                        help="Largest request body (uploads); larger gets 413.")
+    parser.add_argument("--max_image_size", type=int, default=2048,
+                        help="Largest image side in pixels.")
+    parser.add_argument("--max_steps", type=int, default=150,
+                        help="Most denoising steps a request may ask for.")
+
+
+def parse_named_paths(values: list[str], flag: str) -> dict[str, str]:
+    """`NAME=PATH` (or a bare PATH, named after its folder) flags as {name: path}."""
+    named: dict[str, str] = {}
+    for value in values:
+        name, separator, path = value.partition("=")
+        if not separator:
+            path = value
+            name = Path(value).name if Path(value).exists() else value
+        if not name or not path:
+            raise ValueError(f"{flag} '{value}' must be NAME=PATH")
+        if name in named:
+            raise ValueError(f"{flag} names '{name}' twice; give each a different NAME=")
+        named[name] = path
+    return named
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(commands.add_parser(
         "train", help="Personalize a Stable Diffusion model on a few subject photos."))
     _add_generate_arguments(commands.add_parser("generate", help="Generate images with a model."))
+    _add_serve_arguments(commands.add_parser(
+        "serve", help="Serve models over OpenAI's Images API, OpenRouter and A1111 (HTTP)."))
     demo = commands.add_parser("demo", help="Run the whole DreamBooth job on a tiny model (CPU, ~1 min).")
     demo.add_argument("--output_dir", default="runs/demo")
     demo.add_argument("--max_train_steps", type=int, default=200)
@@ -107,11 +164,22 @@ def main(argv: list[str] | None = None) -> int:
                               guidance_scale=args.guidance_scale, seed=args.seed,
                               height=args.height, width=args.width, scheduler=args.scheduler,
                               output_dir=args.output_dir, batch_size=args.batch_size,
-                              device=args.device, dtype=args.dtype)
+                              device=args.device, dtype=args.dtype, lora=args.lora,
+                              lora_scale=args.lora_scale)
             for path in result.paths:
                 print(path)
             if result.grid_path:
                 print(result.grid_path)
+        elif args.command == "serve":
+            from .serve import API_KEY_ENV, run_server
+
+            run_server(parse_named_paths(args.model, "--model"),
+                       loras=parse_named_paths(args.lora, "--lora"), host=args.host,
+                       port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
+                       device=args.device, dtype=args.dtype, max_queue=args.max_queue,
+                       max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                       max_upload_mb=args.max_upload_mb, max_image_size=args.max_image_size,
+                       max_steps=args.max_steps)
         elif args.command == "demo":
             from .demo import run_demo
 

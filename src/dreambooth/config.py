@@ -40,6 +40,9 @@ class ModelConfig:
     pretrained_model_name_or_path: str | None = option(
         None, "Base model: a diffusers pipeline folder or a Hugging Face hub id in the local cache.")
     revision: str | None = option(None, "Hub revision of the base model (cached ids only).")
+    variant: str | None = option(None, "Weights variant to load, e.g. 'fp16' (diffusion_pytorch_model.fp16.safetensors).")
+    pretrained_vae_model_name_or_path: str | None = option(
+        None, "Another VAE (folder or cached id), e.g. SDXL's fp16-safe VAE.")
 
 
 @dataclass
@@ -73,6 +76,7 @@ class OptimizationConfig:
     train_batch_size: int = option(4, "Instance images per step (as many class images are added).")
     max_train_steps: int | None = option(None, "Optimizer steps; default: num_train_epochs epochs.")
     num_train_epochs: int = option(1, "Epochs over the instance images when max_train_steps is unset.")
+    repeats: int = option(1, "Count each instance image this many times per epoch.")
     learning_rate: float = option(5e-6, "Learning rate (after warmup) for the UNet.")
     scale_lr: bool = option(False, "Multiply learning rates by batch size x accumulation x processes.")
     lr_scheduler: str = option("constant", "Learning-rate schedule.", LR_SCHEDULERS)
@@ -82,10 +86,14 @@ class OptimizationConfig:
     gradient_accumulation_steps: int = option(1, "Micro-batches accumulated per optimizer step.")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 disables).")
+    optimizer: str = option("adamw", "Optimizer: adamw, or prodigy (needs the prodigyopt package).",
+                            ("adamw", "prodigy"))
     use_8bit_adam: bool = option(False, "bitsandbytes 8-bit AdamW (extra 'bnb'; needs a CUDA GPU).")
     adam_beta1: float = option(0.9, "AdamW beta1.")
     adam_beta2: float = option(0.999, "AdamW beta2.")
     adam_weight_decay: float = option(1e-2, "AdamW weight decay.")
+    adam_weight_decay_text_encoder: float | None = option(
+        None, "Weight decay for the text encoder(s) (default: adam_weight_decay).")
     adam_epsilon: float = option(1e-8, "AdamW epsilon.")
     offset_noise: bool = option(False, "Add offset noise (0.1 x per-channel noise) for darker/brighter images.")
     snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (Hang et al. 2023); 5.0 is usual.")
@@ -99,6 +107,7 @@ class AdapterConfig:
     rank: int = option(4, "LoRA rank r.")
     lora_alpha: float | None = option(None, "LoRA alpha (scale = alpha / rank); default: rank.")
     lora_dropout: float = option(0.0, "Dropout on the LoRA branch.")
+    use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA, Liu et al. 2024) through peft.")
     lora_unet_target_modules: str = option(
         "to_k,to_q,to_v,to_out.0", "Comma-separated UNet modules that get LoRA layers.")
     lora_text_encoder_target_modules: str = option(
@@ -171,12 +180,24 @@ class TrainConfig:
 
 # diffusers flags that have no meaning here; accepted with a warning so existing commands run.
 IGNORED_FLAGS = {
+    "output_kohya_format": "the kohya-format LoRA file is always written",
     "local_rank": "Lightning sets ranks itself",
     "push_to_hub": "this tool never uploads; push the output folder yourself",
     "hub_token": "this tool never uploads",
     "hub_model_id": "this tool never uploads",
     "set_grads_to_none": "gradients are always set to None after each step",
     "prior_generation_precision": "class images are generated in the training precision",
+}
+
+
+# diffusers flags whose feature this tool does not offer: refused, with what to do instead.
+UNSUPPORTED_FLAGS = {
+    "dataset_name": "hub datasets are not downloaded; put the photos in a folder and pass "
+                    "--instance_data_dir",
+    "caption_column": "per-image captions from a dataset are not supported; use --instance_prompt",
+    "image_column": "datasets are not supported; use --instance_data_dir",
+    "train_text_encoder_ti": "pivotal tuning (textual inversion) is not implemented",
+    "do_edm_style_training": "EDM-style training is not implemented",
 }
 
 
@@ -259,6 +280,9 @@ def parse_train_config(values: dict[str, Any], source: str = "configuration") ->
     problems: list[str] = []
     failed: set[str] = set()
     for key, value in values.items():
+        if key in UNSUPPORTED_FLAGS:
+            problems.append(f"{key} is not supported: {UNSUPPORTED_FLAGS[key]}")
+            continue
         if key in IGNORED_FLAGS:
             warnings.warn(f"'{key}' is ignored: {IGNORED_FLAGS[key]}", UserWarning, stacklevel=2)
             continue
@@ -294,7 +318,7 @@ def validate(config: TrainConfig) -> list[str]:
     positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
                 "checkpointing_steps", "sample_batch_size", "validation_steps",
                 "num_validation_images", "class_inference_steps", "validation_inference_steps",
-                "num_nodes", "lr_num_cycles", "rank")
+                "num_nodes", "lr_num_cycles", "rank", "repeats")
     for key in positive:
         if flat[key] < 1:
             problems.append(f"{key}={flat[key]} must be at least 1")

@@ -239,9 +239,9 @@ class DreamBoothDataModule(L.LightningDataModule):
 
 def steps_for_epochs(instance_data_dir: str | Path, *, num_class_images: int, with_prior: bool,
                      num_train_epochs: int, train_batch_size: int,
-                     gradient_accumulation_steps: int) -> int:
+                     gradient_accumulation_steps: int, repeats: int = 1) -> int:
     """diffusers' rule for max_train_steps when only epochs are given (per device)."""
-    dataset_size = len(list_image_files(Path(instance_data_dir)))
+    dataset_size = len(list_image_files(Path(instance_data_dir))) * repeats
     if with_prior:
         dataset_size = max(dataset_size, num_class_images)
     batches = math.ceil(dataset_size / train_batch_size)

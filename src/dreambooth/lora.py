@@ -31,6 +31,7 @@ class LoraSettings:
     rank: int
     alpha: float
     dropout: float
+    use_dora: bool
     unet_target_modules: tuple[str, ...]
     text_encoder_target_modules: tuple[str, ...]
 
@@ -38,7 +39,8 @@ class LoraSettings:
         from peft import LoraConfig
 
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          init_lora_weights="gaussian", target_modules=list(target_modules))
+                          use_dora=self.use_dora, init_lora_weights="gaussian",
+                          target_modules=list(target_modules))
 
 
 def _check_rank(model: torch.nn.Module, target_modules: tuple[str, ...], rank: int,

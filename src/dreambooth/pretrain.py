@@ -56,7 +56,7 @@ class PretrainConfig:
     seed: int = option(0, "Seed of weights, data stream, noise and caption dropout.")
     # architecture
     vae_channels: tuple[int, ...] = option((32, 64, 64), "AutoencoderKL block channels (3 blocks: 4x down).")
-    unet_channels: tuple[int, ...] = option((64, 128, 192), "UNet block channels.")
+    unet_channels: tuple[int, ...] = option((64, 128, 128), "UNet block channels.")
     unet_layers_per_block: int = option(1, "ResNet layers per UNet block.")
     text_hidden_size: int = option(128, "CLIP text encoder width (= UNet cross-attention dim).")
     text_layers: int = option(4, "CLIP text encoder layers.")
@@ -102,8 +102,12 @@ class PretrainConfig:
 
 # ------------------------------------------------------------------------------- models
 def build_word_tokenizer(words=TOKENIZER_WORDS):
-    """A CLIPTokenizer over the 512 byte-level symbols plus whole-word merges for `words`
-    (dreambooth.tiny's pattern), so every world caption word and "sks" is one token."""
+    """A CLIPTokenizer over the 512 byte-level symbols plus merges that make each of `words`
+    one token (dreambooth.tiny's pattern), so world captions and "sks" tokenize compactly.
+
+    Each word's merges continue from how the merges so far already split it, so words that
+    share pieces ("star", "striped", "ring") do not break each other's merges.
+    """
     from transformers import CLIPTokenizer
 
     from .tiny import _bytes_to_unicode
@@ -112,16 +116,38 @@ def build_word_tokenizer(words=TOKENIZER_WORDS):
     vocab_list = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
     for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], merges)
         merged = pieces[0]
         for piece in pieces[1:]:
-            if (merged, piece) not in merges:
-                merges.append((merged, piece))
+            merges.append((merged, piece))
             merged = merged + piece
             vocab_list.append(merged)
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(vocab_list))}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _apply_merges(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Byte-pair encoding as CLIP's tokenizer does it: merge the best-ranked pair until none."""
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces,
+                                                                              pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        first, second = merges[rank]
+        merged, index = [], 0
+        while index < len(pieces):
+            if (index + 1 < len(pieces) and pieces[index] == first
+                    and pieces[index + 1] == second):
+                merged.append(first + second)
+                index += 2
+            else:
+                merged.append(pieces[index])
+                index += 1
+        pieces = merged
+    return pieces
 
 
 def build_vae(config: PretrainConfig):

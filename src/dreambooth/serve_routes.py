@@ -26,6 +26,7 @@ from fastapi.responses import Response
 from PIL import Image, ImageOps, features
 from PIL.PngImagePlugin import PngInfo
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from safetensors import SafetensorError, safe_open
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -226,10 +227,20 @@ async def metrics(state: ServerState = Depends(_state)) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def lora_trigger_phrase(path: Path) -> str | None:
+    """The ModelSpec `modelspec.trigger_phrase` our LoRA files carry in their metadata."""
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            metadata = weights.metadata() or {}
+    except (OSError, SafetensorError) as error:
+        logger.warning("cannot read the metadata of %s (%s): no trigger phrase", path, error)
+        return None
+    return metadata.get("modelspec.trigger_phrase") or None
+
+
 @router.get("/v1/models")
 async def list_models(state: ServerState = Depends(_state)) -> dict:
-    loras = [{"id": name, "trigger_phrase": read_trigger_phrase(path if path.is_dir()
-                                                                else path.parent)}
+    loras = [{"id": name, "trigger_phrase": lora_trigger_phrase(path)}
              for name, path in state.loras.items()]
     data = [{"id": served.name, "object": "model", "created": served.created,
              "owned_by": "dreambooth", "personalized": served.trigger_phrase is not None,

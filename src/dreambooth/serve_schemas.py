@@ -8,9 +8,10 @@ AUTOMATIC1111's txt2img. Pydantic checks types and ranges; the server turns ever
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator)
 
 from .generate import SCHEDULERS
 
@@ -24,6 +25,17 @@ QUALITY_STEPS = {
     "low": 15, "medium": 30, "high": 50, "auto": 30, "standard": 30, "hd": 50,
 }
 
+
+
+def _not_bool(value: Any) -> Any:
+    # Pydantic reads true/false as 1/0 in numeric fields; a boolean there is a client bug.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
 Quality = Literal[tuple(QUALITY_STEPS)]  # type: ignore[valid-type]
 
@@ -53,7 +65,12 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     param = ".".join(location) or None
     kind = error.get("type", "")
     reason = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-    if kind == "missing":
+    if kind == "json_invalid":
+        detail = error.get("ctx", {}).get("error", reason)
+        message, code, param = f"The body is not valid JSON: {detail}", "invalid_json", None
+    elif kind == "missing" and param is None:
+        message, code = "The request body is empty; send a JSON object.", "invalid_body"
+    elif kind == "missing":
         message, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
     elif kind == "extra_forbidden":
         message, code = f"Unrecognized request argument supplied: {param}", "unknown_parameter"
@@ -83,12 +100,12 @@ class Extras(BaseModel):
     """Our parameters beyond OpenAI's; clients pass them in `extra_body`."""
 
     negative_prompt: str = NegativePrompt
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)  # image i uses seed + i; None: random
-    num_inference_steps: int | None = Field(None, ge=1)  # upper bound: the server's max_steps
-    guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False)
+    seed: Int | None = Field(None, ge=0, le=MAX_SEED)  # image i uses seed + i; None: random
+    num_inference_steps: Int | None = Field(None, ge=1)  # upper bound: the server's max_steps
+    guidance_scale: Float | None = Field(None, ge=0, le=50, allow_inf_nan=False)
     scheduler: SchedulerName | None = None  # None: the model's own scheduler
     lora: str | None = None  # a LoRA name the server was started with (--lora NAME=PATH)
-    lora_scale: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False)
+    lora_scale: Float = Field(1.0, ge=-10, le=10, allow_inf_nan=False)
 
 
 class ImageGenerationRequest(Extras):
@@ -99,12 +116,12 @@ class ImageGenerationRequest(Extras):
 
     prompt: str = Prompt
     model: str | None = None  # None: the first model the server was started with
-    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    n: Int = Field(1, ge=1, le=MAX_IMAGES)
     size: str | None = None  # "WxH" or "auto" (the model's native size)
     quality: Quality | None = None
     response_format: Literal["b64_json", "url"] | None = None  # url: a data: URL
     output_format: Literal["png", "jpeg", "webp"] | None = None
-    output_compression: int | None = Field(None, ge=0, le=100)
+    output_compression: Int | None = Field(None, ge=0, le=100)
     background: Literal["auto", "opaque"] | None = None
     stream: Literal[False] | None = None
     partial_images: Literal[0] | None = None
@@ -125,7 +142,7 @@ class ImageGenerationRequest(Extras):
 class ImageEditRequest(ImageGenerationRequest):
     """The text fields of POST /v1/images/edits (multipart; `image` and `mask` are files)."""
 
-    strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    strength: Float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     input_fidelity: Literal["high", "low"] | None = None  # accepted, no effect
 
 
@@ -155,7 +172,7 @@ class ChatCompletionRequest(Extras):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     modalities: list[str] | None = None
-    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    n: Int = Field(1, ge=1, le=MAX_IMAGES)
     stream: bool = False
     size: str | None = None  # our extra: "WxH"
 
@@ -167,17 +184,17 @@ class Txt2ImgRequest(BaseModel):
 
     prompt: str = Prompt
     negative_prompt: str = NegativePrompt
-    steps: int = Field(20, ge=1)
-    cfg_scale: float = Field(7.0, ge=0, le=50, allow_inf_nan=False)
-    width: int | None = None  # None: the model's native size
-    height: int | None = None
-    seed: int = Field(-1, ge=-1, le=MAX_SEED)  # -1: random
+    steps: Int = Field(20, ge=1)
+    cfg_scale: Float = Field(7.0, ge=0, le=50, allow_inf_nan=False)
+    width: Int | None = None  # None: the model's native size
+    height: Int | None = None
+    seed: Int = Field(-1, ge=-1, le=MAX_SEED)  # -1: random
     sampler_name: str | None = None  # an A1111 name such as "Euler a"; None: the model's own
-    batch_size: int = Field(1, ge=1, le=MAX_IMAGES)
-    n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
+    batch_size: Int = Field(1, ge=1, le=MAX_IMAGES)
+    n_iter: Int = Field(1, ge=1, le=MAX_IMAGES)
     override_settings: dict[str, Any] = Field(default_factory=dict)
     lora: str | None = None
-    lora_scale: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False)
+    lora_scale: Float = Field(1.0, ge=-10, le=10, allow_inf_nan=False)
 
     @field_validator("prompt")
     @classmethod

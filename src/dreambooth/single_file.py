@@ -438,27 +438,45 @@ def _meta_models(family: str, folder: Path) -> dict[str, torch.nn.Module]:
     return models
 
 
+def _text_encoder_view(checkpoint: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """diffusers' choice of weights for one CLIP text encoder, in its order: a CLIP layout whose
+    width matches the model, else an OpenCLIP layout whose width matches (single_file_utils.
+    create_diffusers_clip_model_from_ldm). Empty when diffusers would find none."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    text = getattr(model, "text_model", model)
+    width = text.embeddings.position_embedding.weight.shape[-1]
+    names = sfu.CHECKPOINT_KEY_NAMES
+    if sfu.is_clip_model(checkpoint) or (
+            sfu.is_clip_sdxl_model(checkpoint) and checkpoint[names["clip_sdxl"]].shape[-1] == width):
+        state = sfu.convert_ldm_clip_checkpoint(checkpoint)
+    elif sfu.is_open_clip_model(checkpoint):
+        state = sfu.convert_open_clip_checkpoint(model, checkpoint, prefix="cond_stage_model.model.")
+    elif sfu.is_open_clip_sdxl_model(checkpoint) and \
+            checkpoint[names["open_clip_sdxl"]].shape[-1] == width:
+        state = sfu.convert_open_clip_checkpoint(model, checkpoint,
+                                                 prefix="conditioner.embedders.1.model.")
+    else:
+        return {}
+    if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        state = {key.removeprefix("text_model."): value for key, value in state.items()}
+    return state
+
+
 def diffusers_view(checkpoint: dict[str, torch.Tensor], family: str,
                    models: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
     """What diffusers' `from_single_file` makes of `checkpoint`: {component: diffusers state}.
 
-    Uses diffusers' own conversion functions, so it is exactly what a load would see; works on
-    meta tensors. Raises KeyError naming a tensor the conversion needs but does not find.
+    Uses diffusers' own conversion functions and its choice between them, so it is what a load
+    would see; works on meta tensors. Raises KeyError naming a tensor the conversion needs.
     """
     from diffusers.loaders import single_file_utils as sfu
 
     unet, vae = models["unet"], models["vae"]
     view = {"unet": sfu.convert_ldm_unet_checkpoint(checkpoint, dict(unet.config)),
             "vae": sfu.convert_ldm_vae_checkpoint(checkpoint, dict(vae.config))}
-    for name, prefix in TEXT_ENCODER_PREFIXES[family].items():
-        model = models[name]
-        if prefix.endswith(".transformer.text_model."):  # OpenAI CLIP: names as in transformers
-            state = sfu.convert_ldm_clip_checkpoint(checkpoint)
-        else:  # OpenCLIP: fused in_proj, other names
-            state = sfu.convert_open_clip_checkpoint(model, checkpoint, prefix=prefix)
-        if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
-            state = {key.removeprefix("text_model."): value for key, value in state.items()}
-        view[name] = state
+    for name in TEXT_ENCODER_PREFIXES[family]:
+        view[name] = _text_encoder_view(checkpoint, models[name])
     return view
 
 

@@ -24,7 +24,7 @@ from .files import atomic_write_text
 from .images import load_image_folder
 from .lora import LoraSettings, lora_metadata, save_lora_files
 from .models import load_components
-from .training import DreamBoothModule, adamw_class
+from .training import DreamBoothModule, optimizer_class
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
     output_dir = Path(config.checkpoint.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     _compatibility_notes(config)
-    adamw_class(config.optim.use_8bit_adam)  # fail before loading models if it cannot run
+    optimizer_class(config.optim)  # fail before loading models if it cannot run
     resume_path = checkpointing.resolve_resume_path(config.checkpoint.resume_from_checkpoint,
                                                     checkpoint_dir)
     if resume_path is not None:
@@ -127,7 +127,8 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
             with_prior=config.prior.with_prior_preservation,
             num_train_epochs=config.optim.num_train_epochs,
             train_batch_size=config.optim.train_batch_size,
-            gradient_accumulation_steps=config.optim.gradient_accumulation_steps)
+            gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
+            repeats=config.optim.repeats)
         config = parse_train_config(config.to_flat_dict() | {"max_train_steps": steps})
     if config.hardware.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -137,7 +138,10 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
     load_image_folder(config.data.instance_data_dir, role="instance")  # fail before loading models
     # Seeded before the models exist: LoRA layers are initialised from the global RNG.
     L.seed_everything(seed, workers=True, verbose=False)
-    components = load_components(config.model.pretrained_model_name_or_path, config.model.revision)
+    components = load_components(
+        config.model.pretrained_model_name_or_path, config.model.revision,
+        vae_name_or_path=config.model.pretrained_vae_model_name_or_path,
+        variant=config.model.variant)
     with_prior = config.prior.with_prior_preservation
     lora = lora_settings(config)
     module = DreamBoothModule(
@@ -218,6 +222,6 @@ def lora_settings(config: TrainConfig) -> LoraSettings | None:
         return None
     split = lambda text: tuple(name.strip() for name in text.split(",") if name.strip())
     return LoraSettings(rank=adapter.rank, alpha=adapter.lora_alpha or float(adapter.rank),
-                        dropout=adapter.lora_dropout,
+                        dropout=adapter.lora_dropout, use_dora=adapter.use_dora,
                         unet_target_modules=split(adapter.lora_unet_target_modules),
                         text_encoder_target_modules=split(adapter.lora_text_encoder_target_modules))

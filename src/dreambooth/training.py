@@ -204,16 +204,17 @@ class DreamBoothModule(L.LightningModule):
         from diffusers.optimization import get_scheduler
 
         unet_lr, text_lr = self.learning_rates()
+        decay = self.optim.adam_weight_decay
+        text_decay = self.optim.adam_weight_decay_text_encoder
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad],
-                   "lr": unet_lr}]
+                   "lr": unet_lr, "weight_decay": decay}]
         if self.optim.train_text_encoder:
             groups.append({"params": [p for encoder in self.text_encoders
                                       for p in encoder.parameters() if p.requires_grad],
-                           "lr": text_lr})
-        optimizer_class = adamw_class(self.optim.use_8bit_adam)
-        optimizer = optimizer_class(groups, betas=(self.optim.adam_beta1, self.optim.adam_beta2),
-                                    weight_decay=self.optim.adam_weight_decay,
-                                    eps=self.optim.adam_epsilon)
+                           "lr": text_lr, "weight_decay": decay if text_decay is None else text_decay})
+        optimizer = optimizer_class(self.optim)(
+            groups, betas=(self.optim.adam_beta1, self.optim.adam_beta2),
+            weight_decay=decay, eps=self.optim.adam_epsilon)
         scheduler = get_scheduler(self.optim.lr_scheduler, optimizer,
                                   num_warmup_steps=self.optim.lr_warmup_steps,
                                   num_training_steps=self.max_train_steps,
@@ -236,9 +237,19 @@ class DreamBoothModule(L.LightningModule):
             seeding.restore_rng_state(checkpoint["rng_states"])
 
 
-def adamw_class(use_8bit_adam: bool):
-    """torch's AdamW, or bitsandbytes' 8-bit AdamW with a clear error where it cannot run."""
-    if not use_8bit_adam:
+def optimizer_class(optim: OptimizationConfig):
+    """torch's AdamW, bitsandbytes' 8-bit AdamW or Prodigy, with a clear error where the
+    chosen one cannot run."""
+    if optim.optimizer == "prodigy":
+        if optim.use_8bit_adam:
+            raise ValueError("use_8bit_adam applies to optimizer=adamw, not prodigy")
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as error:
+            raise ImportError("optimizer=prodigy needs the prodigyopt package: "
+                              "pip install prodigyopt") from error
+        return Prodigy
+    if not optim.use_8bit_adam:
         return torch.optim.AdamW
     try:
         import bitsandbytes as bnb

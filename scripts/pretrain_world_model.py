@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Rebuild the project's base model of the procedural world from scratch.
+
+    .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model --background
+
+Stage 1 trains the VAE (AutoencoderKL, ~1M parameters, 64x64x3 -> 16x16x4), stage 2 the CLIP
+text encoder (~0.9M) and the UNet (~6.7M) on an endless stream of captioned renders
+(`dreambooth.pretrain`). Both stages checkpoint every `--checkpoint_every` steps and on Ctrl-C;
+running the same command again resumes where the run stopped, with the same result as an
+uninterrupted run. Progress goes to `OUTPUT_DIR/pretrain.log` (loss, steps/s, time left; every
+`--sample_every` steps a grid of held-out prompts and its prompt fidelity), CSV metrics to
+`OUTPUT_DIR/stage*/logs`. The result, `OUTPUT_DIR/model`, is a diffusers folder with fp16
+safetensors that `StableDiffusionPipeline.from_pretrained` loads.
+
+`--background` starts the run detached from the terminal and returns at once (stop it with
+`kill PID`: it writes a checkpoint first). Every PretrainConfig field is a flag; tuples are
+comma-separated (`--unet_channels 64,128,128`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dreambooth.pretrain import PretrainConfig
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--background", action="store_true",
+                        help="Run detached; output goes to OUTPUT_DIR/pretrain.out.")
+    hints = typing.get_type_hints(PretrainConfig)
+    for field in dataclasses.fields(PretrainConfig):
+        hint = hints[field.name]
+        if typing.get_origin(hint) is tuple:
+            convert = lambda text: tuple(int(part) for part in text.split(","))  # noqa: E731
+        else:
+            convert = hint
+        parser.add_argument(f"--{field.name}", type=convert, default=field.default,
+                            help=f"{field.metadata['help']} (default: {field.default})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    output_dir = Path(args.output_dir)
+    if args.background:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        out = output_dir / "pretrain.out"
+        child_args = [arg for arg in argv if arg != "--background"]
+        with open(out, "ab") as handle:
+            process = subprocess.Popen([sys.executable, __file__, *child_args], stdout=handle,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+        print(f"pretraining in the background: pid {process.pid}\n"
+              f"  progress: tail -f {output_dir / 'pretrain.log'}\n"
+              f"  stop:     kill {process.pid}   (checkpoints first; rerun the command to resume)")
+        return 0
+
+    import signal
+
+    from dreambooth.pretrain import PretrainConfig, pretrain
+
+    # `kill PID` behaves like Ctrl-C: Lightning's interrupt handling writes a checkpoint.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    values = {key: value for key, value in vars(args).items() if key != "background"}
+    try:
+        config = PretrainConfig(**values)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model = pretrain(config)
+    print(f"base model: {model}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
