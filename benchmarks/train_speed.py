@@ -69,7 +69,10 @@ class Configuration:
 
     @property
     def trained(self) -> str:
-        return "UNet + text encoder" if self.overrides.get("train_text_encoder") else "UNet"
+        parts = "UNet + text encoder" if self.overrides.get("train_text_encoder") else "UNet"
+        if self.overrides.get("use_lora"):
+            return f"LoRA r{self.overrides.get('rank', 4)} on {parts}"
+        return parts
 
 
 CONFIGURATIONS = (
@@ -77,14 +80,28 @@ CONFIGURATIONS = (
     Configuration("tiny-32-unet+te", "tiny-cpu", "tiny-32", 32, 2,
                   {"train_text_encoder": True}),
     Configuration("tiny-64-unet", "tiny-cpu", "tiny-64", 64, 2),
+    Configuration("tiny-32-lora", "tiny-cpu", "tiny-32", 32, 2, {"use_lora": True, "rank": 4}),
+    Configuration("tiny-32-lora+te", "tiny-cpu", "tiny-32", 32, 2,
+                  {"use_lora": True, "rank": 4, "train_text_encoder": True}),
+    Configuration("tiny-sdxl-32-unet", "tiny-cpu", "tiny-sdxl-32", 32, 2),
+    Configuration("tiny-sdxl-32-lora", "tiny-cpu", "tiny-sdxl-32", 32, 2,
+                  {"use_lora": True, "rank": 4}),
     Configuration("sd15-512-unet+te", "sd15-gpu", "sd15", 512, 1,
                   {"train_text_encoder": True, "mixed_precision": "bf16",
                    "gradient_checkpointing": False}, baseline=True),
     Configuration("sd15-512-unet+te-gc", "sd15-gpu", "sd15", 512, 1,
                   {"train_text_encoder": True, "mixed_precision": "bf16",
                    "gradient_checkpointing": True}),
+    Configuration("sd15-512-lora", "sd15-gpu", "sd15", 512, 1,
+                  {"use_lora": True, "rank": 16, "mixed_precision": "bf16"}),
+    Configuration("sdxl-1024-lora", "sdxl-gpu", "sdxl", 1024, 1,
+                  {"use_lora": True, "rank": 16, "mixed_precision": "bf16",
+                   "gradient_checkpointing": True}, baseline=True),
+    Configuration("sdxl-1024-lora+te", "sdxl-gpu", "sdxl", 1024, 1,
+                  {"use_lora": True, "rank": 16, "train_text_encoder": True,
+                   "mixed_precision": "bf16", "gradient_checkpointing": True}),
 )
-SUITES = ("tiny-cpu", "sd15-gpu")
+SUITES = ("tiny-cpu", "sd15-gpu", "sdxl-gpu")
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -132,6 +149,51 @@ def build_sd15_pipeline(seed: int):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def build_sdxl_pipeline(seed: int):
+    """An SDXL-base-size pipeline with random weights: UNet ~2.6B parameters (blocks 320/640/1280,
+    transformer depths 1/2/10, 2048-wide cross-attention, text_time added embedding), SD's VAE,
+    CLIP-L and a bigG-size second text encoder (32 layers x 1280) over the tiny tokenizer."""
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dreambooth.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
+        layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, latent_channels=4, sample_size=1024, scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    common = dict(vocab_size=len(tokenizer), max_position_embeddings=77,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        hidden_act="quick_gelu", projection_dim=768, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        hidden_act="gelu", projection_dim=1280, **common))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", num_train_timesteps=1000,
+                                       steps_offset=1, prediction_type="epsilon")
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=build_tiny_tokenizer(), unet=unet, scheduler=scheduler)
+
+
 def save_model(key: str, path: Path, seed: int) -> Path:
     from dreambooth.tiny import save_tiny_pipeline
 
@@ -139,8 +201,13 @@ def save_model(key: str, path: Path, seed: int) -> Path:
         return save_tiny_pipeline(path, seed=seed, sample_size=32, block_channels=(32, 64))
     if key == "tiny-64":
         return save_tiny_pipeline(path, seed=seed, sample_size=64, block_channels=(32, 64))
+    if key == "tiny-sdxl-32":
+        return save_tiny_pipeline(path, seed=seed, family="sdxl", sample_size=32)
     if key == "sd15":
         build_sd15_pipeline(seed).save_pretrained(path)
+        return path
+    if key == "sdxl":
+        build_sdxl_pipeline(seed).save_pretrained(path)
         return path
     raise ValueError(f"unknown model key {key!r}")
 
@@ -363,9 +430,9 @@ def selected_suites(args, cuda: bool) -> list[str]:
     if args.sd15:
         return ["sd15-gpu"] if args.suite in (None, "sd15-gpu") else list(SUITES)
     if args.suite is None:
-        return ["sd15-gpu"] if cuda else ["tiny-cpu"]
+        return ["sd15-gpu", "sdxl-gpu"] if cuda else ["tiny-cpu"]
     suites = list(SUITES) if args.suite == "all" else [args.suite]
-    if "sd15-gpu" in suites and not cuda:
+    if any(suite.endswith("-gpu") for suite in suites) and not cuda:
         raise SystemExit("the sd15-gpu suite needs CUDA (torch.cuda.is_available() is False); "
                          "pass --sd15 to run it anyway (very slow on a CPU)")
     return suites
