@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model --background
 
-Stage 1 trains the VAE (AutoencoderKL, ~1M parameters, 64x64x3 -> 16x16x4), stage 2 the CLIP
+Stage 1 trains the VAE (AutoencoderKL, ~0.7M parameters, 64x64x3 -> 16x16x4), stage 2 the CLIP
 text encoder (~0.9M) and the UNet (~6.7M) on an endless stream of captioned renders
 (`dreambooth.pretrain`). Both stages checkpoint every `--checkpoint_every` steps and on Ctrl-C;
 running the same command again resumes where the run stopped, with the same result as an
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             convert = hint
         parser.add_argument(f"--{field.name}", type=convert, default=field.default,
-                            help=f"{field.metadata['help']} (default: {field.default})")
+                            help=f"{field.metadata['help']} (default: {field.default})".replace("%", "%%"))
     return parser
 
 
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    import torch
+
+    torch.set_num_threads(config.threads)
     model = pretrain(config)
     print(f"base model: {model}")
     return 0

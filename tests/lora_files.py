@@ -17,8 +17,13 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def _targets(module: torch.nn.Module, names: tuple[str, ...]) -> list[tuple[str, torch.nn.Linear]]:
-    return [(name, layer) for name, layer in module.named_modules()
-            if isinstance(layer, torch.nn.Linear) and name.endswith(names)]
+    """The Linear layers named `*.{one of names}`, also once peft has wrapped them."""
+    targets = []
+    for name, layer in module.named_modules():
+        name = name.removesuffix(".base_layer")  # peft keeps the original Linear there
+        if type(layer) is torch.nn.Linear and name.endswith(names):
+            targets.append((name, layer))
+    return targets
 
 
 def write_lora(pipeline, path: str | Path, *, seed: int = 0, kohya: bool = False,

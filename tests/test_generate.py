@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
+from dreambooth.cli import main
 from dreambooth.generate import (
     SCHEDULERS,
     GenerationError,
+    apply_lora,
+    edit_images,
     format_parameters,
     generate,
     load_pipeline,
     parse_parameters,
     sample_images,
+    sampling_settings,
     set_scheduler,
 )
 from dreambooth.images import read_png_text
 from dreambooth.models import ModelLoadError
 from dreambooth.tiny import save_tiny_pipeline
+from lora_files import write_lora
 
 STEPS = 2
 PROMPT = "a photo of sks dog"
@@ -191,3 +199,184 @@ def test_parameters_round_trip_and_a1111_layout():
         "Steps: 4, Sampler: DDIM, CFG scale: 1.0, Seed: 9, Size: 32x64, Model: m"
     )
     assert parse_parameters(with_negative)["negative_prompt"] == "blurry, dark"
+
+
+def test_prompts_per_seed_give_the_images_each_prompt_gives_alone(pipeline):
+    prompts = [PROMPT, "a blue star", "a red ring on the beach"]
+    together = sample_images(pipeline, prompts, seeds=[4, 5, 6], num_inference_steps=STEPS,
+                             negative_prompt=["", "blurry", ""])
+    for image, prompt, negative, seed in zip(together, prompts, ["", "blurry", ""], [4, 5, 6]):
+        alone = sample_images(pipeline, prompt, seeds=[seed], negative_prompt=negative,
+                              num_inference_steps=STEPS)[0]
+        assert np.abs(pixels(image) - pixels(alone)).max() <= 1
+
+
+def test_prompt_list_must_match_seeds(pipeline):
+    with pytest.raises(GenerationError, match="prompt has 2 entries for 3 seeds"):
+        sample_images(pipeline, [PROMPT, PROMPT], seeds=[0, 1, 2], num_inference_steps=STEPS)
+
+
+# --- image-to-image and inpainting ---------------------------------------------------------
+
+PICTURE = Image.new("RGB", (32, 32), (200, 40, 40))
+MASK = Image.new("L", (32, 32), 0)
+MASK.paste(255, (8, 8, 24, 24))  # white: repaint
+
+
+@pytest.mark.parametrize("mask", [None, MASK], ids=["img2img", "inpaint"])
+def test_edit_depends_only_on_seed_not_batching(pipeline, mask):
+    kwargs = dict(image=PICTURE, mask=mask, seeds=[0, 1, 2], num_inference_steps=4)
+    one_by_one = edit_images(pipeline, PROMPT, batch_size=1, **kwargs)
+    together = edit_images(pipeline, PROMPT, batch_size=3, **kwargs)
+    assert [image.size for image in together] == [(32, 32)] * 3  # the picture's size
+    for a, b in zip(one_by_one, together):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    assert not np.array_equal(pixels(together[0]), pixels(together[1]))
+
+
+def test_edit_inputs_change_the_result(pipeline):
+    def edit(**kwargs):
+        arguments = {"image": PICTURE, "seeds": [3], "num_inference_steps": 4, **kwargs}
+        return pixels(edit_images(pipeline, PROMPT, **arguments)[0])
+
+    img2img, inpaint = edit(), edit(mask=MASK)
+    assert not np.array_equal(img2img, inpaint)
+    assert not np.array_equal(img2img, edit(strength=0.5))
+    assert not np.array_equal(img2img, edit(image=Image.new("RGB", (32, 32), (0, 0, 255))))
+    text_only = pixels(sample_images(pipeline, PROMPT, seeds=[3], num_inference_steps=4)[0])
+    assert not np.array_equal(img2img, text_only)
+    # Per-seed pictures: each image starts from its own picture.
+    blue = Image.new("RGB", (32, 32), (0, 0, 255))
+    both = edit_images(pipeline, PROMPT, image=[PICTURE, blue], seeds=[3, 3],
+                       num_inference_steps=4)
+    assert np.abs(pixels(both[0]) - img2img).max() <= 1
+    assert not np.array_equal(pixels(both[0]), pixels(both[1]))
+
+
+def test_edit_resizes_to_requested_size(pipeline):
+    images = edit_images(pipeline, PROMPT, image=Image.new("RGB", (40, 24)), seeds=[0],
+                         num_inference_steps=2, strength=1.0, height=32, width=32)
+    assert images[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mask=Image.new("L", (16, 16))), "mask 0 is 16x16 but its image is 32x32"),
+    (dict(strength=0.0), "strength=0.0 must be in"),
+    (dict(strength=1.5), "strength=1.5 must be in"),
+    (dict(strength=0.4, num_inference_steps=2), "leaves no denoising step"),
+    (dict(image=Image.new("RGB", (30, 30))), "image is 30x30, not a multiple of 8"),
+    (dict(seeds=[0, 1], image=[PICTURE]), "image has 1 entries for 2 seeds"),
+])
+def test_bad_edit_arguments_name_the_argument(pipeline, kwargs, message):
+    kwargs = {"image": PICTURE, "seeds": [0], "num_inference_steps": 4, **kwargs}
+    with pytest.raises(GenerationError, match=message):
+        edit_images(pipeline, PROMPT, **kwargs)
+
+
+# --- LoRA ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def lora_pipeline(model_dir):
+    """A pipeline of its own: LoRA adapters stay loaded (switched off) once applied."""
+    return load_pipeline(model_dir, device="cpu")
+
+
+def one_image(pipeline, seed: int = 1, **kwargs) -> np.ndarray:
+    return pixels(sample_images(pipeline, PROMPT, seeds=[seed], num_inference_steps=STEPS,
+                                **kwargs)[0])
+
+
+@pytest.mark.parametrize("text_encoder", [False, True], ids=["unet", "unet+text_encoder"])
+def test_lora_files_in_diffusers_and_kohya_format_give_the_same_images(
+        lora_pipeline, tmp_path, text_encoder):
+    base = one_image(lora_pipeline)
+    diffusers_file = write_lora(lora_pipeline, tmp_path / "d.safetensors", seed=1,
+                                text_encoder=text_encoder)
+    kohya_file = write_lora(lora_pipeline, tmp_path / "k.safetensors", seed=1, kohya=True,
+                            text_encoder=text_encoder)
+    apply_lora(lora_pipeline, diffusers_file)
+    with_diffusers = one_image(lora_pipeline)
+    apply_lora(lora_pipeline, kohya_file)
+    with_kohya = one_image(lora_pipeline)
+    assert np.abs(with_diffusers - base).max() > 10
+    assert np.abs(with_diffusers - with_kohya).max() <= 1
+    apply_lora(lora_pipeline, None)
+    assert np.array_equal(one_image(lora_pipeline), base)
+
+
+def test_lora_is_loaded_once_and_scaled_per_call(lora_pipeline, tmp_path):
+    base = one_image(lora_pipeline)
+    folder = tmp_path / "my-lora"
+    write_lora(lora_pipeline, folder / "pytorch_lora_weights.safetensors", seed=2)
+    apply_lora(lora_pipeline, folder, 1.0)  # a folder holding the diffusers file
+    full = one_image(lora_pipeline)
+    apply_lora(lora_pipeline, folder, 0.5)
+    half = one_image(lora_pipeline)
+    apply_lora(lora_pipeline, folder, 0.0)
+    off = one_image(lora_pipeline)
+    apply_lora(lora_pipeline, folder, 1.0)
+    assert np.array_equal(one_image(lora_pipeline), full)
+    assert len(lora_pipeline.get_list_adapters()["unet"]) == 1  # loaded once
+    assert np.abs(off - base).max() <= 1
+    assert 0 < np.abs(half - base).max() < np.abs(full - base).max() + 1
+    # A file rewritten on disk is loaded again, replacing the old adapter.
+    write_lora(lora_pipeline, folder / "pytorch_lora_weights.safetensors", seed=3)
+    apply_lora(lora_pipeline, folder)
+    assert not np.array_equal(one_image(lora_pipeline), full)
+    assert len(lora_pipeline.get_list_adapters()["unet"]) == 1
+
+
+def test_lora_applies_to_edits_through_shared_modules(lora_pipeline, tmp_path):
+    lora = write_lora(lora_pipeline, tmp_path / "l.safetensors", seed=4)
+    kwargs = dict(image=PICTURE, seeds=[0], num_inference_steps=4)
+    plain = pixels(edit_images(lora_pipeline, PROMPT, **kwargs)[0])
+    with sampling_settings(lora_pipeline, lora=lora):
+        styled = pixels(edit_images(lora_pipeline, PROMPT, **kwargs)[0])
+    assert np.abs(styled - plain).max() > 10
+    assert np.array_equal(pixels(edit_images(lora_pipeline, PROMPT, **kwargs)[0]), plain)
+
+
+def test_bad_lora_files_are_named_and_leave_the_pipeline_usable(lora_pipeline, tmp_path):
+    base = one_image(lora_pipeline)
+    with pytest.raises(GenerationError, match="not found"):
+        apply_lora(lora_pipeline, tmp_path / "missing.safetensors")
+    (tmp_path / "weights.ckpt").write_bytes(b"pickle")
+    with pytest.raises(GenerationError, match="not a .safetensors file"):
+        apply_lora(lora_pipeline, tmp_path / "weights.ckpt")
+    good = write_lora(lora_pipeline, tmp_path / "good.safetensors", seed=5)
+    wrong_shapes = {key: torch.zeros(value.shape[0], value.shape[1] + 8) if "lora_A" in key
+                    else value for key, value in load_file(good).items()}
+    save_file(wrong_shapes, str(tmp_path / "other-model.safetensors"))
+    with pytest.raises(GenerationError, match="cannot be applied to this model"):
+        apply_lora(lora_pipeline, tmp_path / "other-model.safetensors")
+    save_file({"unet.no.such.layer.lora_A.weight": torch.zeros(4, 8),
+               "unet.no.such.layer.lora_B.weight": torch.zeros(8, 4)},
+              str(tmp_path / "no-match.safetensors"))
+    with pytest.raises(GenerationError, match="not found in the base model"):
+        apply_lora(lora_pipeline, tmp_path / "no-match.safetensors")
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    with pytest.raises(GenerationError, match="holds no LoRA weights"):
+        apply_lora(lora_pipeline, tmp_path / "empty.safetensors")
+    with pytest.raises(GenerationError, match="lora_scale=nan"):
+        apply_lora(lora_pipeline, good, float("nan"))
+    assert np.array_equal(one_image(lora_pipeline), base)
+
+
+def test_generate_and_cli_record_the_lora(model_dir, tmp_path):
+    pipeline = load_pipeline(model_dir, device="cpu")
+    lora = write_lora(pipeline, tmp_path / "sks-style.safetensors", seed=6)
+    base = generate(pipeline, PROMPT, num_images=1, num_inference_steps=STEPS).images[0]
+    result = generate(pipeline, PROMPT, num_images=1, num_inference_steps=STEPS, lora=lora,
+                      lora_scale=0.7, output_dir=tmp_path / "api")
+    params = parse_parameters(read_png_text(result.paths[0])["parameters"])
+    assert params["Lora"] == "sks-style" and params["Lora scale"] == "0.7"
+    assert not np.array_equal(pixels(result.images[0]), pixels(base))
+    after = generate(pipeline, PROMPT, num_images=1, num_inference_steps=STEPS).images[0]
+    assert np.array_equal(pixels(after), pixels(base))  # LoRA off again after the call
+    code = main(["generate", "--model", str(model_dir), "--prompt", PROMPT, "--num_images", "1",
+                 "--num_inference_steps", str(STEPS), "--lora", str(lora), "--lora_scale", "0.7",
+                 "--output_dir", str(tmp_path / "cli")])
+    assert code == 0
+    cli_png = tmp_path / "cli" / "00000-0.png"
+    assert read_png_text(cli_png)["parameters"] == read_png_text(result.paths[0])["parameters"]
+    assert np.array_equal(pixels(Image.open(cli_png)), pixels(result.images[0]))

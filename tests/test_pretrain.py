@@ -40,7 +40,9 @@ def test_pretraining_exports_a_loadable_fp16_pipeline_and_resumes_exactly(tmp_pa
     assert json.loads((model.parent / "vae" / "report.json").read_text())["psnr_db"] > 0
     weights = load_file(model / "unet" / "diffusion_pytorch_model.safetensors")
     assert {tensor.dtype for tensor in weights.values()} == {torch.float16}
-    pipeline = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    pipeline = StableDiffusionPipeline.from_pretrained(model)  # fp32 by default, all parts
+    assert {pipeline.unet.dtype, pipeline.vae.dtype, pipeline.text_encoder.dtype} == {
+        torch.float32}
     image = pipeline("a red star on a blue background", num_inference_steps=2,
                      generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)

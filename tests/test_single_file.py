@@ -25,7 +25,7 @@ from dreambooth.single_file import (MismatchedWeightsError, SingleFileError,
                                     check_checkpoint, config_folder, detect_family,
                                     load_single_file, read_header, read_state_dict,
                                     resolve_prediction_type)
-from dreambooth.tiny import build_tiny_pipeline, build_tiny_tokenizer
+from dreambooth.tiny import build_tiny_pipeline
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline,
@@ -73,7 +73,8 @@ def family_models(tmp_path_factory) -> dict:
     for family in FAMILIES:
         build_family(family).save_pretrained(root / family)
         models[family] = root / family
-    build_tiny_pipeline(family="sd2", prediction_type="v_prediction").save_pretrained(root / "sd2-v")
+    v_model = build_tiny_pipeline(family="sd2", prediction_type="v_prediction")
+    v_model.save_pretrained(root / "sd2-v")
     models["sd2-v"] = root / "sd2-v"
     return models
 
@@ -82,13 +83,14 @@ def family_models(tmp_path_factory) -> dict:
 def exported(family_models, tmp_path_factory) -> dict:
     """Each tiny family exported once as a single file."""
     root = tmp_path_factory.mktemp("exported")
-    return {family: export_model(family_models[family], "single-file", root / f"{family}.safetensors")
-            for family in family_models}
+    return {family: export_model(folder, "single-file", root / f"{family}.safetensors")
+            for family, folder in family_models.items()}
 
 
 def components(pipeline) -> dict:
     names = ["unet", "vae", "text_encoder", "text_encoder_2"]
-    return {name: getattr(pipeline, name) for name in names if getattr(pipeline, name, None) is not None}
+    return {name: getattr(pipeline, name) for name in names
+            if getattr(pipeline, name, None) is not None}
 
 
 def assert_same_weights(a, b, dtype=None):
@@ -124,10 +126,10 @@ def test_family_is_detected_from_the_key_layout(exported, family):
     (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], ["diffusion transformer"]),
     (["down_blocks.0.resnets.0.conv1.weight", "mid_block.resnets.0.conv1.weight"],
      ["diffusers component"]),
-    (["model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.0.model.ln_final.weight"],
-     ["SDXL refiner"]),
+    (["model.diffusion_model.input_blocks.0.0.weight",
+      "conditioner.embedders.0.model.ln_final.weight"], ["SDXL refiner"]),
     (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight"],
-     ["without a text encoder", "'first_stage_model.encoder.conv_in.weight' (1)"]),
+     ["without a text encoder", "'first_stage_model.encoder.*' (1)"]),
     ([], ["no tensors"]),
 ])
 def test_unknown_architecture_error_describes_the_keys(keys, words):
@@ -261,13 +263,24 @@ def test_load_single_file_builds_a_cached_pipeline_folder(family, family_models,
     assert load_single_file(exported[family], config=family_models[family]) == folder
 
 
+def test_single_file_exports_to_diffusers(family_models, exported, tmp_path, monkeypatch):
+    # Stand-in for the shipped SDXL config, which describes the full-size model.
+    monkeypatch.setattr(single_file, "config_folder", lambda family, prediction=None:
+                        family_models[family])
+    out = export_model(exported["sdxl"], "diffusers", tmp_path / "from-file")
+    assert_same_weights(StableDiffusionXLPipeline.from_pretrained(family_models["sdxl"]),
+                        StableDiffusionXLPipeline.from_pretrained(out))
+    assert json.loads((out / "export.json").read_text())["family"] == "sdxl"
+
+
 def test_fp16_export_is_the_rounded_model(family_models, tmp_path):
     out = export_model(family_models["sd1"], "single-file", tmp_path / "half.safetensors",
                        dtype="fp16")
     header = read_header(out)
     assert {t.dtype for t in header.tensors.values()} == {torch.float16}
     loaded = StableDiffusionPipeline.from_single_file(
-        str(out), config=str(family_models["sd1"]), local_files_only=True, torch_dtype=torch.float16)
+        str(out), config=str(family_models["sd1"]), local_files_only=True,
+        torch_dtype=torch.float16)
     assert_same_weights(StableDiffusionPipeline.from_pretrained(family_models["sd1"]), loaded,
                         dtype=torch.float16)
 
@@ -280,6 +293,36 @@ def test_sdxl_whose_text_encoders_have_equal_width_is_refused(tmp_path):
     with pytest.raises(ExportError, match="text_encoder_2: .*missing"):
         export_model(folder, "single-file", out)
     assert not out.exists() and not list(tmp_path.glob(".x.safetensors*"))
+
+
+@pytest.mark.parametrize("name, model_type", [("sd1", "v1"), ("sd2", "v2"), ("sd2-v", "v2"),
+                                              ("sdxl", "xl_base")])
+def test_full_size_exports_have_the_public_layout(name, model_type):
+    """The real architectures, built on the meta device (names and shapes, no memory): the
+    export passes diffusers' reader check, and diffusers' own model-type detection and marker
+    keys recognise it."""
+    from types import SimpleNamespace
+
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, infer_diffusers_model_type
+
+    from dreambooth.convert import single_file_state_dict
+
+    family = "sd2" if name == "sd2-v" else name
+    models = single_file._meta_models(family, config_folder(name))
+    state = single_file_state_dict(SimpleNamespace(**models), family)  # raises if not intact
+    assert infer_diffusers_model_type(state) == model_type
+    markers = {"v1": ["v1", "clip"], "v2": ["v2", "open_clip"],
+               "xl_base": ["xl_base", "clip_sdxl", "open_clip_sdxl"]}[model_type]
+    assert all(CHECKPOINT_KEY_NAMES[marker] in state for marker in markers)
+    # UNet 686 (SDXL 1680) + VAE 248 + CLIP-L 196 / OpenCLIP-H 23 layers 280 / bigG 389 tensors.
+    # (Files from Stability also carry buffers such as position_ids, logit_scale, alphas_cumprod;
+    # SD 2.x files a 24th OpenCLIP layer that SD 2.x never runs and diffusers does not load.)
+    assert len(state) == {"sd1": 1130, "sd2": 1214, "sd2-v": 1214, "sdxl": 2513}[name]
+    if family == "sdxl":  # OpenCLIP bigG: fused q/k/v and the pooled-output projection
+        prefix = "conditioner.embedders.1.model."
+        assert state[prefix + "transformer.resblocks.31.attn.in_proj_weight"].shape == (3840, 1280)
+        assert state[prefix + "text_projection"].shape == (1280, 1280)
+        assert state["model.diffusion_model.label_emb.0.0.weight"].shape == (1280, 2816)
 
 
 @pytest.mark.slow
@@ -301,13 +344,32 @@ def test_sd15_size_single_file_round_trip_is_exact(tmp_path):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     path = tmp_path / "sd15-random.safetensors"
     state = single_file_state_dict(original, "sd1")
-    assert len(state) == 1131  # UNet 686 + VAE 248 + CLIP 197 tensors (SD 1.5 files: + buffers)
+    assert len(state) == 1130  # UNet 686 + VAE 248 + CLIP text 196 tensors
     save_file(state, str(path))
     del state
     assert detect_family(read_header(path).keys) == "sd1"
     loaded = StableDiffusionPipeline.from_single_file(str(path), config=str(folder),
                                                       local_files_only=True)
     assert_same_weights(original, loaded)
+    del loaded
+    # The cached pipeline folder made with the shipped config holds the same tensors.
+    cached = load_single_file(path)
+    for name, module in components(original).items():
+        saved = load_file(str(next((cached / name).glob("*.safetensors"))))
+        expected = module.state_dict()
+        assert saved.keys() == expected.keys(), name
+        assert all(torch.equal(saved[k], expected[k]) for k in expected), name
+    # And the file trains as --pretrained_model_name_or_path (LoRA, 1 step, small images).
+    from conftest import tiny_config
+    from dreambooth.demo import write_subject_photos
+    from dreambooth.models import load_components
+    from dreambooth.train import train
+
+    assert load_components(path).family == "sd1"
+    photos = write_subject_photos(tmp_path / "photos", count=2, size=64)
+    output = train(tiny_config(path, photos, tmp_path / "lora", resolution=64, max_train_steps=1,
+                               train_batch_size=1, use_lora=True))
+    assert (output / "pytorch_lora_weights.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------------
@@ -388,8 +450,8 @@ def test_checkpoint_that_does_not_fit_the_architecture(exported, family_models, 
 
 
 def test_sd1_text_encoder_keys_without_text_model_level_are_read(exported, family_models, tmp_path):
-    state = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
-             for k, v in load_file(str(exported["sd1"])).items()}
+    canonical, short = "cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."
+    state = {k.replace(canonical, short): v for k, v in load_file(str(exported["sd1"])).items()}
     path = tmp_path / "old-converter.safetensors"
     save_file(state, str(path))
     folder = load_single_file(path, config=family_models["sd1"])
@@ -445,6 +507,8 @@ def test_export_cli_single_file_and_diffusers(family_models, tmp_path, capsys):
     assert main(["export", "--model", str(family_models["sd2"]), "--format", "single-file",
                  "--dtype", "bf16", "--output", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
+    provenance = json.loads(read_header(out).metadata["dreambooth.export"])
+    assert provenance["source"] == str(family_models["sd2"]) and provenance["dtype"] == "bfloat16"
     assert {t.dtype for t in read_header(out).tensors.values()} == {torch.bfloat16}
     assert detect_family(read_header(out).keys) == "sd2"
 
@@ -455,8 +519,10 @@ def test_export_cli_single_file_and_diffusers(family_models, tmp_path, capsys):
     assert not folder.exists()
     assert main(["export", "--model", str(family_models["sd2"]), "--format", "diffusers",
                  "--dtype", "fp16", "--output", str(folder)]) == 0
-    reloaded = StableDiffusionPipeline.from_pretrained(folder)
-    assert reloaded.unet.dtype == torch.float16
+    assert json.loads((folder / "export.json").read_text())["format"] == "diffusers"
+    weights = read_header(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in weights.tensors.values()} == {torch.float16}
+    reloaded = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16)
     assert_same_weights(StableDiffusionPipeline.from_pretrained(family_models["sd2"]), reloaded,
                         dtype=torch.float16)
 
@@ -470,8 +536,8 @@ def test_failed_export_leaves_existing_outputs_alone(family_models, tmp_path, ca
                  "--output", str(out)]) == 2
     assert "broken.safetensors" in capsys.readouterr().err
     assert out.read_bytes() == b"previous export"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "cache",
-                                                          "keep.safetensors"]
+    assert {p.name for p in tmp_path.iterdir()} - {"cache"} == {"broken.safetensors",
+                                                               "keep.safetensors"}
     folder = tmp_path / "taken"
     folder.mkdir()
     (folder / "mine.txt").write_text("x")
@@ -549,7 +615,8 @@ def test_merge_lora_adds_exactly_the_lora_delta(lora_run, family_models, tmp_pat
     merged = StableDiffusionPipeline.from_pretrained(out)
     lora = load_file(str(lora_run / DIFFUSERS_LORA_FILE))
     module = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
-    for component, name in (("unet", module), ("text_encoder", "encoder.layers.1.self_attn.q_proj")):
+    text_module = "encoder.layers.1.self_attn.q_proj"
+    for component, name in (("unet", module), ("text_encoder", text_module)):
         down = lora[f"{component}.{name}.lora_A.weight"]  # (r, in)
         up = lora[f"{component}.{name}.lora_B.weight"]  # (out, r)
         before = getattr(base, component).state_dict()[f"{name}.weight"]
@@ -586,5 +653,7 @@ def test_lora_of_another_family_is_refused(family_models, tmp_path):
 def test_lora_export_refuses_merge_and_dora_keys(lora_run, tmp_path):
     with pytest.raises(ExportError, match="does not apply"):
         export_model(lora_run, "lora-kohya", tmp_path / "x.safetensors", merge_lora_path=lora_run)
+    with pytest.raises(ExportError, match="output of a LoRA run"):
+        export_model(lora_run, "single-file", tmp_path / "y.safetensors")
     with pytest.raises(ExportError, match="DoRA"):
         peft_to_kohya({"unet.a.lora_magnitude_vector": torch.ones(2)}, {}, sdxl=False)

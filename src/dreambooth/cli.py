@@ -33,7 +33,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                 default=argparse.SUPPRESS, help=help_text)
         else:
             # Values stay strings here; config.py converts and reports every bad one at once.
-            metavar = "{" + ",".join(choices) + "}" if choices else base.__name__.upper()
+            shown = [str(choice) for choice in choices or () if choice is not None]
+            metavar = "{" + ",".join(shown) + "}" if shown else base.__name__.upper()
             parser.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar,
                                 help=f"{help_text} (default: {leaf.default})")
     for name, reason in IGNORED_FLAGS.items():
@@ -86,7 +87,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Require 'Authorization: Bearer KEY' on every route but /healthz "
                              "(default: the DREAMBOOTH_API_KEY environment variable, which "
                              "keeps the key out of the process list).")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available).")
+    parser.add_argument("--device", default=None,
+                        help="cuda, cpu, ... (default: cuda if available).")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="auto = fp16 on CUDA, fp32 elsewhere.")
     parser.add_argument("--max_queue", type=int, default=64,
@@ -100,6 +102,31 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Largest image side in pixels.")
     parser.add_argument("--max_steps", type=int, default=150,
                         help="Most denoising steps a request may ask for.")
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    from .convert import DTYPES, FORMATS
+
+    parser.add_argument("--model", required=True,
+                        help="A diffusers folder (training output_dir), a cached hub id, a "
+                        ".safetensors/.ckpt single file, or for lora-* formats a LoRA run's "
+                        "output_dir or LoRA .safetensors.")
+    parser.add_argument("--format", required=True, choices=FORMATS, dest="export_format",
+                        help="diffusers folder, single-file checkpoint (A1111/ComfyUI), or LoRA "
+                        "in the kohya or diffusers layout.")
+    parser.add_argument("--output", required=True,
+                        help="Folder for diffusers, .safetensors file otherwise; written "
+                        "atomically, an existing diffusers folder must be empty.")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="Weight dtype written (default: as the model is stored).")
+    parser.add_argument("--merge_lora", default=None, metavar="LORA",
+                        help="Fuse this LoRA (.safetensors or LoRA output_dir) into the model "
+                        "before exporting.")
+    parser.add_argument("--lora_scale", type=float, default=1.0,
+                        help="Strength of the merged LoRA (W + scale * alpha/r * BA).")
+    parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default=None,
+                        help="For a single-file SD 2.x --model whose type the file does not tell "
+                        "(768-v models use v_prediction).")
 
 
 def parse_named_paths(values: list[str], flag: str) -> dict[str, str]:
@@ -126,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_arguments(commands.add_parser("generate", help="Generate images with a model."))
     _add_serve_arguments(commands.add_parser(
         "serve", help="Serve models over OpenAI's Images API, OpenRouter and A1111 (HTTP)."))
+    _add_export_arguments(commands.add_parser(
+        "export", help="Write a model as diffusers, single-file (A1111/ComfyUI) or LoRA files."))
     demo = commands.add_parser("demo", help="Run the whole DreamBooth job on a tiny model (CPU, ~1 min).")
     demo.add_argument("--output_dir", default="runs/demo")
     demo.add_argument("--max_train_steps", type=int, default=200)
@@ -180,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
                        max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                        max_upload_mb=args.max_upload_mb, max_image_size=args.max_image_size,
                        max_steps=args.max_steps)
+        elif args.command == "export":
+            from .convert import export_model
+
+            print(export_model(args.model, args.export_format, args.output, dtype=args.dtype,
+                               merge_lora_path=args.merge_lora, lora_scale=args.lora_scale,
+                               prediction_type=args.prediction_type))
         elif args.command == "demo":
             from .demo import run_demo
 

@@ -41,6 +41,9 @@ class ModelConfig:
         None, "Base model: a diffusers pipeline folder or a Hugging Face hub id in the local cache.")
     revision: str | None = option(None, "Hub revision of the base model (cached ids only).")
     variant: str | None = option(None, "Weights variant to load, e.g. 'fp16' (diffusion_pytorch_model.fp16.safetensors).")
+    prediction_type: str | None = option(
+        None, "Override the model's prediction type (epsilon or v_prediction); also tells a "
+        "single SD 2.x file's kind.", (None, "epsilon", "v_prediction"))
     pretrained_vae_model_name_or_path: str | None = option(
         None, "Another VAE (folder or cached id), e.g. SDXL's fp16-safe VAE.")
 
@@ -314,7 +317,8 @@ def validate(config: TrainConfig) -> list[str]:
     for section, leaf in leaf_fields():
         choices = leaf.metadata.get("choices")
         if choices and flat[leaf.name] not in choices:
-            problems.append(f"{leaf.name}={flat[leaf.name]!r} is not one of {', '.join(choices)}")
+            shown = ", ".join(str(choice) for choice in choices if choice is not None)
+            problems.append(f"{leaf.name}={flat[leaf.name]!r} is not one of {shown}")
     positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
                 "checkpointing_steps", "sample_batch_size", "validation_steps",
                 "num_validation_images", "class_inference_steps", "validation_inference_steps",

@@ -27,17 +27,19 @@ from pathlib import Path
 
 import torch
 
+from .export import CONFIG_FILE as TRAINING_CONFIG_FILE
+from .export import library_versions
 from .files import atomic_path
+from .lora import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
 from .single_file import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TEXT_ENCODER_PREFIXES,
                           UNET_PREFIX, V_PRED_KEY, VAE_PREFIX, compare_with_models, diffusers_view,
-                          load_single_file, read_header)
+                          load_single_file, quiet_dtype_deprecation, read_header)
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("diffusers", "single-file", "lora-kohya", "lora-diffusers")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # as lora.py writes them
-KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"
+EXPORT_INFO_FILE = "export.json"  # what was exported from where, written beside the weights
 
 # ModelSpec architecture ids (github.com/Stability-AI/ModelSpec) and the single files' home repos.
 MODELSPEC_ARCHITECTURE = {("sd1", "epsilon"): "stable-diffusion-v1",
@@ -65,7 +67,9 @@ _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_la
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
                "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
+                  "to_out.0": "proj_out"}
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 
 
 def _rename_first(rest: str, table: dict[str, str]) -> str:
@@ -104,7 +108,8 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tenso
                    else f"output_blocks.{n}.1.{rest}")
         elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
             i = int(m[1])
-            new = f"output_blocks.{i * per_block + per_block - 1}.{2 if up_has_attention[i] else 1}.conv.{m[2]}"
+            n, slot = i * per_block + per_block - 1, 2 if up_has_attention[i] else 1
+            new = f"output_blocks.{n}.{slot}.conv.{m[2]}"
         elif (module := key.rsplit(".", 1)[0]) in _UNET_FIXED:
             new = _UNET_FIXED[module] + key[len(module):]
         else:
@@ -121,16 +126,16 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor
     result = {}
     for key, tensor in state.items():
         if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-            new = f"encoder.down.{m[1]}.block.{m[2]}.{_rename_first(m[3], {'conv_shortcut': 'nin_shortcut'})}"
+            new = f"encoder.down.{m[1]}.block.{m[2]}.{_rename_first(m[3], _VAE_RESNET)}"
         elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
             new = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
         elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
             new = (f"decoder.up.{blocks - 1 - int(m[1])}.block.{m[2]}."
-                   f"{_rename_first(m[3], {'conv_shortcut': 'nin_shortcut'})}")
+                   f"{_rename_first(m[3], _VAE_RESNET)}")
         elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
             new = f"decoder.up.{blocks - 1 - int(m[1])}.upsample.conv.{m[2]}"
         elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
-            new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{_rename_first(m[3], {'conv_shortcut': 'nin_shortcut'})}"
+            new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{_rename_first(m[3], _VAE_RESNET)}"
         elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
             rest = _rename_first(m[2], _VAE_ATTENTION)
             new = f"{m[1]}.mid.attn_1.{rest}"
@@ -138,10 +143,11 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor
                 tensor = tensor[:, :, None, None]  # (C, C) linear -> (C, C, 1, 1) conv
         elif m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
             new = f"{m[1]}.norm_out.{m[2]}"
-        elif re.fullmatch(r"((encoder|decoder)\.conv_(in|out)|quant_conv|post_quant_conv)\.[a-z]+", key):
+        elif re.fullmatch(r"((encoder|decoder)\.conv_(in|out)|(post_)?quant_conv)\.[a-z]+", key):
             new = key
         else:
-            raise ExportError(f"vae weight '{key}' has no single-file name: not an SD AutoencoderKL")
+            raise ExportError(f"vae weight '{key}' has no single-file name: not an SD "
+                              "AutoencoderKL")
         result[VAE_PREFIX + new] = tensor
     return result
 
@@ -180,10 +186,11 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, t
             result[prefix + "ln_final." + key.split(".", 1)[1]] = tensor
         elif key == "text_projection.weight":  # nn.Linear (out, in) -> OpenCLIP matrix (in, out)
             result[prefix + "text_projection"] = tensor.T.contiguous()
-        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(\w+)", key):
             qkv.setdefault((int(m[1]), m[3]), {})[m[2]] = tensor
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key):
-            result[f"{prefix}transformer.resblocks.{m[1]}.{_rename_first(m[2], _OPEN_CLIP_LAYER)}"] = tensor
+            name = _rename_first(m[2], _OPEN_CLIP_LAYER)
+            result[f"{prefix}transformer.resblocks.{m[1]}.{name}"] = tensor
         else:
             raise ExportError(f"text encoder weight '{key}' has no OpenCLIP name")
     for (layer, kind), parts in sorted(qkv.items()):
@@ -266,12 +273,13 @@ def _stored_dtype(folder: Path) -> torch.dtype:
 def _load_pipeline(folder: Path, family: str):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if family == "sdxl":
-        return StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32,
-                                                         local_files_only=True)
-    return StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32,
-                                                   local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False)
+    with quiet_dtype_deprecation():
+        if family == "sdxl":
+            return StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32,
+                                                             local_files_only=True)
+        return StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32,
+                                                       local_files_only=True, safety_checker=None,
+                                                       requires_safety_checker=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,16 +495,21 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
     if merge_lora_path is not None:
         merge_lora(pipeline, merge_lora_path, family, lora_scale)
     prediction = pipeline.scheduler.config.get("prediction_type", "epsilon")
+    provenance = {"source": str(model), "format": fmt, "family": family,
+                  "dtype": str(torch_dtype).removeprefix("torch."), "prediction_type": prediction,
+                  "merged_lora": str(merge_lora_path) if merge_lora_path is not None else None,
+                  "lora_scale": lora_scale if merge_lora_path is not None else None,
+                  "versions": library_versions()}
     if fmt == "single-file":
         state = single_file_state_dict(pipeline, family)
         state = {key: value.to(torch_dtype).contiguous() if value.is_floating_point() else value
                  for key, value in state.items()}
         if prediction == "v_prediction":
             state[V_PRED_KEY] = torch.tensor([])  # ComfyUI's marker; readers ignore it
-        title = Path(str(model)).stem if _is_single_file(Path(str(model))) else Path(str(model)).name
-        metadata = _modelspec(family, prediction, pipeline, title)
-        if merge_lora_path is not None:
-            metadata["dreambooth.merged_lora"] = f"{Path(merge_lora_path).name} x {lora_scale}"
+        source = Path(str(model))
+        title = source.stem if _is_single_file(source) else source.name
+        metadata = {**_modelspec(family, prediction, pipeline, title),
+                    "dreambooth.export": json.dumps(provenance, sort_keys=True)}
         from safetensors.torch import save_file
 
         with atomic_path(output) as tmp:
@@ -509,6 +522,9 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)
+        (staging / EXPORT_INFO_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        if (folder / TRAINING_CONFIG_FILE).is_file():  # the run that made it, when there is one
+            shutil.copyfile(folder / TRAINING_CONFIG_FILE, staging / TRAINING_CONFIG_FILE)
         if output.exists():
             output.rmdir()  # empty, checked above
         staging.rename(output)

@@ -24,7 +24,6 @@ import argparse
 import itertools
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -39,8 +38,8 @@ from PIL import Image, ImageFilter
 from .evaluator_model import HEADS, EvaluatorConfig, WorldEncoder, supervised_contrastive_loss
 from .files import atomic_path, atomic_write_text
 from .world import (BACKGROUNDS, CONFLICTS, IMAGE_SIZE, PLAIN, SUBJECT_LOOKS, Look, Scene,
-                    all_combinations, parse_prompt, render, sample_pose, sample_scene,
-                    scene_rng)
+                    all_combinations, parse_prompt, render, sample_look, sample_pose,
+                    sample_scene, scene_rng)
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +273,6 @@ def _training_pair(rng: np.random.Generator, plain_probability: float) -> tuple[
 
 
 def _wide_look(rng: np.random.Generator, color: str) -> Look:
-    from .world import sample_look
-
     look = sample_look(rng, color)
     aspect = float(np.exp(rng.uniform(-0.7, 0.7))) if rng.random() < 0.4 else 1.0
     return Look(look.pattern, look.accent, round(aspect, 3))

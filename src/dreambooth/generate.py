@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import secrets
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -237,8 +238,8 @@ def edit_images(
     white repaints, black keeps (the server converts OpenAI's alpha masks). `strength` in
     (0, 1] is how far the picture is noised before denoising, so int(steps * strength) steps run;
     default 0.8 for image-to-image and 1.0 for inpainting. The output is `height` x `width`
-    (default: the first image's size, which must then be a multiple of 8); images are resized
-    to it.
+    (default: the first image's size, which must then be a multiple of 8); pictures and masks
+    are resized to it (bicubic; masks nearest), without keeping the aspect ratio.
 
     Inpainting runs diffusers' StableDiffusionInpaintPipeline on the text-to-image modules. With
     the usual 4-channel UNet it works in diffusers' blending mode: after each denoising step the
@@ -274,19 +275,28 @@ def edit_images(
             f"num_inference_steps={num_inference_steps} with strength={strength} leaves no "
             "denoising step (int(steps * strength) = 0); raise either"
         )
+    # Resized here, not by the pipelines: diffusers' img2img pipeline takes no height/width.
+    size = (width, height)
     per_image = {
         "prompt": _per_seed("prompt", prompt, seeds),
         "negative_prompt": _per_seed("negative_prompt", negative_prompt, seeds),
-        "image": [picture.convert("RGB") for picture in images],
+        "image": [_resized(picture.convert("RGB"), size, Image.Resampling.BICUBIC)
+                  for picture in images],
     }
     if masks is not None:
-        per_image["mask_image"] = [picture_mask.convert("L") for picture_mask in masks]
+        # NEAREST keeps the mask binary.
+        per_image["mask_image"] = [_resized(picture_mask.convert("L"), size,
+                                            Image.Resampling.NEAREST) for picture_mask in masks]
     edit_pipeline = _edit_pipeline(pipeline, inpaint=masks is not None)
     return _run_in_chunks(
         edit_pipeline, seeds=seeds, batch_size=batch_size, per_image=per_image,
         strength=strength, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale, height=height, width=width,
+        guidance_scale=guidance_scale,
     )
+
+
+def _resized(image: Image.Image, size: tuple[int, int], resample) -> Image.Image:
+    return image if image.size == size else image.resize(size, resample=resample)
 
 
 # LoRA adapters loaded per UNet (the module LoRA layers live in, shared by every pipeline built
@@ -340,10 +350,21 @@ def apply_lora(
         name = f"lora{next(_ADAPTER_IDS)}"
         logger.info("loading LoRA %s as adapter %s", path, name)
         try:
-            pipeline.load_lora_weights(str(path), adapter_name=name, local_files_only=True)
+            with warnings.catch_warnings():
+                # peft warns that a model gets a second adapter: keeping several is the point.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                pipeline.load_lora_weights(str(path), adapter_name=name, local_files_only=True)
         except (ValueError, KeyError, RuntimeError, OSError) as error:
             _delete_partial_adapter(pipeline, name)
-            raise GenerationError(f"lora '{lora}' cannot be applied to this model: {error}") from error
+            # torch lists every mismatched tensor; the first lines say enough.
+            reason = "\n".join(str(error).splitlines()[:3])
+            raise GenerationError(
+                f"lora '{lora}' cannot be applied to this model: {reason}") from error
+        if not any(name in names for names in pipeline.get_list_adapters().values()):
+            # diffusers loads a file whose keys match no module (or an empty one) silently.
+            raise GenerationError(
+                f"lora '{lora}' holds no LoRA weights for this model's UNet or text encoder; "
+                "is it a LoRA for another model family?")
         adapters[path] = (stamp, name)
     pipeline.enable_lora()
     pipeline.set_adapters([adapters[path][1]], adapter_weights=[scale])

@@ -13,19 +13,27 @@ from pathlib import Path
 from typing import Any
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 class ModelLoadError(ValueError):
     """A model folder or id that cannot be used; the message names it and says what to do."""
 
 
-def resolve_model_path(name_or_path: str | Path, revision: str | None = None) -> Path:
-    """Return the local diffusers folder for a path or a cached Hugging Face hub id.
+def resolve_model_path(name_or_path: str | Path, revision: str | None = None, *,
+                       prediction_type: str | None = None) -> Path:
+    """Return the local diffusers folder for a path, a single-file checkpoint
+    (`.safetensors`/`.ckpt`, SD1/SD2/SDXL) or a cached Hugging Face hub id.
 
     Raises ModelLoadError naming `name_or_path` if it is neither a diffusers pipeline folder nor
     a hub id present in the local cache.
     """
     path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        from .single_file import load_single_file
+
+        # Converted once (offline, with the configs the package ships) and cached.
+        return load_single_file(path, prediction_type=prediction_type)
     if path.exists():
         return _check_pipeline_folder(path, str(name_or_path))
     text = str(name_or_path)
@@ -125,17 +133,18 @@ def detect_family(path: Path) -> str:
 
 
 def load_components(name_or_path: str | Path, revision: str | None = None, *,
-                    vae_name_or_path: str | Path | None = None,
-                    variant: str | None = None) -> DiffusionComponents:
+                    vae_name_or_path: str | Path | None = None, variant: str | None = None,
+                    prediction_type: str | None = None) -> DiffusionComponents:
     """Load tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler.
 
+    `prediction_type` overrides the scheduler's (and tells a single SD2 file's kind).
     `vae_name_or_path` swaps in another VAE (a pipeline folder with vae/ or a VAE folder), as
     diffusers' `--pretrained_vae_model_name_or_path` does for SDXL's fp16-safe VAE.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    path = resolve_model_path(name_or_path, revision)
+    path = resolve_model_path(name_or_path, revision, prediction_type=prediction_type)
     family = detect_family(path)
     weights = dict(variant=variant) if variant else {}
     try:
@@ -147,6 +156,9 @@ def load_components(name_or_path: str | Path, revision: str | None = None, *,
             unet=UNet2DConditionModel.from_pretrained(path / "unet", **weights),
             noise_scheduler=DDPMScheduler.from_pretrained(path / "scheduler"),
         )
+        if prediction_type:
+            components.noise_scheduler = DDPMScheduler.from_config(
+                components.noise_scheduler.config, prediction_type=prediction_type)
         if family == "sdxl":
             components.tokenizer_2 = AutoTokenizer.from_pretrained(path / "tokenizer_2")
             components.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(

@@ -55,15 +55,15 @@ class PretrainConfig:
     output_dir: str = option("runs/world-model", "Run folder: stages, checkpoints, logs, model/.")
     seed: int = option(0, "Seed of weights, data stream, noise and caption dropout.")
     # architecture
-    vae_channels: tuple[int, ...] = option((32, 64, 64), "AutoencoderKL block channels (3 blocks: 4x down).")
+    vae_channels: tuple[int, ...] = option((16, 32, 64), "AutoencoderKL block channels (3 blocks: 4x down).")
     unet_channels: tuple[int, ...] = option((64, 128, 128), "UNet block channels.")
     unet_layers_per_block: int = option(1, "ResNet layers per UNet block.")
     text_hidden_size: int = option(128, "CLIP text encoder width (= UNet cross-attention dim).")
     text_layers: int = option(4, "CLIP text encoder layers.")
     text_intermediate_size: int = option(512, "CLIP text encoder MLP width.")
     # stage 1: VAE
-    vae_steps: int = option(3000, "Optimizer steps of stage 1 (VAE).")
-    vae_batch_size: int = option(32, "Renders per VAE step.")
+    vae_steps: int = option(4000, "Optimizer steps of stage 1 (VAE).")
+    vae_batch_size: int = option(16, "Renders per VAE step.")
     vae_learning_rate: float = option(1e-3, "VAE AdamW learning rate (cosine decay to 10%).")
     kl_weight: float = option(1e-6, "Weight of the VAE's KL term (SD's autoencoder uses 1e-6).")
     # stage 2: text encoder + UNet
@@ -80,7 +80,7 @@ class PretrainConfig:
     log_every: int = option(50, "Log loss and speed every N steps.")
     sample_every: int = option(2000, "Stage 2: sample held-out prompts and score them every N steps (0: never).")
     num_workers: int = option(1, "Render in N background processes (0: in the training process).")
-    threads: int = option(2, "torch CPU threads.")
+    threads: int = option(2, "torch CPU threads (set by the script, the entry point).")
 
     def __post_init__(self) -> None:
         problems = []
@@ -284,6 +284,7 @@ class DiffusionModule(L.LightningModule):
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.noise_scheduler, self.config = noise_scheduler, config
         self.vae.requires_grad_(False).eval()
+        self.strict_loading = False  # checkpoints leave out the frozen VAE
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         with torch.no_grad():
@@ -320,9 +321,6 @@ class DiffusionModule(L.LightningModule):
         checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items()
                                     if not key.startswith("vae.")}
         checkpoint["pretrain_config"] = _config_dict(self.config)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.strict_loading = False
 
 
 def _warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
@@ -464,14 +462,15 @@ def _fit(module: L.LightningModule, dataset: RenderBatches, *, stage_dir: Path,
     from lightning.pytorch.loggers import CSVLogger
 
     checkpoint_dir = stage_dir / "checkpoints"
-    resume_path = checkpointing.resolve_resume_path("latest", checkpoint_dir)
-    if resume_path is not None:
+    resume_path = None
+    if checkpointing.list_checkpoints(checkpoint_dir):
+        resume_path = checkpointing.resolve_resume_path("latest", checkpoint_dir)
         log.info("%s: resuming from %s", stage_dir.name, resume_path)
     trainer = L.Trainer(
         accelerator="auto", devices=1, max_steps=total_steps, max_epochs=-1,
         gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0,
         use_distributed_sampler=False, enable_progress_bar=False, enable_model_summary=False,
-        logger=CSVLogger(stage_dir, name="logs", version=""), log_every_n_steps=config.log_every,
+        logger=CSVLogger(stage_dir, name="logs"),  # version_0, version_1 ... per (re)start log_every_n_steps=config.log_every,
         plugins=[checkpointing.AtomicCheckpointIO()], default_root_dir=stage_dir,
         callbacks=[checkpointing.periodic_checkpoints(checkpoint_dir, config.checkpoint_every,
                                                       config.keep_checkpoints),
@@ -484,6 +483,9 @@ def _fit(module: L.LightningModule, dataset: RenderBatches, *, stage_dir: Path,
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         trainer.fit(module, datamodule=RenderDataModule(dataset, config.num_workers),
                     ckpt_path=resume_path)
+    if trainer.global_step < total_steps:
+        raise RuntimeError(f"{stage_dir.name} stopped at step {trainer.global_step} of "
+                           f"{total_steps}; run the same command again to resume")
     return trainer
 
 
@@ -532,7 +534,6 @@ def pretrain(config: PretrainConfig) -> Path:
     safetensors) in `output_dir/model`, which `StableDiffusionPipeline.from_pretrained` loads."""
     from diffusers import AutoencoderKL
 
-    torch.set_num_threads(config.threads)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _log_to_file(output_dir / "pretrain.log")
@@ -580,6 +581,13 @@ def export_model(module: DiffusionModule, tokenizer, path: Path, config: Pretrai
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging, safe_serialization=True)
     pipeline.to(torch.float32)
+    # transformers 5 loads a model in the dtype its config names ("auto"), while diffusers loads
+    # fp32 unless asked: name fp32 so every loader (and DreamBooth's text-encoder training on a
+    # CPU) gets the same fp32 model by default; the files stay fp16 to be small.
+    text_config = staging / "text_encoder" / "config.json"
+    values = json.loads(text_config.read_text())
+    values.update({key: "float32" for key in ("dtype", "torch_dtype") if key in values})
+    atomic_write_text(text_config, json.dumps(values, indent=2) + "\n")
     atomic_write_text(staging / "pretrain_config.json",
                       json.dumps(_config_dict(config), indent=2) + "\n")
     atomic_write_text(staging / VERSIONS_FILE, json.dumps(library_versions(), indent=2) + "\n")

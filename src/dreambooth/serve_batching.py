@@ -167,7 +167,7 @@ class ModelWorker:
             try:
                 with self.lock:
                     images = self._run_batch(batch[0].key, batch)
-            except Exception as error:  # noqa: BLE001 - the request gets the error, the worker lives on
+            except Exception as error:  # noqa: BLE001 - each request gets it; the worker lives on
                 for job in batch:
                     _settle(job, error=error)
                 continue

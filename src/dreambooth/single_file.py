@@ -20,6 +20,7 @@ Whether an SD 2.x file predicts noise (`epsilon`, the 512 px "base" models) or v
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,7 +46,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CACHE_ENV = "DREAMBOOTH_CACHE"
 
 ASSETS = Path(__file__).parent / "assets"
-_CONFIG_NAMES = {"sd1": "sd1", "sd2": "sd2", "sd2-v": "sd2-v", "sdxl": "sdxl"}
+CONFIG_NAMES = ("sd1", "sd2", "sd2-v", "sdxl")  # folders under assets/configs
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -54,9 +56,9 @@ TEXT_ENCODER_PREFIXES = {  # family -> {diffusers component: key prefix in the s
     "sdxl": {"text_encoder": "conditioner.embedders.0.transformer.text_model.",
              "text_encoder_2": "conditioner.embedders.1.model."},
 }
-# ComfyUI writes these marker keys into v-prediction / zero-terminal-SNR checkpoints.
+# ComfyUI's marker key in v-prediction checkpoints (an empty tensor).
 V_PRED_KEY = "v_pred"
-# ComfyUI's SD 2.x test: this bias has std > 0.09 in v-prediction models (comfy/supported_models.py).
+# ComfyUI's SD 2.x test (comfy/supported_models.py): this bias has std > 0.09 in v models.
 _SD2_V_PROBE_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
 
 
@@ -362,10 +364,10 @@ def config_folder(family: str, prediction_type: str | None = None) -> Path:
     """
     if family == "sd2" and prediction_type == "v_prediction":
         family = "sd2-v"
-    if family not in _CONFIG_NAMES:
+    if family not in CONFIG_NAMES:
         raise ValueError(f"unknown model family '{family}': expected one of "
-                         f"{', '.join(_CONFIG_NAMES)}")
-    source = ASSETS / "configs" / _CONFIG_NAMES[family]
+                         f"{', '.join(CONFIG_NAMES)}")
+    source = ASSETS / "configs" / family
     vocabulary = ASSETS / "clip_tokenizer"
     digest = hashlib.sha256((_tree_digest(source) + _tree_digest(vocabulary)).encode()).hexdigest()
     target = cache_root() / "configs" / f"{family}-{digest[:12]}"
@@ -410,7 +412,8 @@ class Mismatch:
     def describe(self, limit: int = 3) -> str:
         parts = []
         if self.missing:
-            parts.append(f"{len(self.missing)} tensors missing (e.g. {', '.join(self.missing[:limit])})")
+            shown = ", ".join(self.missing[:limit])
+            parts.append(f"{len(self.missing)} tensors missing (e.g. {shown})")
         if self.wrong_shape:
             shown = ", ".join(f"{k}: {tuple(a)} in the file, {tuple(b)} expected"
                               for k, a, b in self.wrong_shape[:limit])
@@ -427,10 +430,8 @@ def _meta_models(family: str, folder: Path) -> dict[str, torch.nn.Module]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        models = {
-            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
-            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
-        }
+        models = {name: cls.from_config(cls.load_config(folder / name))
+                  for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL))}
         for name in TEXT_ENCODER_PREFIXES[family]:
             config = CLIPTextConfig.from_pretrained(folder / name)
             cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
@@ -447,11 +448,12 @@ def _text_encoder_view(checkpoint: dict[str, torch.Tensor], model) -> dict[str, 
     text = getattr(model, "text_model", model)
     width = text.embeddings.position_embedding.weight.shape[-1]
     names = sfu.CHECKPOINT_KEY_NAMES
-    if sfu.is_clip_model(checkpoint) or (
-            sfu.is_clip_sdxl_model(checkpoint) and checkpoint[names["clip_sdxl"]].shape[-1] == width):
+    if sfu.is_clip_model(checkpoint) or (sfu.is_clip_sdxl_model(checkpoint) and
+                                         checkpoint[names["clip_sdxl"]].shape[-1] == width):
         state = sfu.convert_ldm_clip_checkpoint(checkpoint)
     elif sfu.is_open_clip_model(checkpoint):
-        state = sfu.convert_open_clip_checkpoint(model, checkpoint, prefix="cond_stage_model.model.")
+        state = sfu.convert_open_clip_checkpoint(model, checkpoint,
+                                                 prefix="cond_stage_model.model.")
     elif sfu.is_open_clip_sdxl_model(checkpoint) and \
             checkpoint[names["open_clip_sdxl"]].shape[-1] == width:
         state = sfu.convert_open_clip_checkpoint(model, checkpoint,
@@ -551,36 +553,37 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _needs_rewrite(header: CheckpointHeader) -> bool:
-    """diffusers reads only safetensors with the canonical SD1 text encoder names directly."""
-    if not _is_safetensors(header.path):
-        return True
-    return any(key.startswith("cond_stage_model.transformer.embeddings.") for key in header.tensors)
+_SD1_TEXT = TEXT_ENCODER_PREFIXES["sd1"]["text_encoder"]  # cond_stage_model.transformer.text_model.
 
 
-def _write_readable_copy(header: CheckpointHeader, target: Path) -> None:
-    """A .ckpt (or SD1 text encoder keys without `text_model.`) as a safetensors diffusers reads."""
+def _canonical_key(key: str) -> str:
+    """SD1 text encoder keys written without `text_model.` (a converter run under transformers 5)
+    are the same tensors; diffusers finds them only under the canonical name."""
+    if key.startswith("cond_stage_model.transformer.") and not key.startswith(_SD1_TEXT):
+        return _SD1_TEXT + key.removeprefix("cond_stage_model.transformer.")
+    return key
+
+
+def _canonical_header(header: CheckpointHeader) -> tuple[CheckpointHeader, bool]:
+    renamed = {_canonical_key(key): tensor for key, tensor in header.tensors.items()}
+    changed = renamed.keys() != header.tensors.keys()
+    if changed:
+        log.info("'%s': SD1 text encoder keys lack 'text_model.'; reading them as %s*",
+                 header.path, _SD1_TEXT)
+    return CheckpointHeader(header.path, renamed, header.metadata), changed
+
+
+def _write_readable_copy(path: Path, target: Path) -> None:
+    """A .ckpt, or keys that need renaming, as a safetensors file diffusers reads directly."""
     from safetensors.torch import save_file
 
-    state = read_state_dict(header.path)
-    renamed = 0
-    fixed: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        if key.startswith("cond_stage_model.transformer.") and not key.startswith(
-                "cond_stage_model.transformer.text_model."):
-            key = key.replace("cond_stage_model.transformer.", TEXT_ENCODER_PREFIXES["sd1"]["text_encoder"], 1)
-            renamed += 1
-        fixed[key] = tensor
-    if renamed:
-        log.info("'%s': %d SD1 text encoder keys lack 'text_model.' (written by a converter under "
-                 "transformers 5); reading them as cond_stage_model.transformer.text_model.*",
-                 header.path, renamed)
+    state = {_canonical_key(key): tensor for key, tensor in read_state_dict(path).items()}
     seen: set[int] = set()
-    for key, tensor in fixed.items():  # safetensors refuses tensors that share memory
+    for key, tensor in state.items():  # safetensors refuses tensors that share memory
         pointer = tensor.untyped_storage().data_ptr()
-        fixed[key] = tensor.clone().contiguous() if pointer in seen else tensor.contiguous()
+        state[key] = tensor.clone().contiguous() if pointer in seen else tensor.contiguous()
         seen.add(pointer)
-    save_file(fixed, str(target))
+    save_file(state, str(target))
 
 
 def load_single_file(path: str | Path, *, prediction_type: str | None = None,
@@ -602,11 +605,19 @@ def load_single_file(path: str | Path, *, prediction_type: str | None = None,
     """
     path = Path(path).expanduser().resolve()
     header = read_header(path)
-    family = detect_family(header.keys)
+    try:
+        family = detect_family(header.keys)
+    except UnknownArchitectureError as error:
+        raise UnknownArchitectureError(f"'{path}' is {error}") from None
+    header, renamed = _canonical_header(header)
     prediction, reason = resolve_prediction_type(header, family, prediction_type)
     folder = Path(config).expanduser().resolve() if config else config_folder(family, prediction)
-    if not (folder / "model_index.json").is_file():
-        raise SingleFileError(f"config folder '{folder}' for '{path}' has no model_index.json")
+    needed = ["model_index.json", "unet/config.json", "vae/config.json",
+              *(f"{name}/config.json" for name in TEXT_ENCODER_PREFIXES[family])]
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        raise SingleFileError(f"config folder '{folder}' cannot describe the {family.upper()} "
+                              f"checkpoint '{path}': it lacks {', '.join(missing)}")
     check_checkpoint(header, family, folder)
 
     dtype_name = str(torch_dtype).removeprefix("torch.")
@@ -623,9 +634,9 @@ def load_single_file(path: str | Path, *, prediction_type: str | None = None,
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         source = path
-        if _needs_rewrite(header):
+        if renamed or not _is_safetensors(path):
             source = staging / "readable-copy.safetensors"
-            _write_readable_copy(header, source)
+            _write_readable_copy(path, source)
         pipeline = _from_single_file(source, family, folder, torch_dtype)
         pipeline.scheduler.register_to_config(prediction_type=prediction)
         output = staging / "pipeline"
@@ -641,12 +652,23 @@ def load_single_file(path: str | Path, *, prediction_type: str | None = None,
     return target
 
 
+@contextlib.contextmanager
+def quiet_dtype_deprecation():
+    """Recent diffusers deprecate `torch_dtype` in favour of `dtype`; every version we support
+    takes `torch_dtype`, so we pass that and hide the notice."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated",
+                                category=FutureWarning)
+        yield
+
+
 def _from_single_file(source: Path, family: str, folder: Path, torch_dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if family == "sdxl":
-        return StableDiffusionXLPipeline.from_single_file(
-            str(source), config=str(folder), local_files_only=True, torch_dtype=torch_dtype)
-    return StableDiffusionPipeline.from_single_file(
-        str(source), config=str(folder), local_files_only=True, torch_dtype=torch_dtype,
-        safety_checker=None, requires_safety_checker=False)
+    with quiet_dtype_deprecation():
+        if family == "sdxl":
+            return StableDiffusionXLPipeline.from_single_file(
+                str(source), config=str(folder), local_files_only=True, torch_dtype=torch_dtype)
+        return StableDiffusionPipeline.from_single_file(
+            str(source), config=str(folder), local_files_only=True, torch_dtype=torch_dtype,
+            safety_checker=None, requires_safety_checker=False)

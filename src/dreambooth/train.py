@@ -141,7 +141,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
     components = load_components(
         config.model.pretrained_model_name_or_path, config.model.revision,
         vae_name_or_path=config.model.pretrained_vae_model_name_or_path,
-        variant=config.model.variant)
+        variant=config.model.variant, prediction_type=config.model.prediction_type)
     with_prior = config.prior.with_prior_preservation
     lora = lora_settings(config)
     module = DreamBoothModule(
