@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import signal
 
+    import torch
     from dreambooth.pretrain import PretrainConfig, pretrain
 
     # `kill PID` behaves like Ctrl-C: Lightning's interrupt handling writes a checkpoint.
@@ -77,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    import torch
-
     torch.set_num_threads(config.threads)
-    model = pretrain(config)
+    try:
+        model = pretrain(config)
+    except ValueError as error:  # a checkpoint that does not fit this configuration
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"base model: {model}")
     return 0
 

@@ -30,8 +30,9 @@ def test_pres_is_low_for_plain_class_members_and_high_for_copies(evaluator):
     subject = world.DEMO_SUBJECT
     reference = world.photos(subject)
     rng = world.scene_rng(9)
-    plain_members = [world.render(world.Scene(subject.cls, color, "white", **world.sample_pose(rng)))
-                     for color in ("red", "green", "orange", "purple", "blue")]
+    plain_members = [
+        world.render(world.Scene(subject.cls, color, "white", **world.sample_pose(rng)))
+        for color in ("red", "green", "orange", "purple", "blue")]
     collapsed = world.photos(subject, 5, seed=3)  # every "a ball" is the subject
     assert evaluate.pres(plain_members, reference, evaluator) + 0.2 < evaluate.pres(
         collapsed, reference, evaluator)

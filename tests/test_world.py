@@ -48,7 +48,8 @@ def test_vocabularies_and_captions_cover_the_world():
         assert set(text.split()) <= set(world.VOCABULARY), text
         assert world.parse_prompt(text) == dict(zip(("cls", "color", "background"), triple))
     assert world.caption(world.Scene("star", "red", "blue")) == "a red star on a blue background"
-    assert world.caption(world.Scene("ball", "red", "striped")) == "a red ball on a striped background"
+    assert world.caption(world.Scene("ball", "orange", "striped")) == (
+        "an orange ball on a striped background")
     assert world.parse_prompt("a sks ball on the grass") == {"cls": "ball", "background": "grass"}
     assert world.parse_prompt("a red sks ring") == {"cls": "ring", "color": "red"}
 

@@ -22,9 +22,11 @@ run resumed from any checkpoint ends with the same weights as an uninterrupted o
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import time
+import shutil
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,9 @@ from torch.utils.data import Dataset
 from . import checkpointing, seeding
 from .config import option
 from .data import ResumableLoader, ResumingSampler
+from .export import VERSIONS_FILE, library_versions
+from .files import atomic_write_text
+from .pretrain_callbacks import EMA, HeldOutSamples, ProgressLog
 from .training import draw_noise_and_timesteps, min_snr_weights
 from .world import TRAIN_COMBINATIONS, VOCABULARY, caption, render, training_scene
 
@@ -50,7 +55,7 @@ TOKENIZER_WORDS = tuple(dict.fromkeys(VOCABULARY + ("sks",)))
 
 @dataclass
 class PretrainConfig:
-    """Everything a pretraining run needs; defaults are the shipped model's run."""
+    """Everything a pretraining run needs; the defaults are the full run of the base model."""
 
     output_dir: str = option("runs/world-model", "Run folder: stages, checkpoints, logs, model/.")
     seed: int = option(0, "Seed of weights, data stream, noise and caption dropout.")
@@ -338,123 +343,6 @@ def _config_dict(config: PretrainConfig) -> dict[str, Any]:
             for f in fields(config)}
 
 
-# ------------------------------------------------------------------------------ callbacks
-class EMA(L.Callback):
-    """Exponential moving average of the trainable weights (Polyak averaging), with the usual
-    warmup min(decay, (1 + step) / (10 + step)); its state travels in checkpoints."""
-
-    def __init__(self, decay: float):
-        self.decay = decay
-        self.shadow: dict[str, torch.Tensor] | None = None
-
-    def _trainable(self, pl_module) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if self.shadow is None:
-            self.shadow = {name: p.detach().clone()
-                           for name, p in self._trainable(pl_module).items()}
-
-    @torch.no_grad()
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for name, parameter in self._trainable(pl_module).items():
-            self.shadow[name].lerp_(parameter.detach(), 1.0 - decay)
-
-    @torch.no_grad()
-    def copy_to(self, pl_module) -> None:
-        for name, parameter in self._trainable(pl_module).items():
-            parameter.copy_(self.shadow[name])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"shadow": self.shadow}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.shadow = state_dict["shadow"]
-
-
-class ProgressLog(L.Callback):
-    """One log line every N steps: stage, step, losses, speed and time left."""
-
-    def __init__(self, stage: str, every: int, total_steps: int):
-        self.stage, self.every, self.total_steps = stage, every, total_steps
-        self._started: tuple[float, int] | None = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self._started is None:
-            self._started = (time.perf_counter(), step - 1)
-        if step % self.every and step != self.total_steps:
-            return
-        elapsed = time.perf_counter() - self._started[0]
-        rate = (step - self._started[1]) / max(elapsed, 1e-9)
-        metrics = " ".join(f"{k} {v.item():.4g}" for k, v in trainer.callback_metrics.items())
-        log.info("%s step %d/%d  %s  %.2f steps/s  ~%.0f min left", self.stage, step,
-                 self.total_steps, metrics, rate, (self.total_steps - step) / rate / 60)
-
-
-class HeldOutSamples(L.Callback):
-    """Every N steps: sample held-out caption combinations with the EMA weights, save a grid
-    (`output_dir/samples/step-N.png`) and log the world evaluator's prompt fidelity on them."""
-
-    def __init__(self, *, every: int, ema: EMA, tokenizer, output_dir: Path, seed: int,
-                 num_prompts: int = 16):
-        from .world import HELD_OUT_COMBINATIONS, Scene
-
-        self.every, self.ema, self.tokenizer = every, ema, tokenizer
-        self.output_dir, self.seed = output_dir, seed
-        triples = sorted(HELD_OUT_COMBINATIONS)[:num_prompts]
-        self.prompts = [caption(Scene(*triple)) for triple in triples]
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every and step % self.every == 0:
-            fidelity = sample_and_score(pl_module, self.ema, self.tokenizer, self.prompts,
-                                        self.output_dir / f"step-{step}.png", self.seed)
-            log.info("step %d: prompt fidelity on %d held-out prompts %.3f", step,
-                     len(self.prompts), fidelity)
-
-
-@torch.no_grad()
-def sample_and_score(module: DiffusionModule, ema: EMA | None, tokenizer, prompts: list[str],
-                     grid_path: Path, seed: int, num_inference_steps: int = 25,
-                     guidance_scale: float = 5.0) -> float:
-    """Generate one image per prompt (EMA weights if given), save a grid, return prompt
-    fidelity as judged by the shipped world evaluator (nan if it is not there)."""
-    from diffusers import StableDiffusionPipeline
-
-    from .evaluate import load_evaluator, prompt_fidelity
-    from .images import make_grid, save_png
-
-    trainable = {name: p.detach().clone() for name, p in module.named_parameters()
-                 if p.requires_grad}
-    if ema is not None:
-        ema.copy_to(module)
-    was_training = module.training
-    module.eval()
-    try:
-        pipeline = StableDiffusionPipeline(
-            vae=module.vae, text_encoder=module.text_encoder, tokenizer=tokenizer,
-            unet=module.unet, scheduler=noise_schedulers()[1], safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-        pipeline.set_progress_bar_config(disable=True)
-        generators = [seeding.generator(seed, 104, index) for index in range(len(prompts))]
-        images = pipeline(prompts, num_inference_steps=num_inference_steps,
-                          guidance_scale=guidance_scale, generator=generators, height=64,
-                          width=64).images
-    finally:
-        for name, parameter in module.named_parameters():
-            if name in trainable:
-                parameter.copy_(trainable[name])
-        module.train(was_training)
-    save_png(make_grid(images, columns=8), grid_path, text={"prompts": "; ".join(prompts)})
-    try:
-        return prompt_fidelity(images, prompts, load_evaluator())
-    except FileNotFoundError:
-        return float("nan")
-
-
 # ---------------------------------------------------------------------------------- runs
 def _fit(module: L.LightningModule, dataset: RenderBatches, *, stage_dir: Path,
          config: PretrainConfig, total_steps: int, callbacks: list) -> L.Trainer:
@@ -465,28 +353,46 @@ def _fit(module: L.LightningModule, dataset: RenderBatches, *, stage_dir: Path,
     resume_path = None
     if checkpointing.list_checkpoints(checkpoint_dir):
         resume_path = checkpointing.resolve_resume_path("latest", checkpoint_dir)
+        _check_resume(config, resume_path)
         log.info("%s: resuming from %s", stage_dir.name, resume_path)
     trainer = L.Trainer(
         accelerator="auto", devices=1, max_steps=total_steps, max_epochs=-1,
         gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0,
         use_distributed_sampler=False, enable_progress_bar=False, enable_model_summary=False,
-        logger=CSVLogger(stage_dir, name="logs"),  # version_0, version_1 ... per (re)start log_every_n_steps=config.log_every,
+        logger=CSVLogger(stage_dir, name="logs"),  # logs/version_N: one per (re)start
+        log_every_n_steps=config.log_every,
         plugins=[checkpointing.AtomicCheckpointIO()], default_root_dir=stage_dir,
         callbacks=[checkpointing.periodic_checkpoints(checkpoint_dir, config.checkpoint_every,
                                                       config.keep_checkpoints),
                    checkpointing.InterruptCheckpoint(checkpoint_dir, 1),
                    ProgressLog(stage_dir.name, config.log_every, total_steps), *callbacks])
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* not empty")  # resume
         trainer.fit(module, datamodule=RenderDataModule(dataset, config.num_workers),
                     ckpt_path=resume_path)
     if trainer.global_step < total_steps:
         raise RuntimeError(f"{stage_dir.name} stopped at step {trainer.global_step} of "
                            f"{total_steps}; run the same command again to resume")
     return trainer
+
+
+# Keys a resumed run must share with its checkpoint: the same models, data and noise streams.
+RESUME_INVARIANTS = ("seed", "vae_channels", "unet_channels", "unet_layers_per_block",
+                     "text_hidden_size", "text_layers", "text_intermediate_size",
+                     "vae_batch_size", "unet_batch_size", "caption_dropout")
+
+
+def _check_resume(config: PretrainConfig, resume_path: Path) -> None:
+    saved = torch.load(resume_path, map_location="cpu", mmap=True,
+                       weights_only=True).get("pretrain_config", {})
+    values = _config_dict(config)
+    mismatched = [f"{key}: checkpoint has {saved[key]!r}, this run has {values[key]!r}"
+                  for key in RESUME_INVARIANTS if key in saved and saved[key] != values[key]]
+    if mismatched:
+        raise ValueError(f"cannot resume from '{resume_path}': " + "; ".join(mismatched)
+                         + ". Pass the checkpoint's values or use a new --output_dir.")
 
 
 @torch.no_grad()
@@ -504,10 +410,6 @@ def vae_report(vae, seed: int, num_images: int = 256) -> dict[str, float]:
 
 def pretrain_vae(config: PretrainConfig) -> Path:
     """Stage 1 (resumable); saves the VAE with its scaling factor in `output_dir/vae`."""
-    import json
-
-    from .files import atomic_write_text
-
     output_dir = Path(config.output_dir)
     vae_dir = output_dir / "vae"
     if (vae_dir / "config.json").is_file():
@@ -550,6 +452,7 @@ def pretrain(config: PretrainConfig) -> Path:
     callbacks: list = [ema]
     if config.sample_every:
         callbacks.append(HeldOutSamples(every=config.sample_every, ema=ema, tokenizer=tokenizer,
+                                        scheduler=noise_schedulers()[1],
                                         output_dir=output_dir / "samples", seed=config.seed))
     dataset = RenderBatches(seed=config.seed, batch_size=config.unet_batch_size,
                             num_steps=config.unet_steps, tokenizer=tokenizer,
@@ -564,13 +467,7 @@ def pretrain(config: PretrainConfig) -> Path:
 
 def export_model(module: DiffusionModule, tokenizer, path: Path, config: PretrainConfig) -> Path:
     """Save the pipeline with fp16 weights (safetensors), its config and library versions."""
-    import json
-    import shutil
-
     from diffusers import StableDiffusionPipeline
-
-    from .export import VERSIONS_FILE, library_versions
-    from .files import atomic_write_text
 
     pipeline = StableDiffusionPipeline(
         vae=module.vae, text_encoder=module.text_encoder, tokenizer=tokenizer, unet=module.unet,

@@ -135,8 +135,15 @@ class Scene:
 
 # --------------------------------------------------------------------------- captions
 def caption(scene: Scene) -> str:
-    """DreamBench-style caption: "a red star on a blue background", "a green ball on the beach"."""
-    return f"a {scene.color} {scene.cls} {BACKGROUND_PHRASES[scene.background]}"
+    """DreamBench-style caption: "a red star on a blue background", "an orange ball on the
+    beach"."""
+    phrase = BACKGROUND_PHRASES[scene.background]
+    return f"{article(scene.color)} {scene.color} {scene.cls} {phrase}"
+
+
+def article(word: str) -> str:
+    """ "an" before a vowel sound ("an orange ball"), else "a"."""
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def parse_prompt(prompt: str) -> dict[str, str]:

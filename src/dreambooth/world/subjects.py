@@ -11,13 +11,14 @@ subjects "plank_box" and "pebble_ring".
 from __future__ import annotations
 
 import itertools
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
 from PIL import Image
 
-from .render import (BACKGROUND_PHRASES, BACKGROUNDS, COLORS, CONFLICTS, Look, Scene, render,
-                     sample_pose, sample_scene, scene_rng)
+from .render import (BACKGROUND_PHRASES, BACKGROUNDS, COLORS, CONFLICTS, Look, Scene, article,
+                     render, sample_pose, sample_scene, scene_rng)
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,7 @@ def _subject(subject: Subject | str) -> Subject:
 def subject_scenes(subject: Subject | str, n: int = 5, seed: int = 0) -> list[Scene]:
     """`n` scenes of the subject, each on a different background, pose and light."""
     subject = _subject(subject)
-    rng = scene_rng(seed, 1000 + list(SUBJECTS).index(subject.name) if subject.name in SUBJECTS
-                    else 999)
+    rng = scene_rng(seed, 1000, zlib.crc32(subject.name.encode()))  # each subject its own poses
     backgrounds = [b for b in BACKGROUNDS if (subject.color, b) not in CONFLICTS]
     if n > len(backgrounds):
         raise ValueError(f"at most {len(backgrounds)} photos of '{subject.name}' (one per "
@@ -87,7 +87,7 @@ def dreambench_prompts(subject: Subject | str, identifier: str = "sks") -> list[
     noun = f"{identifier} {subject.cls}"
     prompts = [f"a {noun} {BACKGROUND_PHRASES[b]}" for b in BACKGROUNDS
                if (subject.color, b) not in CONFLICTS]
-    prompts += [f"a {color} {noun}" for color in COLORS if color != subject.color]
+    prompts += [f"{article(color)} {color} {noun}" for color in COLORS if color != subject.color]
     return prompts
 
 
