@@ -61,7 +61,7 @@ def process_cpu_s(pid: int) -> float | None:
 
 def start_server(model_dir: Path, port: int, api_key: str, args, log_path: Path):
     command = [sys.executable, "-m", "dreambooth", "serve", "--model", f"{MODEL_NAME}={model_dir}",
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+               "--host", "127.0.0.1", "--port", str(port), "--device", args.device,
                "--max_queue", str(args.max_queue), "--max_batch", str(args.max_batch),
                "--batch_wait_ms", str(args.batch_wait_ms)]
     log = open(log_path, "w")
@@ -171,6 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Timed requests per level (shared by its clients).")
     parser.add_argument("--steps", type=int, default=30,
                         help="Denoising steps per image (30 = quality 'auto').")
+    parser.add_argument("--device", default="cpu", help="Server --device (cpu, cuda).")
     parser.add_argument("--max_batch", type=int, default=8, help="Server --max_batch.")
     parser.add_argument("--batch_wait_ms", type=float, default=10.0,
                         help="Server --batch_wait_ms.")
@@ -195,7 +196,8 @@ def main(argv=None) -> int:
     print(f"machine: {machine_line(machine)}")
     print(f"command: {command}")
     print(f"model: dreambooth.tiny (random weights, 32x32), {args.steps} steps, n=1; server "
-          f"--max_batch {args.max_batch} --batch_wait_ms {args.batch_wait_ms:g}\n")
+          f"--device {args.device} --max_batch {args.max_batch} "
+          f"--batch_wait_ms {args.batch_wait_ms:g}\n")
     api_key = secrets.token_urlsafe(16)
     port = free_port()
     url = f"http://127.0.0.1:{port}"

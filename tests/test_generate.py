@@ -139,6 +139,12 @@ def test_folder_that_is_not_a_pipeline_raises_model_load_error(tmp_path):
         generate(tmp_path, PROMPT, num_images=1)
 
 
+def test_sdxl_pipeline_is_refused_with_a_reason(tmp_path):
+    folder = save_tiny_pipeline(tmp_path / "tiny-sdxl", family="sdxl")
+    with pytest.raises(GenerationError, match="is an SDXL pipeline"):
+        load_pipeline(folder, device="cpu")
+
+
 def test_bad_dtype_is_named(model_dir):
     with pytest.raises(GenerationError, match="dtype='fp8'"):
         load_pipeline(model_dir, dtype="fp8")

@@ -38,7 +38,7 @@ from diffusers.utils import deprecation_utils
 from PIL import Image
 
 from dreambooth.images import make_grid, save_png
-from dreambooth.models import resolve_model_path
+from dreambooth.models import detect_family, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ _DTYPE_KEYWORD = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "t
 _IMAGE_NAME = re.compile(r"^(\d+)-.*\.png$")
 # The file name diffusers' `save_lora_weights` writes (and training scripts upload).
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# edit_images' default strengths: img2img keeps some of the picture; inpainting regenerates the
+# masked area from noise (the rest comes from the picture either way).
+IMG2IMG_STRENGTH = 0.8
+INPAINT_STRENGTH = 1.0
 
 
 class GenerationError(ValueError):
@@ -85,6 +89,11 @@ def load_pipeline(
     if dtype != "auto" and dtype not in _DTYPES:
         raise GenerationError(f"dtype='{dtype}' is not one of: auto, {', '.join(_DTYPES)}")
     path = resolve_model_path(model)
+    if detect_family(path) == "sdxl":
+        # StableDiffusionPipeline would load it and fail at the first image with a TypeError.
+        raise GenerationError(
+            f"model '{model}' is an SDXL pipeline; generate and serve run SD 1.x/2.x pipelines "
+            "(use diffusers' StableDiffusionXLPipeline for SDXL)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "fp16" if torch.device(device).type == "cuda" else "fp32"
@@ -198,11 +207,14 @@ def sample_images(
     """
     _check_arguments(prompt, num_inference_steps, guidance_scale, height, width)
     batch_size = _check_batching(seeds, batch_size)
-    prompts = _per_seed("prompt", prompt, seeds)
+    per_image = {"prompt": _per_seed("prompt", prompt, seeds)}
     negative_prompts = _per_seed("negative_prompt", negative_prompt, seeds)
+    if any(negative_prompts):
+        per_image["negative_prompt"] = negative_prompts
+    # else none: SD 1.x/2.x then encode "" anyway, while SDXL (validation samples in training)
+    # uses zero embeddings (`force_zeros_for_empty_prompt`), as diffusers' own calls do.
     return _run_in_chunks(
-        pipeline, seeds=seeds, batch_size=batch_size,
-        per_image={"prompt": prompts, "negative_prompt": negative_prompts},
+        pipeline, seeds=seeds, batch_size=batch_size, per_image=per_image,
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
         height=height or default_size(pipeline), width=width or default_size(pipeline),
     )
@@ -267,7 +279,8 @@ def edit_images(
                     f"mask {index} is {picture_mask.width}x{picture_mask.height} but its image is "
                     f"{picture.width}x{picture.height}; the mask must have the image's size"
                 )
-    strength = strength if strength is not None else (0.8 if masks is None else 1.0)
+    if strength is None:
+        strength = IMG2IMG_STRENGTH if masks is None else INPAINT_STRENGTH
     if not 0 < strength <= 1:
         raise GenerationError(f"strength={strength} must be in (0, 1]")
     if int(num_inference_steps * strength) < 1:

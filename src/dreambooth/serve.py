@@ -29,7 +29,6 @@ from .generate import (GenerationError, default_size, edit_images, load_pipeline
                        sample_images, sampling_settings, set_scheduler)
 from .models import resolve_model_path
 from .serve_batching import BatchKey, Job, ModelWorker
-from .serve_schemas import APIError, validation_error
 
 try:
     from fastapi import Depends, FastAPI, Request
@@ -40,6 +39,7 @@ try:
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .serve_routes import ServedModel, ServerState, public_router, read_trigger_phrase, router
+    from .serve_schemas import APIError, validation_error
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"`dreambooth serve` needs the `serve` extra ({error.name} is missing): "
@@ -165,17 +165,18 @@ class BodySizeLimit:
             await _error_response(self._too_large())(scope, receive, send)
 
 
-def _batch_runner(pipeline: StableDiffusionPipeline, max_batch: int):
+def _batch_runner(pipeline: StableDiffusionPipeline, max_batch: int, loras: dict[str, Path]):
     """Run one batch of jobs through the generation API (the functions the CLI calls)."""
 
     def run(key: BatchKey, jobs: list[Job]) -> list[Image.Image]:
+        lora = loras[key.lora] if key.lora is not None else None
         per_image = dict(
             seeds=[seed for job in jobs for seed in job.seeds],
             negative_prompt=[text for job in jobs for text in job.negative_prompts],
             num_inference_steps=key.num_inference_steps, guidance_scale=key.guidance_scale,
             height=key.height, width=key.width, batch_size=max_batch)
         prompts = [text for job in jobs for text in job.prompts]
-        with sampling_settings(pipeline, scheduler=key.scheduler, lora=key.lora,
+        with sampling_settings(pipeline, scheduler=key.scheduler, lora=lora,
                                lora_scale=key.lora_scale):
             if key.task == "txt2img":
                 return sample_images(pipeline, prompts, **per_image)
@@ -258,7 +259,7 @@ def create_app(
     for name, source in models.items():
         served = _load_model(name, source, device=device, dtype=dtype)
         served.worker = ModelWorker(
-            name, _batch_runner(served.pipeline, max_batch), max_queue=max_queue,
+            name, _batch_runner(served.pipeline, max_batch, lora_files), max_queue=max_queue,
             max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000,
             on_queue_depth=metrics.queue_depth.labels(name).set,
             on_batch=lambda images, seconds, name=name: metrics.batch_done(name, images, seconds))

@@ -36,7 +36,7 @@ class BatchKey:
     num_inference_steps: int
     guidance_scale: float
     scheduler: str | None
-    lora: str | None  # LoRA file path
+    lora: str | None  # a LoRA name registered with the server
     lora_scale: float
     strength: float | None  # edits only
 

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from .export import CONFIG_FILE
-from .generate import SCHEDULERS, format_parameters
+from .generate import IMG2IMG_STRENGTH, INPAINT_STRENGTH, SCHEDULERS, format_parameters
 from .serve_batching import BatchKey, Job, ModelWorker, QueueFull, WorkerStopped
 from .serve_schemas import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, QUALITY_STEPS, APIError,
                             ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest,
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_GUIDANCE_SCALE = 7.5  # generate()'s default
-IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.8, 1.0  # edit_images' defaults, for the PNG parameters
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 _UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
 _A1111_SAMPLERS = {sampler: name for name, (_, sampler) in SCHEDULERS.items()}
@@ -93,13 +92,12 @@ class ServerState:
         return self.models[name]
 
     def lora(self, name: str | None) -> str | None:
-        if name is None:
-            return None
-        if name not in self.loras:
+        """A registered LoRA name (the batch runner maps it to its file), or None."""
+        if name is not None and name not in self.loras:
             known = ", ".join(self.loras) or "none (start the server with --lora NAME=PATH)"
             raise APIError(404, f"The LoRA '{name}' does not exist; this server has: {known}.",
                            param="lora", code="lora_not_found")
-        return str(self.loras[name])
+        return name
 
     def check_size(self, width: int, height: int, param: str) -> tuple[int, int]:
         if not all(8 <= side <= self.max_image_size and side % 8 == 0 for side in (width, height)):
@@ -154,10 +152,9 @@ def _parameters(served: ServedModel, job: Job, seed_index: int) -> str:
     sampler = SCHEDULERS[key.scheduler][1] if key.scheduler else served.default_sampler
     extra: dict[str, object] = {}
     if key.lora is not None:
-        extra.update({"Lora": Path(key.lora).stem, "Lora scale": key.lora_scale})
-    if key.task != "txt2img":
-        default = INPAINT_STRENGTH if key.task == "inpaint" else IMG2IMG_STRENGTH
-        extra["Denoising strength"] = key.strength if key.strength is not None else default
+        extra.update({"Lora": key.lora, "Lora scale": key.lora_scale})
+    if key.strength is not None:
+        extra["Denoising strength"] = key.strength
     return format_parameters(
         prompt=job.prompts[seed_index], negative_prompt=job.negative_prompts[seed_index],
         steps=key.num_inference_steps, sampler=sampler, cfg_scale=key.guidance_scale,
@@ -182,9 +179,6 @@ def encode_image(image: Image.Image, output_format: str, quality: int | None,
 async def _encode_all(served: ServedModel, job: Job, images: list[Image.Image],
                       output_format: str, quality: int | None) -> list[str]:
     """Base64 of every image, encoded off the event loop."""
-    if output_format == "webp" and not features.check("webp"):
-        raise APIError(400, "output_format 'webp' needs Pillow built with libwebp; ask for png "
-                            "or jpeg.", param="output_format", code="unsupported_format")
 
     def encode() -> list[str]:
         return [base64.b64encode(encode_image(image, output_format, quality,
@@ -196,8 +190,11 @@ async def _encode_all(served: ServedModel, job: Job, images: list[Image.Image],
 
 async def _images_answer(state: ServerState, served: ServedModel, job: Job,
                          body: ImageGenerationRequest) -> dict:
-    images = await state.run(served, job)
     output_format = body.output_format or "png"
+    if output_format == "webp" and not features.check("webp"):
+        raise APIError(400, "output_format 'webp' needs Pillow built with libwebp; ask for png "
+                            "or jpeg.", param="output_format", code="unsupported_format")
+    images = await state.run(served, job)
     encoded = await _encode_all(served, job, images, output_format, body.output_compression)
     # response_format "url" is answered with data: URLs; this server hosts no files.
     if body.response_format == "url":
@@ -345,14 +342,18 @@ async def images_edits(request: Request, state: ServerState = Depends(_state)) -
         width, height = state.check_size(image.width, image.height, "image")
     else:
         width, height = state.size(body.size, served)
+    strength = body.strength
+    if strength is None:
+        strength = INPAINT_STRENGTH if mask else IMG2IMG_STRENGTH
     key = BatchKey("inpaint" if mask else "img2img", width, height,
                    state.steps(body.num_inference_steps, body.quality),
                    body.guidance_scale if body.guidance_scale is not None
                    else DEFAULT_GUIDANCE_SCALE,
-                   body.scheduler, state.lora(body.lora), body.lora_scale, body.strength)
-    if int(key.num_inference_steps * (body.strength or 1.0)) < 1:
+                   body.scheduler, state.lora(body.lora), body.lora_scale, strength)
+    # Checked here, not left to edit_images: one failing request would fail its whole batch.
+    if int(key.num_inference_steps * strength) < 1:
         raise APIError(400, f"num_inference_steps={key.num_inference_steps} with strength="
-                            f"{body.strength} leaves no denoising step; raise either.",
+                            f"{strength} leaves no denoising step; raise either.",
                        param="strength", code="invalid_value")
     job = Job(key, [body.prompt] * body.n, [body.negative_prompt] * body.n,
               _seeds(body.seed, body.n), images=[image] * body.n,
