@@ -139,10 +139,24 @@ def test_folder_that_is_not_a_pipeline_raises_model_load_error(tmp_path):
         generate(tmp_path, PROMPT, num_images=1)
 
 
-def test_sdxl_pipeline_is_refused_with_a_reason(tmp_path):
-    folder = save_tiny_pipeline(tmp_path / "tiny-sdxl", family="sdxl")
-    with pytest.raises(GenerationError, match="is an SDXL pipeline"):
-        load_pipeline(folder, device="cpu")
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_every_family_generates_and_edits(tmp_path, family):
+    from diffusers import StableDiffusionXLPipeline
+
+    from dreambooth.generate import PIPELINES, edit_images
+
+    folder = save_tiny_pipeline(tmp_path / f"tiny-{family}", family=family)
+    pipeline = load_pipeline(folder, device="cpu")
+    assert type(pipeline) is PIPELINES[family]
+    result = generate(pipeline, PROMPT, num_images=2, num_inference_steps=2, seed=3,
+                      output_dir=tmp_path / "out")
+    assert len(result.paths) == 2
+    again = generate(folder, PROMPT, num_images=1, num_inference_steps=2, seed=4)
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[1]))
+    edited = edit_images(pipeline, PROMPT, image=result.images[0], seeds=[1],
+                         num_inference_steps=4)
+    assert edited[0].size == result.images[0].size
+    assert isinstance(pipeline, StableDiffusionXLPipeline) == (family == "sdxl")
 
 
 def test_bad_dtype_is_named(model_dir):

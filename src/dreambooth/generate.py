@@ -33,6 +33,9 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
 )
 from diffusers.utils import deprecation_utils
 from PIL import Image
@@ -64,6 +67,12 @@ IMG2IMG_STRENGTH = 0.8
 INPAINT_STRENGTH = 1.0
 
 
+# The text-to-image pipeline class of each model family (models.detect_family).
+PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline,
+             "sdxl": StableDiffusionXLPipeline}
+TEXT_TO_IMAGE_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
+
+
 class GenerationError(ValueError):
     """A generation argument that cannot be used; the message names the argument and its value."""
 
@@ -89,17 +98,14 @@ def load_pipeline(
     if dtype != "auto" and dtype not in _DTYPES:
         raise GenerationError(f"dtype='{dtype}' is not one of: auto, {', '.join(_DTYPES)}")
     path = resolve_model_path(model)
-    if detect_family(path) == "sdxl":
-        # StableDiffusionPipeline would load it and fail at the first image with a TypeError.
-        raise GenerationError(
-            f"model '{model}' is an SDXL pipeline; generate and serve run SD 1.x/2.x pipelines "
-            "(use diffusers' StableDiffusionXLPipeline for SDXL)")
+    pipeline_class = PIPELINES[detect_family(path)]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "fp16" if torch.device(device).type == "cuda" else "fp32"
     logger.info("loading %s on %s as %s", path, device, dtype)
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        path, safety_checker=None, local_files_only=True, **{_DTYPE_KEYWORD: _DTYPES[dtype]}
+    extra = {} if pipeline_class is StableDiffusionXLPipeline else {"safety_checker": None}
+    pipeline = pipeline_class.from_pretrained(
+        path, local_files_only=True, **extra, **{_DTYPE_KEYWORD: _DTYPES[dtype]}
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
@@ -223,8 +229,12 @@ def sample_images(
 def _edit_pipeline(pipeline: StableDiffusionPipeline, *, inpaint: bool):
     """An img2img or inpainting pipeline over the same modules (no copy): weights, LoRA adapters
     and the current scheduler are shared with `pipeline`."""
-    cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionImg2ImgPipeline
-    edit_pipeline = cls(**pipeline.components, requires_safety_checker=False)
+    if isinstance(pipeline, StableDiffusionXLPipeline):
+        cls = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLImg2ImgPipeline
+        edit_pipeline = cls(**pipeline.components)
+    else:
+        cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionImg2ImgPipeline
+        edit_pipeline = cls(**pipeline.components, requires_safety_checker=False)
     edit_pipeline.set_progress_bar_config(disable=True)
     return edit_pipeline
 
@@ -489,7 +499,7 @@ def generate(
     if num_images < 1:
         raise GenerationError(f"num_images={num_images} must be at least 1")
     _check_arguments(prompt, num_inference_steps, guidance_scale, height, width)
-    if isinstance(model, StableDiffusionPipeline):
+    if isinstance(model, TEXT_TO_IMAGE_PIPELINES):
         pipeline = model
         model_name = Path(pipeline.name_or_path or "unknown").name
     else:

@@ -25,7 +25,7 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from .generate import (GenerationError, default_size, edit_images, load_pipeline, lora_file,
+from .generate import (TEXT_TO_IMAGE_PIPELINES, GenerationError, default_size, edit_images, load_pipeline, lora_file,
                        sample_images, sampling_settings, set_scheduler)
 from .models import resolve_model_path
 from .serve_batching import BatchKey, Job, ModelWorker
@@ -189,7 +189,7 @@ def _batch_runner(pipeline: StableDiffusionPipeline, max_batch: int, loras: dict
 
 def _load_model(name: str, source: str | Path | StableDiffusionPipeline, *,
                 device: str | None, dtype: str) -> ServedModel:
-    if isinstance(source, StableDiffusionPipeline):
+    if isinstance(source, TEXT_TO_IMAGE_PIPELINES):
         pipeline = source
         folder = Path(pipeline.name_or_path) if pipeline.name_or_path else None
     else:
