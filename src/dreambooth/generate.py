@@ -213,17 +213,23 @@ def sample_images(
     """
     _check_arguments(prompt, num_inference_steps, guidance_scale, height, width)
     batch_size = _check_batching(seeds, batch_size)
-    per_image = {"prompt": _per_seed("prompt", prompt, seeds)}
-    negative_prompts = _per_seed("negative_prompt", negative_prompt, seeds)
-    if any(negative_prompts):
-        per_image["negative_prompt"] = negative_prompts
-    # else none: SD 1.x/2.x then encode "" anyway, while SDXL (validation samples in training)
-    # uses zero embeddings (`force_zeros_for_empty_prompt`), as diffusers' own calls do.
+    per_image = _prompt_inputs(prompt, negative_prompt, seeds)
     return _run_in_chunks(
         pipeline, seeds=seeds, batch_size=batch_size, per_image=per_image,
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
         height=height or default_size(pipeline), width=width or default_size(pipeline),
     )
+
+
+def _prompt_inputs(prompt, negative_prompt, seeds: list[int]) -> dict[str, list[str]]:
+    """Per-image prompts, and negative prompts only when one is not empty: SD 1.x/2.x encode ""
+    either way, while SDXL then uses zero embeddings (`force_zeros_for_empty_prompt`), as
+    diffusers' own calls (and SDXL's training) do."""
+    inputs = {"prompt": _per_seed("prompt", prompt, seeds)}
+    negative_prompts = _per_seed("negative_prompt", negative_prompt, seeds)
+    if any(negative_prompts):
+        inputs["negative_prompt"] = negative_prompts
+    return inputs
 
 
 def _edit_pipeline(pipeline: StableDiffusionPipeline, *, inpaint: bool):
@@ -301,8 +307,7 @@ def edit_images(
     # Resized here, not by the pipelines: diffusers' img2img pipeline takes no height/width.
     size = (width, height)
     per_image = {
-        "prompt": _per_seed("prompt", prompt, seeds),
-        "negative_prompt": _per_seed("negative_prompt", negative_prompt, seeds),
+        **_prompt_inputs(prompt, negative_prompt, seeds),
         "image": [_resized(picture.convert("RGB"), size, Image.Resampling.BICUBIC)
                   for picture in images],
     }
