@@ -155,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="Serve models over OpenAI's Images API, OpenRouter and A1111 (HTTP)."))
     _add_export_arguments(commands.add_parser(
         "export", help="Write a model as diffusers, single-file (A1111/ComfyUI) or LoRA files."))
+    evaluation = commands.add_parser(
+        "eval", help="Score a model against reference photos (subject/prompt fidelity, PRES, DIV).")
+    evaluation.add_argument("--model", required=True, help="A training output_dir or pipeline.")
+    evaluation.add_argument("--reference_dir", required=True, help="The subject's photos.")
+    evaluation.add_argument("--identifier", default="sks")
+    evaluation.add_argument("--class_noun", required=True, help="e.g. star, ball, dog.")
+    evaluation.add_argument("--prompts", default=None,
+                            help="File with one prompt a line (default: DreamBench-style set).")
+    evaluation.add_argument("--images_per_prompt", type=int, default=4)
+    evaluation.add_argument("--num_inference_steps", type=int, default=25)
+    evaluation.add_argument("--guidance_scale", type=float, default=7.5)
+    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--device", default=None)
+    evaluation.add_argument("--output_dir", required=True)
     demo = commands.add_parser("demo", help="Run the whole DreamBooth job on a tiny model (CPU, ~1 min).")
     demo.add_argument("--output_dir", default="runs/demo")
     demo.add_argument("--max_train_steps", type=int, default=200)
@@ -215,6 +229,20 @@ def main(argv: list[str] | None = None) -> int:
             print(export_model(args.model, args.export_format, args.output, dtype=args.dtype,
                                merge_lora_path=args.merge_lora, lora_scale=args.lora_scale,
                                prediction_type=args.prediction_type))
+        elif args.command == "eval":
+            import json
+            from dataclasses import asdict
+
+            from .dreambench import evaluate_model, read_prompts
+
+            result = evaluate_model(
+                args.model, args.reference_dir, identifier=args.identifier,
+                class_noun=args.class_noun, output_dir=args.output_dir,
+                prompts=read_prompts(args.prompts) if args.prompts else None,
+                images_per_prompt=args.images_per_prompt,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale, seed=args.seed, device=args.device)
+            print(json.dumps(asdict(result), indent=2))
         elif args.command == "demo":
             from .demo import run_demo
 
