@@ -1,4 +1,6 @@
-"""`dreambooth demo` in a fast mode writes every file the README promises."""
+"""`dreambooth demo` in a fast mode produces every file the README promises."""
+
+import json
 
 from dreambooth.cli import main
 from dreambooth.images import read_png_text
@@ -8,10 +10,15 @@ def test_demo_fast_mode_produces_every_file(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--output_dir", str(out), "--max_train_steps", "4"]) == 0
     assert (out / "base-model" / "model_index.json").exists()
-    assert len(list((out / "instance-photos").glob("*.png"))) == 4
+    assert len(list((out / "instance-photos").glob("*.png"))) == 5
     assert len(list((out / "class-images").glob("class-*.png"))) == 8
     assert (out / "model" / "model_index.json").exists()
     assert [p.name for p in (out / "model" / "checkpoints").iterdir()] == ["checkpoint-4.ckpt"]
     assert len(list((out / "model" / "validation").glob("step-*.png"))) == 4
-    assert len(list((out / "samples" / "model").glob("0*.png"))) == 4
-    assert read_png_text(out / "base-vs-trained.png")["prompt"] == "a photo of sks toy"
+    assert read_png_text(out / "base-vs-trained.png")["prompt"] == "a sks ball"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for label in ("before", "after"):
+        assert {"subject_fidelity", "prompt_fidelity", "pres", "div"} <= metrics[label].keys()
+        assert len(list((out / "eval" / label / "prompts").glob("*.png"))) == 6
+    report = (out / "report.html").read_text()
+    assert "eval/after/prompts/005.png" in report and "base-vs-trained.png" in report
