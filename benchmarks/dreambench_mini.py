@@ -1,0 +1,162 @@
+"""DreamBench-mini: every subject of the procedural world, with and without prior preservation.
+
+For each subject: its photos -> DreamBooth (full fine-tune) on the base model -> the subject's
+DreamBench-style prompts -> the world evaluator's metrics. Prints tables in the shape of the
+paper's Table 1 (subject fidelity ~ DINO, prompt fidelity ~ CLIP-T; real photos and the base
+model as references) and Table 3 (PRES, DIV, subject fidelity with and without the prior loss),
+and writes every figure as JSON.
+
+Usage:
+    python benchmarks/dreambench_mini.py --base_model runs/world-model/model
+    python benchmarks/dreambench_mini.py --base_model tiny --steps 4 --quick   # smoke run only
+
+`--base_model tiny` builds a tiny random pipeline: it checks that the benchmark runs, its
+numbers mean nothing. The real table needs the pretrained world model
+(scripts/pretrain_world_model.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from statistics import mean
+
+
+def run(args) -> dict:
+    from dreambooth.config import parse_train_config
+    from dreambooth.dreambench import evaluate_model
+    from dreambooth.evaluate import load_evaluator, subject_fidelity
+    from dreambooth.generate import load_pipeline
+    from dreambooth.tiny import save_tiny_pipeline
+    from dreambooth.train import train
+    from dreambooth.world import SUBJECTS, class_prompt, dreambench_prompts, photos
+
+    work = Path(tempfile.mkdtemp(prefix="dreambench-mini-"))
+    try:
+        base = Path(args.base_model) if args.base_model != "tiny" else save_tiny_pipeline(
+            work / "tiny-base", sample_size=args.resolution)
+        subjects = list(SUBJECTS.values())[:args.subjects]
+        results = []
+        evaluator = load_evaluator()
+        for subject in subjects:
+            photo_dir = work / subject.name / "photos"
+            photo_dir.mkdir(parents=True)
+            subject_photos = photos(subject, n=5)
+            for index, photo in enumerate(subject_photos):
+                photo.save(photo_dir / f"{index}.png")
+            # Real-photo reference row: new photos of the subject vs the training photos.
+            held_out = photos(subject, n=5, seed=1)
+            prompts = dreambench_prompts(subject)[:args.prompts]
+            row = {"subject": subject.name, "class": subject.cls,
+                   "real_subject_fidelity": subject_fidelity(held_out, subject_photos, evaluator)}
+            base_eval = evaluate_model(
+                load_pipeline(base, device=args.device), photo_dir, identifier="sks",
+                class_noun=subject.cls, prompts=prompts, output_dir=work / subject.name / "base",
+                images_per_prompt=args.images_per_prompt, num_inference_steps=args.sample_steps,
+                device=args.device)
+            row["base"] = asdict(base_eval)
+            for prior in (True, False):
+                label = "with_prior" if prior else "without_prior"
+                started = time.perf_counter()
+                output = train(parse_train_config({
+                    "pretrained_model_name_or_path": str(base),
+                    "instance_data_dir": str(photo_dir),
+                    "instance_prompt": f"a sks {subject.cls}",
+                    "with_prior_preservation": prior, "class_prompt": class_prompt(subject),
+                    "class_data_dir": str(work / subject.name / "class"),
+                    "num_class_images": args.class_images, "class_inference_steps": args.sample_steps,
+                    "resolution": args.resolution, "train_batch_size": 1,
+                    "max_train_steps": args.steps, "learning_rate": args.learning_rate,
+                    "lr_warmup_steps": 0, "train_text_encoder": True, "seed": 0,
+                    "checkpointing_steps": args.steps + 1, "report_to": "none",
+                    "accelerator": "auto" if args.device is None else args.device.split(":")[0]
+                    .replace("cuda", "gpu"),
+                    "output_dir": str(work / subject.name / label),
+                }))
+                train_s = time.perf_counter() - started
+                evaluation = evaluate_model(
+                    load_pipeline(output, device=args.device), photo_dir, identifier="sks",
+                    class_noun=subject.cls, prompts=prompts,
+                    output_dir=work / subject.name / f"{label}-eval",
+                    images_per_prompt=args.images_per_prompt,
+                    num_inference_steps=args.sample_steps, device=args.device)
+                row[label] = {**asdict(evaluation), "train_s": train_s}
+                shutil.rmtree(output, ignore_errors=True)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        return {"base_model": str(args.base_model), "settings": vars(args), "subjects": results,
+                "machine": {"python": platform.python_version(), "processor": platform.processor(),
+                            "node": platform.node()}}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def tables(report: dict) -> str:
+    rows = report["subjects"]
+
+    def avg(path: tuple[str, ...]) -> float:
+        values = []
+        for row in rows:
+            value = row
+            for key in path:
+                value = value[key]
+            values.append(value)
+        return mean(values)
+
+    table1 = ["| method | subject fidelity (DINO-like) | prompt fidelity (CLIP-T-like) |",
+              "|---|---|---|",
+              f"| real photos | {avg(('real_subject_fidelity',)):.3f} | - |",
+              f"| base model (no training) | {avg(('base', 'subject_fidelity')):.3f} | "
+              f"{avg(('base', 'prompt_fidelity')):.3f} |",
+              f"| DreamBooth (ours, with prior) | {avg(('with_prior', 'subject_fidelity')):.3f} | "
+              f"{avg(('with_prior', 'prompt_fidelity')):.3f} |"]
+    table3 = ["| method | PRES (lower is better) | DIV (higher is better) | subject fidelity |",
+              "|---|---|---|---|"]
+    for label, name in (("with_prior", "with prior preservation"),
+                        ("without_prior", "without prior preservation")):
+        table3.append(f"| {name} | {avg((label, 'pres')):.3f} | {avg((label, 'div')):.3f} | "
+                      f"{avg((label, 'subject_fidelity')):.3f} |")
+    return "\n".join(["Table 1 (shape of the paper's)", *table1, "",
+                      "Table 3 (shape of the paper's)", *table3])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base_model", required=True,
+                        help="The pretrained world model folder, or 'tiny' for a smoke run.")
+    parser.add_argument("--subjects", type=int, default=6, help="How many subjects (max 6).")
+    parser.add_argument("--steps", type=int, default=400, help="DreamBooth steps per run.")
+    parser.add_argument("--learning_rate", type=float, default=2e-5)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--class_images", type=int, default=50)
+    parser.add_argument("--prompts", type=int, default=25, help="Prompts per subject (max ~17).")
+    parser.add_argument("--images_per_prompt", type=int, default=4)
+    parser.add_argument("--sample_steps", type=int, default=25)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--quick", action="store_true",
+                        help="Smoke settings: 1 subject, 2 prompts, 2 images, 4 class images.")
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/).")
+    args = parser.parse_args()
+    if args.quick:
+        args.subjects, args.prompts, args.images_per_prompt = 1, 2, 2
+        args.class_images, args.sample_steps = 4, 2
+        if args.base_model == "tiny":
+            args.resolution = 32
+    report = run(args)
+    text = tables(report)
+    print(text)
+    output = Path(args.output or Path(__file__).parent / "results" /
+                  f"dreambench_mini-{platform.node()}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({**report, "tables": text}, indent=2) + "\n")
+    print(f"results written to {output}")
+
+
+if __name__ == "__main__":
+    main()
