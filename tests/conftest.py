@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageDraw
+
 from dreambooth.config import parse_train_config
-from dreambooth.demo import write_subject_photos
 from dreambooth.tiny import save_tiny_pipeline
 
 
@@ -19,6 +20,19 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_v_model(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-v",
                               prediction_type="v_prediction")
+
+
+def write_subject_photos(folder: Path, count: int = 4, size: int = 40) -> Path:
+    """`count` photos of one made-up subject: a blue disc with a yellow stripe, moving around."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        image = Image.new("RGB", (size, size), (200, 60 + 30 * index, 50))
+        draw = ImageDraw.Draw(image)
+        offset = 3 * index
+        draw.ellipse([offset, offset, offset + 26, offset + 26], fill=(20, 40, 220))
+        draw.rectangle([offset + 4, offset + 11, offset + 22, offset + 15], fill=(250, 220, 0))
+        image.save(folder / f"photo-{index}.png")
+    return folder
 
 
 @pytest.fixture

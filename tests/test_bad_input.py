@@ -11,9 +11,7 @@ from dreambooth.images import ImageFolderError
 from dreambooth.models import ModelLoadError
 from dreambooth.train import train
 
-from dreambooth.demo import write_subject_photos
-
-from conftest import tiny_config
+from conftest import tiny_config, write_subject_photos
 
 
 def test_missing_instance_folder_is_named(tmp_path, tiny_model):

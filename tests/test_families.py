@@ -40,7 +40,7 @@ def test_full_fine_tune_of_each_family(tmp_path, family_model, instance_dir):
     index = json.loads((output / "model_index.json").read_text())
     assert ("text_encoder_2" in index) == (family == "sdxl")
     pipeline = DiffusionPipeline.from_pretrained(output)
-    seeds = [seeding.derive_seed(7, seeding.VALIDATION, i) % 2**32 for i in range(2)]
+    seeds = seeding.validation_seeds(7, 2)
     live = np.asarray(Image.open(output / "validation" / "step-000003.png"), dtype=np.float32)
     assert np.abs(_validation_images(pipeline, seeds) - live).max() <= 2
 
@@ -50,7 +50,7 @@ def test_lora_of_each_family_loads_in_diffusers_from_both_files(tmp_path, family
     family, model = family_model
     output = train(tiny_config(model, instance_dir, tmp_path / "lora", use_lora=True,
                                learning_rate=1e-2, **_common(tmp_path)))
-    seeds = [seeding.derive_seed(7, seeding.VALIDATION, i) % 2**32 for i in range(2)]
+    seeds = seeding.validation_seeds(7, 2)
     live = np.asarray(Image.open(output / "validation" / "step-000003.png"), dtype=np.float32)
     with open(output / KOHYA_LORA_FILE, "rb") as handle:
         header = handle.read(200_000).decode("latin-1")

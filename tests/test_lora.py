@@ -59,7 +59,7 @@ def test_lora_run_writes_files_that_reproduce_the_trained_model(tmp_path, tiny_m
     assert metadata["modelspec.resolution"] == "32x32" and metadata["training_steps"] == "4"
 
     # diffusers loads both files; both reproduce the live model's last validation images.
-    seeds = [seeding.derive_seed(7, seeding.VALIDATION, i) % 2**32 for i in range(2)]
+    seeds = seeding.validation_seeds(7, 2)
     live = np.asarray(Image.open(output / "validation" / "step-000004.png"), dtype=np.float32)
     base = StableDiffusionPipeline.from_pretrained(tiny_model)
     base_images = _sample(base, seeds)

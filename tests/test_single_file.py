@@ -360,8 +360,7 @@ def test_sd15_size_single_file_round_trip_is_exact(tmp_path):
         assert saved.keys() == expected.keys(), name
         assert all(torch.equal(saved[k], expected[k]) for k in expected), name
     # And the file trains as --pretrained_model_name_or_path (LoRA, 1 step, small images).
-    from conftest import tiny_config
-    from dreambooth.demo import write_subject_photos
+    from conftest import tiny_config, write_subject_photos
     from dreambooth.models import load_components
     from dreambooth.train import train
 

@@ -87,8 +87,7 @@ class ValidationSamples(Callback):
         self.components = components
         self.prompt, self.every_n_steps, self.num_images = prompt, every_n_steps, num_images
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
-        self.seeds = [seeding.derive_seed(seed, seeding.VALIDATION, i) % 2**32
-                      for i in range(num_images)]
+        self.seeds = seeding.validation_seeds(seed, num_images)
         self.resolution = resolution
         self.output_dir = Path(output_dir)
         self._last_step = -1

@@ -34,9 +34,8 @@ class LatentCache:
     crop (top, left) and target (height, width), as in the SDXL paper (sec. 2.2).
     """
 
-    def __init__(self, means: torch.Tensor, stds: torch.Tensor, time_ids: torch.Tensor,
-                 paths: list[Path]):
-        self.means, self.stds, self.time_ids, self.paths = means, stds, time_ids, paths
+    def __init__(self, means: torch.Tensor, stds: torch.Tensor, time_ids: torch.Tensor):
+        self.means, self.stds, self.time_ids = means, stds, time_ids
 
     def __len__(self) -> int:
         return self.means.shape[0]
@@ -78,7 +77,7 @@ class LatentCache:
         stds = torch.cat(stds).unflatten(0, (n, v))
         log.info("encoded %d %s image(s) x %d view(s) into latents %s", n, role, v,
                  tuple(means.shape[2:]))
-        return cls(means, stds, torch.stack(time_ids), [path for path, _ in images])
+        return cls(means, stds, torch.stack(time_ids))
 
 
 class _EpochOrder:

@@ -19,8 +19,6 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
 from .config import parse_train_config
 from .dreambench import evaluate_model
 from .files import atomic_write_text
@@ -37,22 +35,6 @@ INSTANCE_PROMPT = f"a {IDENTIFIER} {DEMO_SUBJECT.cls}"
 CLASS_PROMPT = class_prompt(DEMO_SUBJECT)
 RESOLUTION = 32  # the tiny random base model's size
 EVAL_PROMPTS = 6  # a slice of the subject's DreamBench-mini prompts, for speed
-
-
-def write_subject_photos(folder: Path, count: int = 4, size: int = 40) -> Path:
-    """`count` photos of one made-up subject: a blue disc with a yellow stripe, moving around.
-
-    (A quick stand-in used by tests; the demo itself uses the world's rendered subject.)
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        image = Image.new("RGB", (size, size), (200, 60 + 30 * index, 50))
-        draw = ImageDraw.Draw(image)
-        offset = 3 * index
-        draw.ellipse([offset, offset, offset + 26, offset + 26], fill=(20, 40, 220))
-        draw.rectangle([offset + 4, offset + 11, offset + 22, offset + 15], fill=(250, 220, 0))
-        image.save(folder / f"photo-{index}.png")
-    return folder
 
 
 def run_demo(output_dir: Path, *, max_train_steps: int = 200) -> Path:

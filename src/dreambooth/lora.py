@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from .files import atomic_path
+from .models import FAMILY_NAMES
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"
@@ -131,8 +132,7 @@ def lora_metadata(*, settings: LoraSettings, base_model: str, trigger_phrase: st
                   train_text_encoder: bool, family: str = "sd1") -> dict[str, str]:
     """kohya `ss_*` and ModelSpec keys (all values strings, as safetensors requires)."""
     version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family]
-    architecture = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2",
-                    "sdxl": "stable-diffusion-xl-v1-base"}[family]
+    architecture = FAMILY_NAMES[family]
     return {
         "ss_base_model_version": version,
         "ss_network_module": "networks.lora",

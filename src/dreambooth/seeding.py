@@ -26,6 +26,11 @@ def generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(derive_seed(seed, *keys))
 
 
+def validation_seeds(seed: int, count: int) -> list[int]:
+    """The fixed 32-bit seeds of a run's validation images (the same at every validation)."""
+    return [derive_seed(seed, VALIDATION, index) % 2**32 for index in range(count)]
+
+
 def capture_rng_state() -> dict:
     """Global RNG states (torch, CUDA, numpy, python) in a form torch.load(weights_only=True) reads."""
     np_state = np.random.get_state()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      field_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      ValidationError)
 
 from .generate import SCHEDULERS
 
@@ -93,6 +93,15 @@ def parse(model: type[BaseModel], values: dict[str, Any]) -> BaseModel:
 
 
 Prompt = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("the prompt is empty; describe the image to generate")
+    return value
+
+
+PromptText = Annotated[str, AfterValidator(_not_blank)]
 NegativePrompt = Field("", max_length=MAX_PROMPT_CHARS)
 
 
@@ -114,7 +123,7 @@ class ImageGenerationRequest(Extras):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Prompt
+    prompt: PromptText = Prompt
     model: str | None = None  # None: the first model the server was started with
     n: Int = Field(1, ge=1, le=MAX_IMAGES)
     size: str | None = None  # "WxH" or "auto" (the model's native size)
@@ -130,13 +139,6 @@ class ImageGenerationRequest(Extras):
     style: Literal["vivid", "natural"] | None = None
     user: str | None = None
     safety_identifier: str | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the prompt is empty; describe the image to generate")
-        return value
 
 
 class ImageEditRequest(ImageGenerationRequest):
@@ -182,7 +184,7 @@ class Txt2ImgRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Prompt
+    prompt: PromptText = Prompt
     negative_prompt: str = NegativePrompt
     steps: Int = Field(20, ge=1)
     cfg_scale: Float = Field(7.0, ge=0, le=50, allow_inf_nan=False)
@@ -195,10 +197,3 @@ class Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] = Field(default_factory=dict)
     lora: str | None = None
     lora_scale: Float = Field(1.0, ge=-10, le=10, allow_inf_nan=False)
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the prompt is empty; describe the image to generate")
-        return value

@@ -79,7 +79,6 @@ class DreamBoothModule(L.LightningModule):
         # Checkpoints hold only what training changes; the frozen rest comes from the base model.
         self.strict_loading = False
 
-        self.lora = lora
         self.vae.requires_grad_(False).eval()
         if lora is not None:
             add_lora_adapters(self.unet, self.text_encoders, lora,
@@ -130,9 +129,6 @@ class DreamBoothModule(L.LightningModule):
                 for encoder in self.text_encoders:
                     encoder.to("cpu")
                 log.info("text embeddings precomputed; text encoders moved off %s", self.device)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------ loss
     def encode_prompts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
