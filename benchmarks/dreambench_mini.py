@@ -7,12 +7,12 @@ model as references) and Table 3 (PRES, DIV, subject fidelity with and without t
 and writes every figure as JSON.
 
 Usage:
+    python benchmarks/dreambench_mini.py                        # the bundled world model, `demo`
     python benchmarks/dreambench_mini.py --base_model runs/world-model/model
     python benchmarks/dreambench_mini.py --base_model tiny --steps 4 --quick   # smoke run only
 
 `--base_model tiny` builds a tiny random pipeline: it checks that the benchmark runs, its
-numbers mean nothing. The real table needs the pretrained world model
-(scripts/pretrain_world_model.py).
+numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -33,14 +33,17 @@ def run(args) -> dict:
     from dreambooth.dreambench import evaluate_model
     from dreambooth.evaluate import load_evaluator, subject_fidelity
     from dreambooth.generate import load_pipeline
+    from dreambooth.models import resolve_model_path
     from dreambooth.tiny import save_tiny_pipeline
     from dreambooth.train import train
     from dreambooth.world import SUBJECTS, class_prompt, dreambench_prompts, photos
 
     work = Path(tempfile.mkdtemp(prefix="dreambench-mini-"))
     try:
-        base = Path(args.base_model) if args.base_model != "tiny" else save_tiny_pipeline(
-            work / "tiny-base", sample_size=args.resolution)
+        if args.base_model == "tiny":
+            base = save_tiny_pipeline(work / "tiny-base", sample_size=args.resolution)
+        else:
+            base = resolve_model_path(args.base_model)
         subjects = list(SUBJECTS.values())[:args.subjects]
         results = []
         evaluator = load_evaluator()
@@ -59,7 +62,7 @@ def run(args) -> dict:
                 load_pipeline(base, device=args.device), photo_dir, identifier="sks",
                 class_noun=subject.cls, prompts=prompts, output_dir=work / subject.name / "base",
                 images_per_prompt=args.images_per_prompt, num_inference_steps=args.sample_steps,
-                device=args.device)
+                guidance_scale=args.guidance_scale, device=args.device)
             row["base"] = asdict(base_eval)
             for prior in (True, False):
                 label = "with_prior" if prior else "without_prior"
@@ -85,7 +88,8 @@ def run(args) -> dict:
                     class_noun=subject.cls, prompts=prompts,
                     output_dir=work / subject.name / f"{label}-eval",
                     images_per_prompt=args.images_per_prompt,
-                    num_inference_steps=args.sample_steps, device=args.device)
+                    num_inference_steps=args.sample_steps, guidance_scale=args.guidance_scale,
+                    device=args.device)
                 row[label] = {**asdict(evaluation), "train_s": train_s}
                 shutil.rmtree(output, ignore_errors=True)
             results.append(row)
@@ -128,8 +132,8 @@ def tables(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base_model", required=True,
-                        help="The pretrained world model folder, or 'tiny' for a smoke run.")
+    parser.add_argument("--base_model", default="demo",
+                        help="A world model ('demo': the bundled one), or 'tiny' for a smoke run.")
     parser.add_argument("--subjects", type=int, default=6, help="How many subjects (max 6).")
     parser.add_argument("--steps", type=int, default=400, help="DreamBooth steps per run.")
     parser.add_argument("--learning_rate", type=float, default=2e-5)
@@ -138,6 +142,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=25, help="Prompts per subject (max ~17).")
     parser.add_argument("--images_per_prompt", type=int, default=4)
     parser.add_argument("--sample_steps", type=int, default=25)
+    parser.add_argument("--guidance_scale", type=float, default=5.0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--quick", action="store_true",
                         help="Smoke settings: 1 subject, 2 prompts, 2 images, 4 class images.")

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--background", action="store_true",
                         help="Run detached; output goes to OUTPUT_DIR/pretrain.out.")
+    parser.add_argument("--export_checkpoint", metavar="CHECKPOINT", default=None,
+                        help="Only export a stage-2 checkpoint ('latest', 'checkpoint-N') of the "
+                             "run in OUTPUT_DIR as a model (OUTPUT_DIR/model-step-N), then exit.")
     hints = typing.get_type_hints(PretrainConfig)
     for field in dataclasses.fields(PretrainConfig):
         hint = hints[field.name]
@@ -67,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     import torch
-    from dreambooth.pretrain import PretrainConfig, pretrain
+    from dreambooth.pretrain import PretrainConfig, export_checkpoint, pretrain
 
     # `kill PID` behaves like Ctrl-C: Lightning's interrupt handling writes a checkpoint.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    values = {key: value for key, value in vars(args).items() if key != "background"}
+    values = {key: value for key, value in vars(args).items()
+              if key not in ("background", "export_checkpoint")}
     try:
         config = PretrainConfig(**values)
     except ValueError as error:
@@ -80,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(config.threads)
     try:
-        model = pretrain(config)
+        if args.export_checkpoint:
+            model = export_checkpoint(config, args.export_checkpoint)
+        else:
+            model = pretrain(config)
     except ValueError as error:  # a checkpoint that does not fit this configuration
         print(f"error: {error}", file=sys.stderr)
         return 2

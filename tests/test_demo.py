@@ -8,10 +8,9 @@ from dreambooth.images import read_png_text
 
 def test_demo_fast_mode_produces_every_file(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--output_dir", str(out), "--max_train_steps", "4"]) == 0
-    assert (out / "base-model" / "model_index.json").exists()
+    assert main(["demo", "--output_dir", str(out), "--fast"]) == 0
     assert len(list((out / "instance-photos").glob("*.png"))) == 5
-    assert len(list((out / "class-images").glob("class-*.png"))) == 8
+    assert len(list((out / "class-images").glob("class-*.png"))) == 4
     assert (out / "model" / "model_index.json").exists()
     assert [p.name for p in (out / "model" / "checkpoints").iterdir()] == ["checkpoint-4.ckpt"]
     assert len(list((out / "model" / "validation").glob("step-*.png"))) == 4
@@ -19,6 +18,7 @@ def test_demo_fast_mode_produces_every_file(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     for label in ("before", "after"):
         assert {"subject_fidelity", "prompt_fidelity", "pres", "div"} <= metrics[label].keys()
-        assert len(list((out / "eval" / label / "prompts").glob("*.png"))) == 6
+        assert len(list((out / "eval" / label / "prompts").glob("*.png"))) == 3
+    assert metrics["settings"]["max_train_steps"] == 4
     report = (out / "report.html").read_text()
-    assert "eval/after/prompts/005.png" in report and "base-vs-trained.png" in report
+    assert "eval/after/prompts/002.png" in report and "base-vs-trained.png" in report

@@ -46,6 +46,8 @@ def test_pretraining_exports_a_loadable_fp16_pipeline_and_resumes_exactly(tmp_pa
     config = tiny_pretrain_config(tmp_path / "run")
     model = pretrain.pretrain(config)
     assert json.loads((model.parent / "vae" / "report.json").read_text())["psnr_db"] > 0
+    assert (model / "vae" / "report.json").read_text() == (
+        model.parent / "vae" / "report.json").read_text()  # the exported model keeps its PSNR
     weights = load_file(model / "unet" / "diffusion_pytorch_model.safetensors")
     assert {tensor.dtype for tensor in weights.values()} == {torch.float16}
     pipeline = StableDiffusionPipeline.from_pretrained(model)  # fp32 by default, all parts
@@ -64,6 +66,11 @@ def test_pretraining_exports_a_loadable_fp16_pipeline_and_resumes_exactly(tmp_pa
     first = load_file(tmp_path / "first" / "unet" / "diffusion_pytorch_model.safetensors")
     again = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(first[key], again[key]) for key in first)
+    # A checkpoint exports as the finished run does (its EMA weights).
+    exported = pretrain.export_checkpoint(config, "checkpoint-4")
+    assert exported.name == "model-step-4"
+    from_checkpoint = load_file(exported / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(first[key], from_checkpoint[key]) for key in first)
     (stage2 / "checkpoint-4.ckpt").unlink()
     with pytest.raises(ValueError, match="unet_channels: checkpoint has \\[32, 32\\]"):
         pretrain.pretrain(replace(config, unet_channels=(32, 64)))

@@ -169,9 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--seed", type=int, default=0)
     evaluation.add_argument("--device", default=None)
     evaluation.add_argument("--output_dir", required=True)
-    demo = commands.add_parser("demo", help="Run the whole DreamBooth job on a tiny model (CPU, ~1 min).")
+    demo = commands.add_parser(
+        "demo", help="The whole DreamBooth job on the bundled world model (a few minutes on a CPU).")
     demo.add_argument("--output_dir", default="runs/demo")
-    demo.add_argument("--max_train_steps", type=int, default=200)
+    demo.add_argument("--fast", action="store_true",
+                      help="Every stage and file with minimal work (a smoke run; numbers mean little).")
+    demo.add_argument("--max_train_steps", type=int, default=None,
+                      help="DreamBooth steps (default 400; 4 with --fast).")
     return parser
 
 
@@ -244,9 +248,14 @@ def main(argv: list[str] | None = None) -> int:
                 guidance_scale=args.guidance_scale, seed=args.seed, device=args.device)
             print(json.dumps(asdict(result), indent=2))
         elif args.command == "demo":
-            from .demo import run_demo
+            from dataclasses import replace
 
-            run_demo(Path(args.output_dir), max_train_steps=args.max_train_steps)
+            from .demo import FAST, DemoSettings, run_demo
+
+            settings = FAST if args.fast else DemoSettings()
+            if args.max_train_steps is not None:
+                settings = replace(settings, max_train_steps=args.max_train_steps)
+            run_demo(Path(args.output_dir), settings)
     except (ConfigError, ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

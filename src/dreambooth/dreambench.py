@@ -14,11 +14,13 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from . import evaluate
 from .files import atomic_write_text
 from .generate import load_pipeline, sample_images
 from .images import load_image_folder, make_grid, save_png
-from .world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS
+from .world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS, HELD_OUT_COMBINATIONS, Scene, caption
 from .world.render import article
 
 
@@ -38,6 +40,33 @@ def default_prompts(identifier: str, class_noun: str) -> list[str]:
     prompts = [f"a {noun} {BACKGROUND_PHRASES[name]}" for name in BACKGROUNDS]
     prompts += [f"{article(color)} {color} {noun}" for color in COLORS]
     return prompts
+
+
+def held_out_quality(model, *, images_per_prompt: int = 4, num_inference_steps: int = 25,
+                     guidance_scale: float = 5.0, seed: int = 0, device: str | None = None,
+                     limit: int | None = None, grid_path: str | Path | None = None
+                     ) -> dict[str, float]:
+    """How well a base model of the world draws caption combinations it never saw in training
+    (`world.HELD_OUT_COMBINATIONS`, e.g. "a green ball on a blue background"), as the world
+    evaluator judges: the share of images with the asked class, color and background, each and
+    all three (`all`). `limit` takes the first N combinations (sorted) for a quicker check."""
+    pipeline = load_pipeline(model, device=device) if isinstance(model, (str, Path)) else model
+    prompts = [caption(Scene(*triple)) for triple in sorted(HELD_OUT_COMBINATIONS)][:limit]
+    seeds = [seed + offset for offset in range(images_per_prompt)]
+    images, per_image_prompts = [], []
+    for prompt in prompts:
+        images += sample_images(pipeline, prompt, seeds=seeds,
+                                num_inference_steps=num_inference_steps,
+                                guidance_scale=guidance_scale)
+        per_image_prompts += [prompt] * len(seeds)
+    matches = evaluate.attribute_matches(images, per_image_prompts, evaluator=None)
+    if grid_path is not None:
+        save_png(make_grid(images, columns=2 * images_per_prompt), grid_path,
+                 text={"prompts": "; ".join(prompts), "seeds": ",".join(map(str, seeds))})
+    quality = {key: sum(match[key] for match in matches) / len(matches)
+               for key in ("cls", "color", "background")}
+    quality["all"] = sum(all(match.values()) for match in matches) / len(matches)
+    return {**quality, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt}
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -71,7 +100,8 @@ def evaluate_model(model, reference_dir: str | Path, *, identifier: str, class_n
                              num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale)
 
-    groups = {prompt: sample(prompt) for prompt in prompts}
+    groups = {prompt: sample(prompt)
+              for prompt in tqdm(prompts, desc=f"evaluating {output_dir.name}", unit="prompt")}
     class_images = sample(f"{article(class_noun)} {class_noun}")
     generated = [image for images in groups.values() for image in images]
     per_image_prompts = [prompt for prompt, images in groups.items() for _ in images]

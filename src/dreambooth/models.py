@@ -14,6 +14,8 @@ from typing import Any
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# Short names of the models that ship inside the package (diffusers folders in assets/).
+BUNDLED_MODELS = {"demo": Path(__file__).parent / "assets" / "world_model"}
 
 
 class ModelLoadError(ValueError):
@@ -23,7 +25,8 @@ class ModelLoadError(ValueError):
 def resolve_model_path(name_or_path: str | Path, revision: str | None = None, *,
                        prediction_type: str | None = None) -> Path:
     """Return the local diffusers folder for a path, a single-file checkpoint
-    (`.safetensors`/`.ckpt`, SD1/SD2/SDXL) or a cached Hugging Face hub id.
+    (`.safetensors`/`.ckpt`, SD1/SD2/SDXL), a cached Hugging Face hub id or the short name of a
+    bundled model (`demo`: the pretrained model of the procedural world).
 
     Raises ModelLoadError naming `name_or_path` if it is neither a diffusers pipeline folder nor
     a hub id present in the local cache.
@@ -37,12 +40,14 @@ def resolve_model_path(name_or_path: str | Path, revision: str | None = None, *,
     if path.exists():
         return _check_pipeline_folder(path, str(name_or_path))
     text = str(name_or_path)
+    if text in BUNDLED_MODELS:
+        return _check_pipeline_folder(BUNDLED_MODELS[text], text)
     looks_like_repo_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
     if not looks_like_repo_id:
         raise ModelLoadError(
             f"model '{text}' not found: no such folder. Pass a diffusers pipeline folder "
-            "(with model_index.json) or a Hugging Face hub id such as 'org/name' that is in "
-            "your local cache."
+            "(with model_index.json), a Hugging Face hub id such as 'org/name' that is in "
+            f"your local cache, or a bundled model ({', '.join(BUNDLED_MODELS)})."
         )
     from huggingface_hub import snapshot_download
 

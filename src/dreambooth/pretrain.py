@@ -465,6 +465,35 @@ def pretrain(config: PretrainConfig) -> Path:
     return export_model(module, tokenizer, output_dir / "model", config)
 
 
+def export_checkpoint(config: PretrainConfig, checkpoint: str = "latest",
+                      path: Path | None = None) -> Path:
+    """Export the EMA weights of a stage-2 checkpoint ('latest', 'checkpoint-N' or a path) as a
+    base model, e.g. to try a run before it ends; `path` defaults to `output_dir/model-step-N`."""
+    from diffusers import AutoencoderKL
+
+    output_dir = Path(config.output_dir)
+    checkpoint_dir = output_dir / "stage2-unet" / "checkpoints"
+    checkpoint_path = checkpointing.resolve_resume_path(checkpoint, checkpoint_dir)
+    if checkpoint_path is None:
+        raise ValueError(f"no stage-2 checkpoint in '{checkpoint_dir}' to export")
+    _check_resume(config, checkpoint_path)
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    tokenizer = build_word_tokenizer()
+    text_encoder, unet = build_text_encoder_and_unet(config, tokenizer)
+    module = DiffusionModule(vae=AutoencoderKL.from_pretrained(output_dir / "vae"),
+                             text_encoder=text_encoder, unet=unet,
+                             noise_scheduler=noise_schedulers()[0], config=config)
+    module.load_state_dict(state["state_dict"], strict=False)
+    shadows = [value["shadow"] for value in state.get("callbacks", {}).values()
+               if isinstance(value, dict) and "shadow" in value]
+    if shadows:
+        module.load_state_dict(shadows[0], strict=False)
+    step = state["global_step"]
+    log.info("exporting %s (step %d, %s weights)", checkpoint_path, step,
+             "EMA" if shadows else "raw")
+    return export_model(module, tokenizer, path or output_dir / f"model-step-{step}", config)
+
+
 def export_model(module: DiffusionModule, tokenizer, path: Path, config: PretrainConfig) -> Path:
     """Save the pipeline with fp16 weights (safetensors), its config and library versions."""
     from diffusers import StableDiffusionPipeline
@@ -487,6 +516,9 @@ def export_model(module: DiffusionModule, tokenizer, path: Path, config: Pretrai
     atomic_write_text(text_config, json.dumps(values, indent=2) + "\n")
     atomic_write_text(staging / "pretrain_config.json",
                       json.dumps(_config_dict(config), indent=2) + "\n")
+    vae_report_path = Path(config.output_dir) / "vae" / "report.json"  # stage 1's PSNR
+    if vae_report_path.is_file():
+        shutil.copyfile(vae_report_path, staging / "vae" / "report.json")
     atomic_write_text(staging / VERSIONS_FILE, json.dumps(library_versions(), indent=2) + "\n")
     shutil.rmtree(path, ignore_errors=True)
     staging.replace(path)

@@ -1,0 +1,41 @@
+"""The bundled base model of the procedural world (`demo`): loads unchanged through diffusers,
+stays small, and draws the asked class, color and background on captions it never saw."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from dreambooth.dreambench import held_out_quality
+from dreambooth.models import BUNDLED_MODELS, resolve_model_path
+from safetensors import safe_open
+
+WORLD_MODEL = BUNDLED_MODELS["demo"]
+
+
+def test_short_name_resolves_to_the_bundled_diffusers_folder():
+    assert resolve_model_path("demo") == WORLD_MODEL
+    assert json.loads((WORLD_MODEL / "model_index.json").read_text())["_class_name"] == (
+        "StableDiffusionPipeline")
+
+
+def test_bundled_weights_are_fp16_safetensors_within_40_mb():
+    weights = sorted(WORLD_MODEL.rglob("*.safetensors"))
+    assert {path.parent.name for path in weights} == {"unet", "vae", "text_encoder"}
+    for path in weights:
+        with safe_open(path, "pt") as handle:
+            assert {handle.get_slice(key).get_dtype() for key in handle.keys()} == {"F16"}
+    total = sum(path.stat().st_size for path in WORLD_MODEL.rglob("*") if path.is_file())
+    assert total <= 40 * 2**20
+
+
+def test_bundled_model_draws_held_out_combinations():
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(WORLD_MODEL)  # unchanged diffusers
+    pipeline.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)
+    quality = held_out_quality(pipeline, images_per_prompt=2, limit=10)
+    assert quality["num_prompts"] == 10
+    # The full figure (every held-out combination, 4 seeds) is benchmarks/world_model_quality.py.
+    assert quality["all"] >= 0.75, quality
