@@ -5,9 +5,9 @@ Usage (from the repository root, with the package and the `serve` extra installe
     python benchmarks/serve_load.py                      # 1, 4, 16 clients, 48 requests each
     python benchmarks/serve_load.py --concurrency 1 8 --requests 32 --steps 20
 
-What it does: saves the tiny pipeline of `dreambooth.tiny` (the pretrained demo model does not
-exist yet; the tiny one has random weights, 32x32 images) to a temporary folder, starts
-`python -m dreambooth serve` on it in a child process bound to 127.0.0.1 on a free port (with
+What it does: starts `python -m dreambooth serve` on `--model` (default the bundled world
+model `demo`, 64x64 images; `tiny` saves the random-weight 32x32 pipeline of `dreambooth.tiny`
+to a temporary folder) in a child process bound to 127.0.0.1 on a free port (with
 a random API key), and drives it with the official `openai` client, one client per thread.
 Per concurrency level, `c` threads share `--requests` requests (n=1, the model's native size,
 `--steps` denoising steps, a distinct seed each) after `c` warm-up requests; the level's
@@ -40,7 +40,7 @@ from pathlib import Path
 from train_speed import describe_machine, machine_busy_s, machine_line, own_cpu_s
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PROMPT = "a photo of sks dog"
+PROMPT = "a red star on a blue background"
 MODEL_NAME = "demo"
 
 
@@ -171,6 +171,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Timed requests per level (shared by its clients).")
     parser.add_argument("--steps", type=int, default=30,
                         help="Denoising steps per image (30 = quality 'auto').")
+    parser.add_argument("--model", default="demo",
+                        help="A model the server takes ('demo': the bundled world model), or "
+                             "'tiny' for dreambooth.tiny's random 32x32 pipeline.")
     parser.add_argument("--device", default="cpu", help="Server --device (cpu, cuda).")
     parser.add_argument("--max_batch", type=int, default=8, help="Server --max_batch.")
     parser.add_argument("--batch_wait_ms", type=float, default=10.0,
@@ -195,7 +198,8 @@ def main(argv=None) -> int:
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     print(f"machine: {machine_line(machine)}")
     print(f"command: {command}")
-    print(f"model: dreambooth.tiny (random weights, 32x32), {args.steps} steps, n=1; server "
+    model_label = "dreambooth.tiny 32x32" if args.model == "tiny" else args.model
+    print(f"model: {model_label}, {args.steps} steps, n=1; server "
           f"--device {args.device} --max_batch {args.max_batch} "
           f"--batch_wait_ms {args.batch_wait_ms:g}\n")
     api_key = secrets.token_urlsafe(16)
@@ -203,7 +207,8 @@ def main(argv=None) -> int:
     url = f"http://127.0.0.1:{port}"
     results = []
     with tempfile.TemporaryDirectory(prefix="serve-load-") as scratch:
-        model_dir = save_tiny_pipeline(Path(scratch) / "demo")
+        model_dir = (save_tiny_pipeline(Path(scratch) / "tiny") if args.model == "tiny"
+                     else args.model)
         log_path = Path(scratch) / "server.log"
         process, log = start_server(model_dir, port, api_key, args, log_path)
         try:
@@ -228,7 +233,7 @@ def main(argv=None) -> int:
             log.close()
     print()
     print(table(results))
-    report = {"machine": machine, "command": command, "model": "dreambooth.tiny 32x32",
+    report = {"machine": machine, "command": command, "model": model_label,
               "settings": {key: value for key, value in vars(args).items() if key != "output"},
               "results": results}
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     from .generate import SCHEDULERS
 
     parser.add_argument("--model", required=True,
-                        help="A training output_dir, a diffusers folder or a cached hub id.")
+                        help="A training output_dir, a diffusers folder, a cached hub id, a "
+                             "single-file checkpoint or 'demo' (the bundled world model).")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative_prompt", default="")
     parser.add_argument("--num_images", type=int, default=4)
@@ -76,7 +77,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
                         help="A model to serve as NAME (repeatable): a training output_dir, a "
-                             "diffusers folder or a cached hub id. Without NAME=, the folder's "
+                             "diffusers folder, a cached hub id or 'demo' (the bundled world "
+                             "model). Without NAME=, the folder's "
                              "name (or the hub id) is the name. The first is the default model.")
     parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                         help="A LoRA file or folder requests may name in `lora` (repeatable).")

@@ -38,7 +38,8 @@ def option(default: Any, help: str, choices: tuple | None = None) -> Any:
 @dataclass
 class ModelConfig:
     pretrained_model_name_or_path: str | None = option(
-        None, "Base model: a diffusers pipeline folder or a Hugging Face hub id in the local cache.")
+        None, "Base model: a diffusers pipeline folder, a Hugging Face hub id in the local cache, "
+        "a single-file checkpoint, or 'demo' (the bundled world model).")
     revision: str | None = option(None, "Hub revision of the base model (cached ids only).")
     variant: str | None = option(None, "Weights variant to load, e.g. 'fp16' (diffusion_pytorch_model.fp16.safetensors).")
     prediction_type: str | None = option(
