@@ -1,6 +1,7 @@
 """DreamBench-mini: every subject of the procedural world, with and without prior preservation.
 
-For each subject: its photos -> DreamBooth (full fine-tune) on the base model -> the subject's
+For each subject: its photos -> DreamBooth (full fine-tune, the demo's settings: 400 steps,
+batch 2, learning rate 1e-4, text encoder trained) on the base model -> the subject's
 DreamBench-style prompts -> the world evaluator's metrics. Prints tables in the shape of the
 paper's Table 1 (subject fidelity ~ DINO, prompt fidelity ~ CLIP-T; real photos and the base
 model as references) and Table 3 (PRES, DIV, subject fidelity with and without the prior loss),
@@ -74,9 +75,10 @@ def run(args) -> dict:
                     "with_prior_preservation": prior, "class_prompt": class_prompt(subject),
                     "class_data_dir": str(work / subject.name / "class"),
                     "num_class_images": args.class_images, "class_inference_steps": args.sample_steps,
-                    "resolution": args.resolution, "train_batch_size": 1,
+                    "resolution": args.resolution, "train_batch_size": args.train_batch_size,
                     "max_train_steps": args.steps, "learning_rate": args.learning_rate,
-                    "lr_warmup_steps": 0, "train_text_encoder": True, "seed": 0,
+                    "lr_warmup_steps": 0, "train_text_encoder": args.train_text_encoder,
+                    "class_guidance_scale": args.guidance_scale, "seed": 0,
                     "checkpointing_steps": args.steps + 1, "report_to": "none",
                     "accelerator": "auto" if args.device is None else args.device.split(":")[0]
                     .replace("cuda", "gpu"),
@@ -136,7 +138,10 @@ def main() -> None:
                         help="A world model ('demo': the bundled one), or 'tiny' for a smoke run.")
     parser.add_argument("--subjects", type=int, default=6, help="How many subjects (max 6).")
     parser.add_argument("--steps", type=int, default=400, help="DreamBooth steps per run.")
-    parser.add_argument("--learning_rate", type=float, default=2e-5)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--train_batch_size", type=int, default=2)
+    parser.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction,
+                        default=True)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--class_images", type=int, default=50)
     parser.add_argument("--prompts", type=int, default=25, help="Prompts per subject (max ~17).")

@@ -38,7 +38,7 @@ class DemoSettings:
     max_train_steps: int = 400
     learning_rate: float = 1e-4
     train_batch_size: int = 2
-    train_text_encoder: bool = False
+    train_text_encoder: bool = True
     prior_loss_weight: float = 1.0
     num_class_images: int = 50
     eval_prompts: int = 0  # 0: every DreamBench-mini prompt of the demo subject
