@@ -87,9 +87,11 @@ class InterruptCheckpoint(Callback):
     saved is rounded back to that step boundary; resuming redoes the partial step exactly.
     """
 
-    def __init__(self, checkpoint_dir: Path, accumulation_steps: int):
+    def __init__(self, checkpoint_dir: Path, accumulation_steps: int,
+                 resume_hint: str = "resume with --resume_from_checkpoint latest"):
         self.checkpoint_dir = checkpoint_dir
         self.accumulation_steps = accumulation_steps
+        self.resume_hint = resume_hint
         self._saving = False
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -101,8 +103,7 @@ class InterruptCheckpoint(Callback):
             trainer.save_checkpoint(path)
         finally:
             self._saving = False
-        log.warning("%s: wrote %s; resume with --resume_from_checkpoint latest",
-                    type(exception).__name__, path)
+        log.warning("%s: wrote %s; %s", type(exception).__name__, path, self.resume_hint)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if not self._saving:

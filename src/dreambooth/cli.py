@@ -172,10 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--device", default=None)
     evaluation.add_argument("--output_dir", required=True)
     demo = commands.add_parser(
-        "demo", help="The whole DreamBooth job on the bundled world model (a few minutes on a CPU).")
+        "demo", help="The whole DreamBooth job on the bundled world model (minutes on a CPU).")
     demo.add_argument("--output_dir", default="runs/demo")
     demo.add_argument("--fast", action="store_true",
-                      help="Every stage and file with minimal work (a smoke run; numbers mean little).")
+                      help="Every stage and file with minimal work (a smoke run).")
     demo.add_argument("--max_train_steps", type=int, default=None,
                       help="DreamBooth steps (default 400; 4 with --fast).")
     return parser

@@ -128,8 +128,9 @@ def _report(metrics: dict[str, dict], prompts: list[str], base_model: str | Path
         f"{rows}</table>"
         "<h2>Instance photos</h2><img src='eval/after/references.png'>"
         "<h2>Base (top) vs personalized (bottom), same seeds</h2><img src='base-vs-trained.png'>"
-        "<h2>Recontextualization, personalized</h2>"
+        "<h2>Recontextualization and property modification, personalized</h2>"
         + "".join(f"<figure><img src='eval/after/prompts/{i:03d}.png'><figcaption>"
-                  f"{html.escape(prompt)}</figcaption></figure>" for i, prompt in enumerate(prompts))
+                  f"{html.escape(prompt)}</figcaption></figure>"
+                  for i, prompt in enumerate(prompts))
         + f"<h2>Class prompt '{html.escape(CLASS_PROMPT)}': base vs personalized (prior)</h2>"
         "<img src='eval/before/class-prompt.png'> <img src='eval/after/class-prompt.png'>\n")

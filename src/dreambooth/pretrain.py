@@ -364,7 +364,8 @@ def _fit(module: L.LightningModule, dataset: RenderBatches, *, stage_dir: Path,
         plugins=[checkpointing.AtomicCheckpointIO()], default_root_dir=stage_dir,
         callbacks=[checkpointing.periodic_checkpoints(checkpoint_dir, config.checkpoint_every,
                                                       config.keep_checkpoints),
-                   checkpointing.InterruptCheckpoint(checkpoint_dir, 1),
+                   checkpointing.InterruptCheckpoint(checkpoint_dir, 1,
+                                                     "rerun the same command to resume"),
                    ProgressLog(stage_dir.name, config.log_every, total_steps), *callbacks])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
