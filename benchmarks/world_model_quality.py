@@ -34,7 +34,6 @@ def main() -> None:
     from dreambooth.dreambench import held_out_quality
     from dreambooth.models import resolve_model_path
 
-    torch.manual_seed(0)
     started = time.perf_counter()
     quality = held_out_quality(args.model, images_per_prompt=args.images_per_prompt,
                                num_inference_steps=args.num_inference_steps,

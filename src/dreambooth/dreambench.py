@@ -20,7 +20,7 @@ from . import evaluate
 from .files import atomic_write_text
 from .generate import load_pipeline, sample_images
 from .images import load_image_folder, make_grid, save_png
-from .world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS, HELD_OUT_COMBINATIONS, Scene, caption
+from .world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS, held_out_captions
 from .world.render import article
 
 
@@ -51,7 +51,7 @@ def held_out_quality(model, *, images_per_prompt: int = 4, num_inference_steps: 
     evaluator judges: the share of images with the asked class, color and background, each and
     all three (`all`). `limit` takes the first N combinations (sorted) for a quicker check."""
     pipeline = load_pipeline(model, device=device) if isinstance(model, (str, Path)) else model
-    prompts = [caption(Scene(*triple)) for triple in sorted(HELD_OUT_COMBINATIONS)][:limit]
+    prompts = held_out_captions()[:limit]
     seeds = [seed + offset for offset in range(images_per_prompt)]
     images, per_image_prompts = [], []
     for prompt in prompts:
@@ -59,7 +59,7 @@ def held_out_quality(model, *, images_per_prompt: int = 4, num_inference_steps: 
                                 num_inference_steps=num_inference_steps,
                                 guidance_scale=guidance_scale)
         per_image_prompts += [prompt] * len(seeds)
-    matches = evaluate.attribute_matches(images, per_image_prompts, evaluator=None)
+    matches = evaluate.attribute_matches(images, per_image_prompts)
     if grid_path is not None:
         save_png(make_grid(images, columns=2 * images_per_prompt), grid_path,
                  text={"prompts": "; ".join(prompts), "seeds": ",".join(map(str, seeds))})

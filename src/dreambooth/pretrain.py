@@ -435,20 +435,13 @@ def pretrain_vae(config: PretrainConfig) -> Path:
 def pretrain(config: PretrainConfig) -> Path:
     """Both stages (each resumable), then the EMA model as a diffusers folder (fp16
     safetensors) in `output_dir/model`, which `StableDiffusionPipeline.from_pretrained` loads."""
-    from diffusers import AutoencoderKL
-
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _log_to_file(output_dir / "pretrain.log")
-    vae = AutoencoderKL.from_pretrained(pretrain_vae(config))
-    tokenizer = build_word_tokenizer()
-    text_encoder, unet = build_text_encoder_and_unet(config, tokenizer)
+    module, tokenizer = _diffusion_module(config, pretrain_vae(config))
     log.info("stage 2: UNet %.2fM + text encoder %.2fM parameters, %d steps (%d training "
-             "caption combinations)", _millions(unet), _millions(text_encoder), config.unet_steps,
-             len(TRAIN_COMBINATIONS))
-    noise_scheduler, _ = noise_schedulers()
-    module = DiffusionModule(vae=vae, text_encoder=text_encoder, unet=unet,
-                             noise_scheduler=noise_scheduler, config=config)
+             "caption combinations)", _millions(module.unet), _millions(module.text_encoder),
+             config.unet_steps, len(TRAIN_COMBINATIONS))
     ema = EMA(config.ema_decay)
     callbacks: list = [ema]
     if config.sample_every:
@@ -466,32 +459,43 @@ def pretrain(config: PretrainConfig) -> Path:
     return export_model(module, tokenizer, output_dir / "model", config)
 
 
+def _diffusion_module(config: PretrainConfig, vae_dir: Path
+                      ) -> tuple[DiffusionModule, Any]:
+    """(stage-2 module over the stage-1 VAE in `vae_dir`, its word tokenizer)."""
+    from diffusers import AutoencoderKL
+
+    tokenizer = build_word_tokenizer()
+    text_encoder, unet = build_text_encoder_and_unet(config, tokenizer)
+    module = DiffusionModule(vae=AutoencoderKL.from_pretrained(vae_dir),
+                             text_encoder=text_encoder, unet=unet,
+                             noise_scheduler=noise_schedulers()[0], config=config)
+    return module, tokenizer
+
+
 def export_checkpoint(config: PretrainConfig, checkpoint: str = "latest",
                       path: Path | None = None) -> Path:
     """Export the EMA weights of a stage-2 checkpoint ('latest', 'checkpoint-N' or a path) as a
     base model, e.g. to try a run before it ends; `path` defaults to `output_dir/model-step-N`."""
-    from diffusers import AutoencoderKL
-
     output_dir = Path(config.output_dir)
     checkpoint_dir = output_dir / "stage2-unet" / "checkpoints"
-    checkpoint_path = checkpointing.resolve_resume_path(checkpoint, checkpoint_dir)
+    try:
+        checkpoint_path = checkpointing.resolve_resume_path(checkpoint, checkpoint_dir)
+    except FileNotFoundError as error:
+        raise ValueError(f"--export_checkpoint {checkpoint!r}: {error}") from error
     if checkpoint_path is None:
         raise ValueError(f"no stage-2 checkpoint in '{checkpoint_dir}' to export")
     _check_resume(config, checkpoint_path)
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    tokenizer = build_word_tokenizer()
-    text_encoder, unet = build_text_encoder_and_unet(config, tokenizer)
-    module = DiffusionModule(vae=AutoencoderKL.from_pretrained(output_dir / "vae"),
-                             text_encoder=text_encoder, unet=unet,
-                             noise_scheduler=noise_schedulers()[0], config=config)
+    module, tokenizer = _diffusion_module(config, output_dir / "vae")
     module.load_state_dict(state["state_dict"], strict=False)
-    shadows = [value["shadow"] for value in state.get("callbacks", {}).values()
-               if isinstance(value, dict) and "shadow" in value]
-    if shadows:
-        module.load_state_dict(shadows[0], strict=False)
+    ema = EMA(config.ema_decay)
+    ema_state = state.get("callbacks", {}).get(ema.state_key)
+    if ema_state is not None:
+        ema.load_state_dict(ema_state)
+        ema.copy_to(module)
     step = state["global_step"]
     log.info("exporting %s (step %d, %s weights)", checkpoint_path, step,
-             "EMA" if shadows else "raw")
+             "EMA" if ema_state is not None else "raw")
     return export_model(module, tokenizer, path or output_dir / f"model-step-{step}", config)
 
 

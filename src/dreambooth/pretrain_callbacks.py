@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 from . import seeding
-from .world import HELD_OUT_COMBINATIONS, Scene, caption
+from .world import held_out_captions
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,7 @@ class HeldOutSamples(L.Callback):
                  seed: int):
         self.every, self.ema, self.tokenizer, self.scheduler = every, ema, tokenizer, scheduler
         self.output_dir, self.seed = output_dir, seed
-        triples = sorted(HELD_OUT_COMBINATIONS)
-        self.prompts = [caption(Scene(*triple)) for triple in triples]
+        self.prompts = held_out_captions()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -192,6 +192,11 @@ TRAIN_COMBINATIONS: tuple[tuple[str, str, str], ...] = tuple(
     triple for triple in all_combinations() if triple not in HELD_OUT_COMBINATIONS)
 
 
+def held_out_captions() -> list[str]:
+    """Captions of the held-out combinations, sorted: the base model's compositional test."""
+    return [caption(Scene(*triple)) for triple in sorted(HELD_OUT_COMBINATIONS)]
+
+
 # ----------------------------------------------------------------------------- sampling
 def scene_rng(seed: int, *keys: int) -> np.random.Generator:
     """A generator that depends only on (seed, *keys)."""
