@@ -110,6 +110,19 @@ def test_set_scheduler_keeps_model_config_and_names_sampler(pipeline):
         pipeline.scheduler = original
 
 
+def test_ddim_does_not_clip_latents_unless_the_model_config_asks():
+    from types import SimpleNamespace
+
+    from diffusers import PNDMScheduler
+
+    silent = SimpleNamespace(scheduler=PNDMScheduler())  # a config without clip_sample
+    set_scheduler(silent, "ddim")
+    assert silent.scheduler.config.clip_sample is False  # DDIM's own default is True
+    asking = SimpleNamespace(scheduler=PNDMScheduler.from_config({"clip_sample": True}))
+    set_scheduler(asking, "ddim")
+    assert asking.scheduler.config.clip_sample is True
+
+
 def test_unknown_scheduler_lists_valid_names(pipeline):
     with pytest.raises(GenerationError, match="scheduler='heun'") as info:
         generate(pipeline, PROMPT, num_images=1, scheduler="heun")

@@ -56,6 +56,7 @@ def test_pretraining_exports_a_loadable_fp16_pipeline_and_resumes_exactly(tmp_pa
     image = pipeline("a red star on a blue background", num_inference_steps=2,
                      generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+    assert pipeline.scheduler.config.clip_sample is False  # DDIM swapped in must not clip
 
     # Lose the end of stage 2: rerunning resumes from checkpoint-2 to the same weights.
     stage2 = model.parent / "stage2-unet" / "checkpoints"
@@ -77,8 +78,23 @@ def test_pretraining_exports_a_loadable_fp16_pipeline_and_resumes_exactly(tmp_pa
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match="unet_batch_size=0.*caption_dropout=1.5"):
-        replace(pretrain.PretrainConfig(), unet_batch_size=0, caption_dropout=1.5)
+    with pytest.raises(ValueError, match="unet_batch_size=0.*look_probability=1.5.*"
+                                         "caption_dropout=1.5"):
+        replace(pretrain.PretrainConfig(), unet_batch_size=0, caption_dropout=1.5,
+                look_probability=1.5)
+
+
+def test_look_probability_sets_the_share_of_patterned_training_objects():
+    from dreambooth.world import PLAIN
+
+    def patterned(look_probability: float) -> int:
+        batch = pretrain.RenderBatches(seed=0, batch_size=200, num_steps=1,
+                                       look_probability=look_probability)
+        return sum(scene.look != PLAIN for scene in batch.scenes(0))
+
+    assert patterned(0.0) == 0
+    assert 40 <= patterned(0.3) <= 80
+    assert patterned(1.0) == 200
 
 
 def test_script_builds_the_config_from_its_flags():

@@ -125,7 +125,11 @@ def set_scheduler(pipeline: StableDiffusionPipeline, name: str | None) -> str:
         valid = ", ".join(SCHEDULERS)
         raise GenerationError(f"scheduler='{name}' is unknown; valid names: {valid}")
     cls, sampler = SCHEDULERS[name]
-    extra = _SCHEDULER_EXTRA.get(name, {})
+    extra = dict(_SCHEDULER_EXTRA.get(name, {}))
+    if "clip_sample" not in pipeline.scheduler.config:
+        # DDIM/DDPM default to clipping x0 to [-1, 1], right for pixels but not for latents
+        # (SD's configs say clip_sample false); a latent model's config that is silent means no.
+        extra["clip_sample"] = False
     pipeline.scheduler = cls.from_config(pipeline.scheduler.config, **extra)
     return sampler
 

@@ -44,7 +44,8 @@ from .export import VERSIONS_FILE, library_versions
 from .files import atomic_write_text
 from .pretrain_callbacks import EMA, HeldOutSamples, ProgressLog
 from .training import draw_noise_and_timesteps, min_snr_weights
-from .world import TRAIN_COMBINATIONS, VOCABULARY, caption, render, training_scene
+from .world import (LOOK_PROBABILITY, TRAIN_COMBINATIONS, VOCABULARY, caption, render,
+                    training_scene)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ class PretrainConfig:
     unet_learning_rate: float = option(5e-4, "UNet and text encoder AdamW learning rate.")
     warmup_steps: int = option(500, "Linear warmup of the stage-2 learning rate.")
     caption_dropout: float = option(0.1, "Share of empty captions (for classifier-free guidance).")
+    look_probability: float = option(LOOK_PROBABILITY, "Share of stage-2 training objects that wear "
+                                     "a look (a pattern captions never mention); stage 1 always "
+                                     "sees the world's share.")
     snr_gamma: float = option(5.0, "Min-SNR loss weighting gamma.")
     ema_decay: float = option(0.999, "EMA decay of the stage-2 weights (the EMA is exported).")
     # run
@@ -97,6 +101,8 @@ class PretrainConfig:
         for name in ("vae_batch_size", "unet_batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r} must be at least 1")
+        if not 0.0 <= self.look_probability <= 1.0:
+            problems.append(f"look_probability={self.look_probability!r} must be in [0, 1]")
         if not 0.0 <= self.caption_dropout < 1.0:
             problems.append(f"caption_dropout={self.caption_dropout!r} must be in [0, 1)")
         if len(self.vae_channels) != 3:
@@ -192,8 +198,11 @@ def noise_schedulers():
 
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     num_train_timesteps=1000, prediction_type="epsilon")
-    return DDPMScheduler(**schedule), PNDMScheduler(skip_prk_steps=True, steps_offset=1,
-                                                    **schedule)
+    sampler = PNDMScheduler(skip_prk_steps=True, steps_offset=1, **schedule)
+    # As in SD's own scheduler_config.json: a sampler swapped in from this config (DDIM's
+    # default is True, for pixel-space models) must not clip unit-std latents to [-1, 1].
+    sampler.register_to_config(clip_sample=False)
+    return DDPMScheduler(clip_sample=False, **schedule), sampler
 
 
 # --------------------------------------------------------------------------------- data
@@ -202,16 +211,22 @@ class RenderBatches(Dataset):
     (empty with probability `caption_dropout`, decided per sample from (seed, n))."""
 
     def __init__(self, *, seed: int, batch_size: int, num_steps: int, tokenizer=None,
-                 caption_dropout: float = 0.0):
+                 caption_dropout: float = 0.0, look_probability: float = LOOK_PROBABILITY):
         self.seed, self.batch_size, self.num_steps = seed, batch_size, num_steps
         self.tokenizer, self.caption_dropout = tokenizer, caption_dropout
+        self.look_probability = look_probability
 
     def __len__(self) -> int:
         return self.num_steps
 
+    def scenes(self, step: int) -> list:
+        """The training scenes of batch `step`."""
+        return [training_scene(self.seed, n, self.look_probability)
+                for n in range(step * self.batch_size, (step + 1) * self.batch_size)]
+
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         numbers = range(step * self.batch_size, (step + 1) * self.batch_size)
-        scenes = [training_scene(self.seed, n) for n in numbers]
+        scenes = self.scenes(step)
         pixels = np.stack([np.asarray(render(scene)) for scene in scenes])  # (B, 64, 64, 3)
         batch = {"pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0,
                  "step": torch.tensor(step),
@@ -382,7 +397,7 @@ def _fit(module: L.LightningModule, dataset: RenderBatches, *, stage_dir: Path,
 # Keys a resumed run must share with its checkpoint: the same models, data and noise streams.
 RESUME_INVARIANTS = ("seed", "vae_channels", "unet_channels", "unet_layers_per_block",
                      "text_hidden_size", "text_layers", "text_intermediate_size",
-                     "vae_batch_size", "unet_batch_size", "caption_dropout")
+                     "vae_batch_size", "unet_batch_size", "caption_dropout", "look_probability")
 
 
 def _check_resume(config: PretrainConfig, resume_path: Path) -> None:
@@ -450,7 +465,8 @@ def pretrain(config: PretrainConfig) -> Path:
                                         output_dir=output_dir / "samples", seed=config.seed))
     dataset = RenderBatches(seed=config.seed, batch_size=config.unet_batch_size,
                             num_steps=config.unet_steps, tokenizer=tokenizer,
-                            caption_dropout=config.caption_dropout)
+                            caption_dropout=config.caption_dropout,
+                            look_probability=config.look_probability)
     _fit(module, dataset, stage_dir=output_dir / "stage2-unet", config=config,
          total_steps=config.unet_steps, callbacks=callbacks)
     module.to("cpu")

@@ -3,7 +3,7 @@ subjects of DreamBench-mini. See `render` (scenes, captions, the held-out split)
 """
 
 from .render import (BACKGROUND_PHRASES, BACKGROUNDS, CLASSES, COLORS, CONFLICTS,
-                     HELD_OUT_COMBINATIONS, IMAGE_SIZE, PATTERNS, PLAIN, PLAIN_BACKGROUNDS,
+                     HELD_OUT_COMBINATIONS, IMAGE_SIZE, LOOK_PROBABILITY, PATTERNS, PLAIN, PLAIN_BACKGROUNDS,
                      TEXTURE_BACKGROUNDS, TRAIN_COMBINATIONS, VOCABULARY, Look, Scene,
                      all_combinations, caption, held_out_captions, parse_prompt, render, render_array, sample_look,
                      sample_pose, sample_scene, scene_rng)
@@ -13,7 +13,7 @@ from .subjects import (DEMO_SUBJECT, SUBJECT_LOOKS, SUBJECTS, Subject, class_pro
 
 __all__ = [
     "BACKGROUND_PHRASES", "BACKGROUNDS", "CLASSES", "COLORS", "CONFLICTS", "DEMO_SUBJECT",
-    "HELD_OUT_COMBINATIONS", "IMAGE_SIZE", "PATTERNS", "PLAIN", "PLAIN_BACKGROUNDS",
+    "HELD_OUT_COMBINATIONS", "IMAGE_SIZE", "LOOK_PROBABILITY", "PATTERNS", "PLAIN", "PLAIN_BACKGROUNDS",
     "SUBJECTS", "SUBJECT_LOOKS", "Subject", "TEXTURE_BACKGROUNDS", "TRAIN_COMBINATIONS",
     "VOCABULARY", "Look", "Scene", "all_combinations", "caption", "class_prompt",
     "dreambench_prompts", "held_out_captions", "iter_training_scenes", "parse_prompt", "photos", "render",

@@ -63,6 +63,9 @@ BACKGROUND_PHRASES: dict[str, str] = {
 CONFLICTS = frozenset({("white", "white"), ("blue", "blue"), ("yellow", "yellow"),
                        ("green", "grass")})
 
+# Share of training objects that wear a random `Look` unless a caller says otherwise.
+LOOK_PROBABILITY = 0.3
+
 # Patterns a `Look` can put on an object, in the accent color, clipped to the object.
 PATTERNS = ("plain", "spots", "band", "eye", "outline", "cross")
 
@@ -222,7 +225,7 @@ def sample_pose(rng: np.random.Generator) -> dict[str, float | int]:
 
 def sample_scene(rng: np.random.Generator, *,
                  combinations: tuple[tuple[str, str, str], ...] = TRAIN_COMBINATIONS,
-                 look_probability: float = 0.3,
+                 look_probability: float = LOOK_PROBABILITY,
                  excluded_looks: frozenset[tuple[str, str, Look]] = frozenset()) -> Scene:
     """A random scene with a (class, color, background) from `combinations`.
 

@@ -17,7 +17,8 @@ from typing import Iterator
 
 from PIL import Image
 
-from .render import (BACKGROUND_PHRASES, BACKGROUNDS, COLORS, CONFLICTS, Look, Scene, article,
+from .render import (BACKGROUND_PHRASES, BACKGROUNDS, COLORS, CONFLICTS, LOOK_PROBABILITY, Look,
+                     Scene, article,
                      render, sample_pose, sample_scene, scene_rng)
 
 
@@ -97,10 +98,12 @@ def class_prompt(subject: Subject | str) -> str:
 
 
 # ----------------------------------------------------------------------- training stream
-def training_scene(seed: int, index: int) -> Scene:
-    """Scene number `index` of training stream `seed` (a pure function of both): a training
-    (class, color, background) triple, never a held-out one, never a subject's look."""
-    return sample_scene(scene_rng(seed, index), excluded_looks=SUBJECT_LOOKS)
+def training_scene(seed: int, index: int, look_probability: float = LOOK_PROBABILITY) -> Scene:
+    """Scene number `index` of training stream `seed` (a pure function of the arguments): a
+    training (class, color, background) triple, never a held-out one, never a subject's look;
+    a share `look_probability` of the objects wear a look."""
+    return sample_scene(scene_rng(seed, index), look_probability=look_probability,
+                        excluded_looks=SUBJECT_LOOKS)
 
 
 def iter_training_scenes(seed: int, start: int = 0) -> Iterator[Scene]:
