@@ -107,3 +107,33 @@ def test_script_builds_the_config_from_its_flags():
     args = parser.parse_args(["--unet_channels", "32,64", "--unet_steps", "7"])
     assert args.unet_channels == (32, 64) and args.unet_steps == 7
     assert {f.name for f in fields(pretrain.PretrainConfig)} <= set(vars(args))
+
+
+def test_partial_captions_leave_out_color_background_or_both_in_their_share():
+    from dreambooth.world import caption, parse_prompt
+
+    batches = pretrain.RenderBatches(seed=0, batch_size=600, num_steps=1, caption_dropout=0.1,
+                                     partial_captions=0.4)
+    scenes = batches.scenes(0)
+    captions = [batches.caption_for(n, scene) for n, scene in enumerate(scenes)]
+    kinds = {"empty": 0, "full": 0, "no color": 0, "no background": 0, "class only": 0}
+    for text, scene in zip(captions, scenes):
+        asked = set(parse_prompt(text))
+        if not text:
+            kinds["empty"] += 1
+        elif text == caption(scene):
+            kinds["full"] += 1
+        else:
+            assert asked < {"cls", "color", "background"} and parse_prompt(text)["cls"] == scene.cls
+            kinds[{frozenset({"cls", "background"}): "no color",
+                   frozenset({"cls", "color"}): "no background",
+                   frozenset({"cls"}): "class only"}[frozenset(asked)]] += 1
+    assert 30 <= kinds["empty"] <= 90  # 10% of 600
+    assert 260 <= kinds["full"] <= 390  # 90% x 60%
+    for kind in ("no color", "no background", "class only"):  # 90% x 40% / 3 each
+        assert 40 <= kinds[kind] <= 110, kinds
+    # Without partial captions the stream is what it was: the same empties, the rest full.
+    full_only = pretrain.RenderBatches(seed=0, batch_size=600, num_steps=1, caption_dropout=0.1)
+    assert [full_only.caption_for(n, s) == "" for n, s in enumerate(scenes)] == [
+        not text for text in captions]
+    assert all(full_only.caption_for(n, s) in ("", caption(s)) for n, s in enumerate(scenes))

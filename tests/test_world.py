@@ -51,6 +51,10 @@ def test_vocabularies_and_captions_cover_the_world():
     assert world.caption(world.Scene("ball", "orange", "striped")) == (
         "an orange ball on a striped background")
     assert world.parse_prompt("a sks ball on the grass") == {"cls": "ball", "background": "grass"}
+    orange_ball = world.Scene("ball", "orange", "beach")
+    assert world.caption(orange_ball, color=False) == "a ball on the beach"
+    assert world.caption(orange_ball, background=False) == "an orange ball"
+    assert world.caption(orange_ball, color=False, background=False) == "a ball"
     assert world.parse_prompt("a red sks ring") == {"cls": "ring", "color": "red"}
 
 

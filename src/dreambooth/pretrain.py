@@ -78,6 +78,10 @@ class PretrainConfig:
     unet_learning_rate: float = option(5e-4, "UNet and text encoder AdamW learning rate.")
     warmup_steps: int = option(500, "Linear warmup of the stage-2 learning rate.")
     caption_dropout: float = option(0.1, "Share of empty captions (for classifier-free guidance).")
+    partial_captions: float = option(0.0, "Share of stage-2 captions that leave out the color, the "
+                                     "background or both, in equal parts (\"a star on the "
+                                     "beach\", \"a red star\", \"a star\"): the prompts "
+                                     "DreamBooth's class images and DreamBench use.")
     look_probability: float = option(LOOK_PROBABILITY, "Share of stage-2 training objects that wear "
                                      "a look (a pattern captions never mention); stage 1 always "
                                      "sees the world's share.")
@@ -101,8 +105,9 @@ class PretrainConfig:
         for name in ("vae_batch_size", "unet_batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r} must be at least 1")
-        if not 0.0 <= self.look_probability <= 1.0:
-            problems.append(f"look_probability={self.look_probability!r} must be in [0, 1]")
+        for name in ("look_probability", "partial_captions"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name}={getattr(self, name)!r} must be in [0, 1]")
         if not 0.0 <= self.caption_dropout < 1.0:
             problems.append(f"caption_dropout={self.caption_dropout!r} must be in [0, 1)")
         if len(self.vae_channels) != 3:
@@ -208,12 +213,15 @@ def noise_schedulers():
 # --------------------------------------------------------------------------------- data
 class RenderBatches(Dataset):
     """Batch i: renders of training scenes [i*B, (i+1)*B) of stream `seed` and their captions
-    (empty with probability `caption_dropout`, decided per sample from (seed, n))."""
+    (empty with probability `caption_dropout`, else partial with probability `partial_captions`,
+    decided per sample from (seed, n))."""
 
     def __init__(self, *, seed: int, batch_size: int, num_steps: int, tokenizer=None,
-                 caption_dropout: float = 0.0, look_probability: float = LOOK_PROBABILITY):
+                 caption_dropout: float = 0.0, partial_captions: float = 0.0,
+                 look_probability: float = LOOK_PROBABILITY):
         self.seed, self.batch_size, self.num_steps = seed, batch_size, num_steps
         self.tokenizer, self.caption_dropout = tokenizer, caption_dropout
+        self.partial_captions = partial_captions
         self.look_probability = look_probability
 
     def __len__(self) -> int:
@@ -233,13 +241,25 @@ class RenderBatches(Dataset):
                  "seeds": torch.tensor([seeding.derive_seed(self.seed, _NOISE, n)
                                         for n in numbers])}
         if self.tokenizer is not None:
-            captions = [
-                "" if np.random.default_rng([self.seed, _CAPTION_DROP, n]).random()
-                < self.caption_dropout else caption(scene) for n, scene in zip(numbers, scenes)]
+            captions = [self.caption_for(n, scene) for n, scene in zip(numbers, scenes)]
             batch["input_ids"] = self.tokenizer(
                 captions, padding="max_length", truncation=True,
                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
         return batch
+
+    def caption_for(self, n: int, scene) -> str:
+        """Sample n's caption: empty (caption_dropout), partial (partial_captions) or full."""
+        rng = np.random.default_rng([self.seed, _CAPTION_DROP, n])
+        if rng.random() < self.caption_dropout:
+            return ""
+        if rng.random() < self.partial_captions:
+            color, background = _PARTIAL_CAPTIONS[int(rng.integers(len(_PARTIAL_CAPTIONS)))]
+            return caption(scene, color=color, background=background)
+        return caption(scene)
+
+
+# (keep the color, keep the background) of the partial captions
+_PARTIAL_CAPTIONS = ((False, True), (True, False), (False, False))
 
 
 class RenderDataModule(L.LightningDataModule):
@@ -397,7 +417,8 @@ def _fit(module: L.LightningModule, dataset: RenderBatches, *, stage_dir: Path,
 # Keys a resumed run must share with its checkpoint: the same models, data and noise streams.
 RESUME_INVARIANTS = ("seed", "vae_channels", "unet_channels", "unet_layers_per_block",
                      "text_hidden_size", "text_layers", "text_intermediate_size",
-                     "vae_batch_size", "unet_batch_size", "caption_dropout", "look_probability")
+                     "vae_batch_size", "unet_batch_size", "caption_dropout", "partial_captions",
+                     "look_probability")
 
 
 def _check_resume(config: PretrainConfig, resume_path: Path) -> None:
@@ -466,6 +487,7 @@ def pretrain(config: PretrainConfig) -> Path:
     dataset = RenderBatches(seed=config.seed, batch_size=config.unet_batch_size,
                             num_steps=config.unet_steps, tokenizer=tokenizer,
                             caption_dropout=config.caption_dropout,
+                            partial_captions=config.partial_captions,
                             look_probability=config.look_probability)
     _fit(module, dataset, stage_dir=output_dir / "stage2-unet", config=config,
          total_steps=config.unet_steps, callbacks=callbacks)

@@ -137,11 +137,14 @@ class Scene:
 
 
 # --------------------------------------------------------------------------- captions
-def caption(scene: Scene) -> str:
+def caption(scene: Scene, *, color: bool = True, background: bool = True) -> str:
     """DreamBench-style caption: "a red star on a blue background", "an orange ball on the
-    beach"."""
-    phrase = BACKGROUND_PHRASES[scene.background]
-    return f"{article(scene.color)} {scene.color} {scene.cls} {phrase}"
+    beach"; without the color and/or the background: "a star on the beach", "a red star",
+    "a star" (the class prompt)."""
+    words = [scene.color, scene.cls] if color else [scene.cls]
+    if background:
+        words.append(BACKGROUND_PHRASES[scene.background])
+    return f"{article(words[0])} {' '.join(words)}"
 
 
 def article(word: str) -> str:
