@@ -137,3 +137,25 @@ def test_partial_captions_leave_out_color_background_or_both_in_their_share():
     assert [full_only.caption_for(n, s) == "" for n, s in enumerate(scenes)] == [
         not text for text in captions]
     assert all(full_only.caption_for(n, s) in ("", caption(s)) for n, s in enumerate(scenes))
+
+
+def test_identifier_captions_put_a_rare_word_before_the_class_noun():
+    from dreambooth.world import CLASSES, VOCABULARY
+
+    batches = pretrain.RenderBatches(seed=0, batch_size=400, num_steps=1, partial_captions=0.4,
+                                     identifier_captions=0.25)
+    plain = pretrain.RenderBatches(seed=0, batch_size=400, num_steps=1, partial_captions=0.4)
+    rare_words = []
+    for n, scene in enumerate(batches.scenes(0)):
+        words, plain_words = batches.caption_for(n, scene).split(), plain.caption_for(n, scene).split()
+        extra = [word for word in words if word not in VOCABULARY]
+        if extra:
+            assert words[words.index(scene.cls) - 1] == extra[0]  # right before the class noun
+            assert [word for word in words if word != extra[0]][1:] == plain_words[1:]  # (a/an)
+            rare_words.append(extra[0])
+        else:
+            assert words == plain_words
+    assert 60 <= len(rare_words) <= 140  # 25% of 400
+    assert 0.3 < rare_words.count("sks") / len(rare_words) < 0.7
+    assert all(len(word) == 3 and word.isalpha() for word in rare_words)
+    assert not set(rare_words) & set(CLASSES)

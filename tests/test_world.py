@@ -55,6 +55,9 @@ def test_vocabularies_and_captions_cover_the_world():
     assert world.caption(orange_ball, color=False) == "a ball on the beach"
     assert world.caption(orange_ball, background=False) == "an orange ball"
     assert world.caption(orange_ball, color=False, background=False) == "a ball"
+    assert world.caption(orange_ball, identifier="sks") == "an orange sks ball on the beach"
+    assert world.parse_prompt(world.caption(orange_ball, identifier="sks")) == {
+        "cls": "ball", "color": "orange", "background": "beach"}
     assert world.parse_prompt("a red sks ring") == {"cls": "ring", "color": "red"}
 
 

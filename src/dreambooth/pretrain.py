@@ -82,6 +82,10 @@ class PretrainConfig:
                                      "background or both, in equal parts (\"a star on the "
                                      "beach\", \"a red star\", \"a star\"): the prompts "
                                      "DreamBooth's class images and DreamBench use.")
+    identifier_captions: float = option(0.0, "Share of stage-2 captions with a meaningless rare word "
+                                        "before the class noun (\"sks\" or 3 random letters), "
+                                        "as web captions have, so a DreamBooth identifier starts "
+                                        "with the weak prior the paper picks rare tokens for.")
     look_probability: float = option(LOOK_PROBABILITY, "Share of stage-2 training objects that wear "
                                      "a look (a pattern captions never mention); stage 1 always "
                                      "sees the world's share.")
@@ -105,7 +109,7 @@ class PretrainConfig:
         for name in ("vae_batch_size", "unet_batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r} must be at least 1")
-        for name in ("look_probability", "partial_captions"):
+        for name in ("look_probability", "partial_captions", "identifier_captions"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name}={getattr(self, name)!r} must be in [0, 1]")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -213,15 +217,16 @@ def noise_schedulers():
 # --------------------------------------------------------------------------------- data
 class RenderBatches(Dataset):
     """Batch i: renders of training scenes [i*B, (i+1)*B) of stream `seed` and their captions
-    (empty with probability `caption_dropout`, else partial with probability `partial_captions`,
-    decided per sample from (seed, n))."""
+    (empty with probability `caption_dropout`, else partial with probability `partial_captions`
+    and with a rare word with probability `identifier_captions`, decided per sample from
+    (seed, n))."""
 
     def __init__(self, *, seed: int, batch_size: int, num_steps: int, tokenizer=None,
                  caption_dropout: float = 0.0, partial_captions: float = 0.0,
-                 look_probability: float = LOOK_PROBABILITY):
+                 identifier_captions: float = 0.0, look_probability: float = LOOK_PROBABILITY):
         self.seed, self.batch_size, self.num_steps = seed, batch_size, num_steps
         self.tokenizer, self.caption_dropout = tokenizer, caption_dropout
-        self.partial_captions = partial_captions
+        self.partial_captions, self.identifier_captions = partial_captions, identifier_captions
         self.look_probability = look_probability
 
     def __len__(self) -> int:
@@ -252,10 +257,18 @@ class RenderBatches(Dataset):
         rng = np.random.default_rng([self.seed, _CAPTION_DROP, n])
         if rng.random() < self.caption_dropout:
             return ""
+        color = background = True
         if rng.random() < self.partial_captions:
             color, background = _PARTIAL_CAPTIONS[int(rng.integers(len(_PARTIAL_CAPTIONS)))]
-            return caption(scene, color=color, background=background)
-        return caption(scene)
+        identifier = None
+        if rng.random() < self.identifier_captions:
+            identifier = "sks" if rng.random() < 0.5 else _random_word(rng)
+        return caption(scene, color=color, background=background, identifier=identifier)
+
+
+def _random_word(rng: np.random.Generator) -> str:
+    """Three random letters (one in ~6000 is a world word such as "red": harmless noise)."""
+    return "".join(chr(ord("a") + int(i)) for i in rng.integers(26, size=3))
 
 
 # (keep the color, keep the background) of the partial captions
@@ -418,7 +431,7 @@ def _fit(module: L.LightningModule, dataset: RenderBatches, *, stage_dir: Path,
 RESUME_INVARIANTS = ("seed", "vae_channels", "unet_channels", "unet_layers_per_block",
                      "text_hidden_size", "text_layers", "text_intermediate_size",
                      "vae_batch_size", "unet_batch_size", "caption_dropout", "partial_captions",
-                     "look_probability")
+                     "identifier_captions", "look_probability")
 
 
 def _check_resume(config: PretrainConfig, resume_path: Path) -> None:
@@ -488,6 +501,7 @@ def pretrain(config: PretrainConfig) -> Path:
                             num_steps=config.unet_steps, tokenizer=tokenizer,
                             caption_dropout=config.caption_dropout,
                             partial_captions=config.partial_captions,
+                            identifier_captions=config.identifier_captions,
                             look_probability=config.look_probability)
     _fit(module, dataset, stage_dir=output_dir / "stage2-unet", config=config,
          total_steps=config.unet_steps, callbacks=callbacks)

@@ -137,11 +137,13 @@ class Scene:
 
 
 # --------------------------------------------------------------------------- captions
-def caption(scene: Scene, *, color: bool = True, background: bool = True) -> str:
+def caption(scene: Scene, *, color: bool = True, background: bool = True,
+            identifier: str | None = None) -> str:
     """DreamBench-style caption: "a red star on a blue background", "an orange ball on the
     beach"; without the color and/or the background: "a star on the beach", "a red star",
-    "a star" (the class prompt)."""
-    words = [scene.color, scene.cls] if color else [scene.cls]
+    "a star" (the class prompt); with an identifier before the class noun: "a red sks star"."""
+    noun = [identifier, scene.cls] if identifier else [scene.cls]
+    words = [scene.color, *noun] if color else noun
     if background:
         words.append(BACKGROUND_PHRASES[scene.background])
     return f"{article(words[0])} {' '.join(words)}"
