@@ -35,9 +35,30 @@ def test_bundled_model_draws_held_out_combinations():
     pipeline.set_progress_bar_config(disable=True)
     quality = held_out_quality(pipeline, images_per_prompt=2, limit=10)
     assert quality["num_prompts"] == 10
-    # Chance is 1/4 (class), 1/8 (color), 1/10 (background). Measured here: 0.75 / 0.90 / 0.95,
-    # 0.65 for all three; the full figure (every held-out combination, 4 seeds: 0.75 for all
+    # Chance is 1/4 (class), 1/8 (color), 1/10 (background). Measured here: 0.80 / 0.95 / 0.90,
+    # 0.65 for all three; the full figure (every held-out combination, 4 seeds: 0.775 for all
     # three) is benchmarks/world_model_quality.py. Margins leave room for other CPUs' numerics.
-    assert quality["cls"] >= 0.6 and quality["color"] >= 0.8 and quality["background"] >= 0.8, (
+    assert quality["cls"] >= 0.65 and quality["color"] >= 0.8 and quality["background"] >= 0.75, (
         quality)
     assert quality["all"] >= 0.55, quality
+
+
+def test_bundled_model_follows_partial_and_identifier_prompts():
+    """DreamBench prompts leave out the color or the background and carry an identifier: the
+    base model must still draw what they ask (before any DreamBooth training)."""
+    from diffusers import StableDiffusionPipeline
+    from dreambooth.evaluate import attribute_matches
+    from dreambooth.generate import sample_images
+    from dreambooth.world import SUBJECTS, class_prompt, dreambench_prompts
+
+    pipeline = StableDiffusionPipeline.from_pretrained(WORLD_MODEL)
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = [prompt for name in SUBJECTS for prompt in dreambench_prompts(name)[::6]]
+    prompts += sorted({class_prompt(name) for name in SUBJECTS})  # "a ball": class images
+    images = [image for prompt in prompts for image in sample_images(
+        pipeline, prompt, seeds=[0], num_inference_steps=25, guidance_scale=5.0)]
+    matches = attribute_matches(images, prompts)
+    share = sum(all(match.values()) for match in matches) / len(matches)
+    # Measured here: 0.864 (19 of 22). The model before partial and identifier captions: 0.535 on
+    # every DreamBench prompt (0.848 now; BENCHMARKS.md, "Caption coverage").
+    assert share >= 0.7, (share, [p for p, m in zip(prompts, matches) if not all(m.values())])

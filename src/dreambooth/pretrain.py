@@ -73,20 +73,20 @@ class PretrainConfig:
     vae_learning_rate: float = option(1e-3, "VAE AdamW learning rate (cosine decay to 10%).")
     kl_weight: float = option(1e-6, "Weight of the VAE's KL term (SD's autoencoder uses 1e-6).")
     # stage 2: text encoder + UNet
-    unet_steps: int = option(40000, "Optimizer steps of stage 2 (text encoder + UNet).")
+    unet_steps: int = option(3000, "Optimizer steps of stage 2 (text encoder + UNet).")
     unet_batch_size: int = option(32, "Renders per diffusion step.")
     unet_learning_rate: float = option(5e-4, "UNet and text encoder AdamW learning rate.")
     warmup_steps: int = option(500, "Linear warmup of the stage-2 learning rate.")
     caption_dropout: float = option(0.1, "Share of empty captions (for classifier-free guidance).")
-    partial_captions: float = option(0.0, "Share of stage-2 captions that leave out the color, the "
+    partial_captions: float = option(0.4, "Share of stage-2 captions that leave out the color, the "
                                      "background or both, in equal parts (\"a star on the "
                                      "beach\", \"a red star\", \"a star\"): the prompts "
                                      "DreamBooth's class images and DreamBench use.")
-    identifier_captions: float = option(0.0, "Share of stage-2 captions with a meaningless rare word "
+    identifier_captions: float = option(0.1, "Share of stage-2 captions with a meaningless rare word "
                                         "before the class noun (\"sks\" or 3 random letters), "
                                         "as web captions have, so a DreamBooth identifier starts "
                                         "with the weak prior the paper picks rare tokens for.")
-    look_probability: float = option(LOOK_PROBABILITY, "Share of stage-2 training objects that wear "
+    look_probability: float = option(0.1, "Share of stage-2 training objects that wear "
                                      "a look (a pattern captions never mention); stage 1 always "
                                      "sees the world's share.")
     snr_gamma: float = option(5.0, "Min-SNR loss weighting gamma.")
