@@ -211,7 +211,7 @@ def noise_schedulers():
     # As in SD's own scheduler_config.json: a sampler swapped in from this config (DDIM's
     # default is True, for pixel-space models) must not clip unit-std latents to [-1, 1].
     sampler.register_to_config(clip_sample=False)
-    return DDPMScheduler(clip_sample=False, **schedule), sampler
+    return DDPMScheduler(**schedule), sampler
 
 
 # --------------------------------------------------------------------------------- data
@@ -232,14 +232,16 @@ class RenderBatches(Dataset):
     def __len__(self) -> int:
         return self.num_steps
 
+    def numbers(self, step: int) -> range:
+        """The stream numbers n of batch `step`'s samples."""
+        return range(step * self.batch_size, (step + 1) * self.batch_size)
+
     def scenes(self, step: int) -> list:
         """The training scenes of batch `step`."""
-        return [training_scene(self.seed, n, self.look_probability)
-                for n in range(step * self.batch_size, (step + 1) * self.batch_size)]
+        return [training_scene(self.seed, n, self.look_probability) for n in self.numbers(step)]
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        numbers = range(step * self.batch_size, (step + 1) * self.batch_size)
-        scenes = self.scenes(step)
+        numbers, scenes = self.numbers(step), self.scenes(step)
         pixels = np.stack([np.asarray(render(scene)) for scene in scenes])  # (B, 64, 64, 3)
         batch = {"pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0,
                  "step": torch.tensor(step),
