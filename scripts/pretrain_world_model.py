@@ -3,10 +3,10 @@
 
     .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model --background
 
-Stage 1 trains the VAE (AutoencoderKL, ~0.7M parameters, 64x64x3 -> 16x16x4), stage 2 the CLIP
-text encoder (~0.9M) and the UNet (~6.7M) on an endless stream of captioned renders
-(`dreambooth.pretrain`). Both stages checkpoint every `--checkpoint_every` steps and on Ctrl-C;
-running the same command again resumes where the run stopped, with the same result as an
+Stage 1 trains the VAE (AutoencoderKL, ~0.7M parameters, 64x64x3 -> 16x16x4), stage 1b its
+decoder alone on finely patterned objects, stage 2 the CLIP text encoder (~0.9M) and the UNet
+(~6.7M) on an endless stream of captioned renders (`dreambooth.pretrain`). Every stage
+checkpoints every `--checkpoint_every` steps and on Ctrl-C; running the same command again resumes where the run stopped, with the same result as an
 uninterrupted run. Progress goes to `OUTPUT_DIR/pretrain.log` (loss, steps/s, time left; every
 `--sample_every` steps a grid of held-out prompts and its prompt fidelity), CSV metrics to
 `OUTPUT_DIR/stage*/logs`. The result, `OUTPUT_DIR/model`, is a diffusers folder with fp16

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_pretrain_config(output_dir: Path, **overrides) -> pretrain.PretrainConfig:
     values = dict(output_dir=str(output_dir), vae_channels=(16, 16, 16), unet_channels=(32, 32),
                   text_hidden_size=32, text_layers=1, text_intermediate_size=32, vae_steps=2,
-                  vae_batch_size=4, unet_steps=4, unet_batch_size=4, warmup_steps=1,
+                  decoder_steps=2, vae_batch_size=4, unet_steps=4, unet_batch_size=4, warmup_steps=1,
                   checkpoint_every=2, log_every=1, sample_every=0, num_workers=0, threads=1)
     return pretrain.PretrainConfig(**{**values, **overrides})
 
@@ -75,6 +75,31 @@ def test_pretraining_exports_a_loadable_fp16_pipeline_and_resumes_exactly(tmp_pa
     (stage2 / "checkpoint-4.ckpt").unlink()
     with pytest.raises(ValueError, match="unet_channels: checkpoint has \\[32, 32\\]"):
         pretrain.pretrain(replace(config, unet_channels=(32, 64)))
+
+
+def test_stage_1b_trains_only_the_decoder_once_per_vae(tmp_path, one_thread):
+    from diffusers import AutoencoderKL
+
+    # A VAE saved by stage 1 alone (as runs made before stage 1b existed left it).
+    config = tiny_pretrain_config(tmp_path / "run", decoder_steps=0)
+    vae_dir = pretrain.pretrain_vae(config)
+    before = AutoencoderKL.from_pretrained(vae_dir).state_dict()
+    assert "decoder_steps" not in json.loads((vae_dir / "report.json").read_text())
+
+    config = replace(config, decoder_steps=3, decoder_look_probability=1.0)
+    pretrain.pretrain_vae(config)
+    after = AutoencoderKL.from_pretrained(vae_dir).state_dict()
+    changed = {key.split(".")[0] for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {"decoder", "post_quant_conv"}  # the encoder, so every latent, is kept
+    report = json.loads((vae_dir / "report.json").read_text())
+    assert report["decoder_steps"] == 3 and report["stage1_psnr_db"] > 0
+    assert list((tmp_path / "run" / "stage1b-decoder" / "checkpoints").glob("checkpoint-*"))
+
+    pretrain.pretrain_vae(config)  # done: nothing trains again
+    again = AutoencoderKL.from_pretrained(vae_dir).state_dict()
+    assert all(torch.equal(after[key], again[key]) for key in after)
+    with pytest.raises(ValueError, match="fine-tuned for 3 steps.*--decoder_steps 5"):
+        pretrain.pretrain_vae(replace(config, decoder_steps=5))
 
 
 def test_config_errors_name_the_key():

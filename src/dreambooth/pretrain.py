@@ -10,6 +10,10 @@ sample. So this module has its own two small LightningModules over the project's
 - stage 1, `VAEModule`: AutoencoderKL (64x64x3 -> 16x16x4) with an L1 + MSE reconstruction loss
   and a small KL term; afterwards the latent scaling factor is set to 1 / std of the latents
   (what SD's 0.18215 is for its VAE) and the VAE is saved in `output_dir/vae`;
+- stage 1b, `VAEModule(decoder_only=True)`: the same loss trains only the decoder, on renders
+  where most objects wear a fine pattern (the subjects' dots and rims came back blurred). The
+  encoder is frozen, so every latent stays as stage 1 left it and stage 2 does not depend on
+  this stage (SD's fine-tuned "ft-MSE" VAE decoder is swapped in the same way);
 - stage 2, `DiffusionModule`: CLIP text encoder + UNet2DConditionModel trained together on
   epsilon prediction (Ho et al. 2020) with Min-SNR-5 weighting (Hang et al. 2023), 10% empty
   captions for classifier-free guidance (Ho & Salimans 2022) and an EMA of the weights, which is
@@ -51,6 +55,7 @@ log = logging.getLogger(__name__)
 
 # seeding streams of this module (kept apart from DreamBooth's 0-5)
 _VAE_SAMPLE, _LATENT_SAMPLE, _CAPTION_DROP, _NOISE = 100, 101, 102, 103
+_DECODER_STREAM, _DECODER_SAMPLE = 104, 105
 TOKENIZER_WORDS = tuple(dict.fromkeys(VOCABULARY + ("sks",)))
 
 
@@ -72,6 +77,11 @@ class PretrainConfig:
     vae_batch_size: int = option(16, "Renders per VAE step.")
     vae_learning_rate: float = option(1e-3, "VAE AdamW learning rate (cosine decay to 10%).")
     kl_weight: float = option(1e-6, "Weight of the VAE's KL term (SD's autoencoder uses 1e-6).")
+    decoder_steps: int = option(1500, "Optimizer steps of stage 1b: only the VAE decoder trains "
+                                "(the encoder, hence every latent, stays as stage 1 left it), "
+                                "on renders where most objects wear a fine pattern; 0 skips it.")
+    decoder_look_probability: float = option(0.8, "Share of stage-1b objects that wear a pattern.")
+    decoder_learning_rate: float = option(3e-4, "Stage-1b AdamW learning rate (cosine decay).")
     # stage 2: text encoder + UNet
     unet_steps: int = option(3000, "Optimizer steps of stage 2 (text encoder + UNet).")
     unet_batch_size: int = option(32, "Renders per diffusion step.")
@@ -109,7 +119,8 @@ class PretrainConfig:
         for name in ("vae_batch_size", "unet_batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r} must be at least 1")
-        for name in ("look_probability", "partial_captions", "identifier_captions"):
+        for name in ("look_probability", "partial_captions", "identifier_captions",
+                     "decoder_look_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name}={getattr(self, name)!r} must be in [0, 1]")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -299,32 +310,46 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
 
 
 class VAEModule(L.LightningModule):
-    """Stage 1: reconstruct renders through 16x16x4 latents (L1 + MSE + kl_weight * KL)."""
+    """Stage 1: reconstruct renders through 16x16x4 latents (L1 + MSE + kl_weight * KL).
+    Stage 1b (`decoder_only`): the same reconstruction loss trains only the decoder side
+    (post_quant_conv, decoder); the frozen encoder keeps every latent, so a UNet trained on
+    stage 1's latents decodes with either decoder."""
 
-    def __init__(self, vae, config: PretrainConfig):
+    def __init__(self, vae, config: PretrainConfig, decoder_only: bool = False):
         super().__init__()
-        self.vae, self.config = vae, config
+        self.vae, self.config, self.decoder_only = vae, config, decoder_only
+        if decoder_only:
+            self.vae.encoder.requires_grad_(False)
+            self.vae.quant_conv.requires_grad_(False)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         pixels = batch["pixels"]  # (B, 3, 64, 64)
-        posterior = self.vae.encode(pixels).latent_dist
-        generator = seeding.generator(self.config.seed, _VAE_SAMPLE, int(batch["step"]))
+        with torch.set_grad_enabled(not self.decoder_only):
+            posterior = self.vae.encode(pixels).latent_dist
+        stream = _DECODER_SAMPLE if self.decoder_only else _VAE_SAMPLE
+        generator = seeding.generator(self.config.seed, stream, int(batch["step"]))
         latents = posterior.mean + posterior.std * torch.randn(
             posterior.mean.shape, generator=generator).to(pixels)  # (B, 4, 16, 16)
         reconstruction = self.vae.decode(latents).sample
-        reconstruction_loss = F.l1_loss(reconstruction, pixels) + F.mse_loss(reconstruction,
-                                                                             pixels)
-        kl = posterior.kl().mean()
-        loss = reconstruction_loss + self.config.kl_weight * kl
-        self.log_dict({"loss": loss.detach(), "kl": kl.detach(),
-                       "psnr": psnr(reconstruction.detach(), pixels)}, on_step=True)
+        loss = F.l1_loss(reconstruction, pixels) + F.mse_loss(reconstruction, pixels)
+        metrics = {"psnr": psnr(reconstruction.detach(), pixels)}
+        if not self.decoder_only:
+            kl = posterior.kl().mean()
+            loss = loss + self.config.kl_weight * kl
+            metrics["kl"] = kl.detach()
+        self.log_dict({"loss": loss.detach(), **metrics}, on_step=True)
         return loss
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.vae.parameters(), lr=self.config.vae_learning_rate,
-                                      weight_decay=0.0)
+        if self.decoder_only:
+            parameters = [*self.vae.post_quant_conv.parameters(), *self.vae.decoder.parameters()]
+            learning_rate, steps = self.config.decoder_learning_rate, self.config.decoder_steps
+        else:
+            parameters = list(self.vae.parameters())
+            learning_rate, steps = self.config.vae_learning_rate, self.config.vae_steps
+        optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
         return {"optimizer": optimizer, "lr_scheduler": {
-            "scheduler": _warmup_cosine(optimizer, 100, self.config.vae_steps), "interval": "step"}}
+            "scheduler": _warmup_cosine(optimizer, 100, steps), "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pretrain_config"] = _config_dict(self.config)
@@ -433,7 +458,7 @@ def _fit(module: L.LightningModule, dataset: RenderBatches, *, stage_dir: Path,
 RESUME_INVARIANTS = ("seed", "vae_channels", "unet_channels", "unet_layers_per_block",
                      "text_hidden_size", "text_layers", "text_intermediate_size",
                      "vae_batch_size", "unet_batch_size", "caption_dropout", "partial_captions",
-                     "identifier_captions", "look_probability")
+                     "identifier_captions", "look_probability", "decoder_look_probability")
 
 
 def _check_resume(config: PretrainConfig, resume_path: Path) -> None:
@@ -461,26 +486,76 @@ def vae_report(vae, seed: int, num_images: int = 256) -> dict[str, float]:
 
 
 def pretrain_vae(config: PretrainConfig) -> Path:
-    """Stage 1 (resumable); saves the VAE with its scaling factor in `output_dir/vae`."""
+    """Stages 1 and 1b (each resumable); saves the VAE with its scaling factor and
+    reconstruction report in `output_dir/vae`."""
     output_dir = Path(config.output_dir)
     vae_dir = output_dir / "vae"
     if (vae_dir / "config.json").is_file():
         log.info("stage 1 done before: using the VAE in %s", vae_dir)
+    else:
+        vae = build_vae(config)
+        log.info("stage 1: VAE, %.2fM parameters, %d steps", _millions(vae), config.vae_steps)
+        dataset = RenderBatches(seed=config.seed, batch_size=config.vae_batch_size,
+                                num_steps=config.vae_steps)
+        _fit(VAEModule(vae, config), dataset, stage_dir=output_dir / "stage1-vae",
+             config=config, total_steps=config.vae_steps, callbacks=[])
+        vae.to("cpu")
+        report = vae_report(vae, config.seed)
+        vae.register_to_config(scaling_factor=1.0 / report["latent_std"])
+        _save_vae(vae, vae_dir, report)
+        log.info("stage 1: reconstruction PSNR %.2f dB (MSE %.4f in [-1, 1]), scaling factor "
+                 "%.4f", report["psnr_db"], report["mse"], 1.0 / report["latent_std"])
+    return finetune_decoder(config, vae_dir)
+
+
+def finetune_decoder(config: PretrainConfig, vae_dir: Path) -> Path:
+    """Stage 1b, once per VAE: `decoder_steps` steps of decoder-only training on renders where
+    a share `decoder_look_probability` of objects wear a pattern (stage 1 sees few, and
+    subjects' dots and rims came back blurred). The latents do not change."""
+    from diffusers import AutoencoderKL
+
+    report = json.loads((vae_dir / "report.json").read_text())
+    done = report.get("decoder_steps", 0)
+    if done == config.decoder_steps:
+        if done:
+            log.info("stage 1b done before: the decoder in %s", vae_dir)
         return vae_dir
-    vae = build_vae(config)
-    log.info("stage 1: VAE, %.2fM parameters, %d steps", _millions(vae), config.vae_steps)
-    dataset = RenderBatches(seed=config.seed, batch_size=config.vae_batch_size,
-                            num_steps=config.vae_steps)
-    _fit(VAEModule(vae, config), dataset, stage_dir=output_dir / "stage1-vae", config=config,
-         total_steps=config.vae_steps, callbacks=[])
+    if done:
+        raise ValueError(f"the VAE in '{vae_dir}' has a decoder fine-tuned for {done} steps, "
+                         f"this run asks for --decoder_steps {config.decoder_steps}: pass "
+                         f"{done} or use a new --output_dir")
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    log.info("stage 1b: the VAE decoder, %d steps, %.0f%% patterned objects",
+             config.decoder_steps, 100 * config.decoder_look_probability)
+    dataset = RenderBatches(seed=seeding.derive_seed(config.seed, _DECODER_STREAM),
+                            batch_size=config.vae_batch_size, num_steps=config.decoder_steps,
+                            look_probability=config.decoder_look_probability)
+    _fit(VAEModule(vae, config, decoder_only=True), dataset,
+         stage_dir=Path(config.output_dir) / "stage1b-decoder", config=config,
+         total_steps=config.decoder_steps, callbacks=[])
     vae.to("cpu")
-    report = vae_report(vae, config.seed)
-    vae.register_to_config(scaling_factor=1.0 / report["latent_std"])
-    vae.save_pretrained(vae_dir, safe_serialization=True)
-    atomic_write_text(vae_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    log.info("stage 1: reconstruction PSNR %.2f dB (MSE %.4f in [-1, 1]), scaling factor %.4f",
-             report["psnr_db"], report["mse"], 1.0 / report["latent_std"])
+    after = vae_report(vae, config.seed)
+    _save_vae(vae, vae_dir, {**after, "decoder_steps": config.decoder_steps,
+                             "stage1_psnr_db": report.get("stage1_psnr_db", report["psnr_db"])})
+    log.info("stage 1b: reconstruction PSNR %.2f dB (stage 1: %.2f dB)", after["psnr_db"],
+             report["psnr_db"])
     return vae_dir
+
+
+def _save_vae(vae, vae_dir: Path, report: dict[str, Any]) -> None:
+    """Write the VAE and its report.json together (a stopped write leaves the old VAE)."""
+    staging = vae_dir.with_name(vae_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    vae.save_pretrained(staging, safe_serialization=True)
+    atomic_write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
+    if vae_dir.exists():
+        previous = vae_dir.with_name(vae_dir.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        vae_dir.replace(previous)
+        staging.replace(vae_dir)
+        shutil.rmtree(previous)
+    else:
+        staging.replace(vae_dir)
 
 
 def pretrain(config: PretrainConfig) -> Path:
