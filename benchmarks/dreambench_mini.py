@@ -3,8 +3,9 @@
 For each subject: its photos -> DreamBooth (full fine-tune, the demo's settings: 400 steps,
 batch 2, learning rate 1e-4, text encoder trained) on the base model -> the subject's
 DreamBench-style prompts -> the world evaluator's metrics. Prints tables in the shape of the
-paper's Table 1 (subject fidelity ~ DINO, prompt fidelity ~ CLIP-T; real photos and the base
-model as references) and Table 3 (PRES, DIV, subject fidelity with and without the prior loss),
+paper's Table 1 (subject fidelity ~ DINO, prompt fidelity ~ CLIP-T; real photos, the photos
+encoded and decoded by the base model's VAE (the most any generation of it can show) and the
+base model as references) and Table 3 (PRES, DIV, subject fidelity with and without the prior loss),
 and writes every figure as JSON.
 
 Usage:
@@ -31,7 +32,7 @@ from statistics import mean
 
 def run(args) -> dict:
     from dreambooth.config import parse_train_config
-    from dreambooth.dreambench import evaluate_model
+    from dreambooth.dreambench import evaluate_model, vae_round_trip
     from dreambooth.evaluate import load_evaluator, subject_fidelity
     from dreambooth.generate import load_pipeline
     from dreambooth.models import resolve_model_path
@@ -57,10 +58,15 @@ def run(args) -> dict:
             # Real-photo reference row: new photos of the subject vs the training photos.
             held_out = photos(subject, n=5, seed=1)
             prompts = dreambench_prompts(subject)[:args.prompts]
+            base_pipeline = load_pipeline(base, device=args.device)
+            round_trip = vae_round_trip(base_pipeline.vae, subject_photos)
             row = {"subject": subject.name, "class": subject.cls,
-                   "real_subject_fidelity": subject_fidelity(held_out, subject_photos, evaluator)}
+                   "real_subject_fidelity": subject_fidelity(held_out, subject_photos, evaluator),
+                   # the photos through the base model's VAE: the ceiling of what it can draw
+                   "vae_subject_fidelity": subject_fidelity(round_trip, subject_photos,
+                                                            evaluator)}
             base_eval = evaluate_model(
-                load_pipeline(base, device=args.device), photo_dir, identifier="sks",
+                base_pipeline, photo_dir, identifier="sks",
                 class_noun=subject.cls, prompts=prompts, output_dir=work / subject.name / "base",
                 images_per_prompt=args.images_per_prompt, num_inference_steps=args.sample_steps,
                 guidance_scale=args.guidance_scale, device=args.device)
@@ -118,6 +124,9 @@ def tables(report: dict) -> str:
     table1 = ["| method | subject fidelity (DINO-like) | prompt fidelity (CLIP-T-like) |",
               "|---|---|---|",
               f"| real photos | {avg(('real_subject_fidelity',)):.3f} | - |",
+              *([f"| photos through the base model's VAE (ceiling) | "
+                 f"{avg(('vae_subject_fidelity',)):.3f} | - |"]
+                if all("vae_subject_fidelity" in row for row in rows) else []),
               f"| base model (no training) | {avg(('base', 'subject_fidelity')):.3f} | "
               f"{avg(('base', 'prompt_fidelity')):.3f} |",
               f"| DreamBooth (ours, with prior) | {avg(('with_prior', 'subject_fidelity')):.3f} | "

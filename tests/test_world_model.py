@@ -35,12 +35,32 @@ def test_bundled_model_draws_held_out_combinations():
     pipeline.set_progress_bar_config(disable=True)
     quality = held_out_quality(pipeline, images_per_prompt=2, limit=10)
     assert quality["num_prompts"] == 10
-    # Chance is 1/4 (class), 1/8 (color), 1/10 (background). Measured here: 0.80 / 0.95 / 0.90,
-    # 0.65 for all three; the full figure (every held-out combination, 4 seeds: 0.775 for all
+    # Chance is 1/4 (class), 1/8 (color), 1/10 (background). Measured here: 0.80 / 0.95 / 1.0,
+    # 0.80 for all three; the full figure (every held-out combination, 4 seeds: 0.858 for all
     # three) is benchmarks/world_model_quality.py. Margins leave room for other CPUs' numerics.
-    assert quality["cls"] >= 0.65 and quality["color"] >= 0.8 and quality["background"] >= 0.75, (
+    assert quality["cls"] >= 0.65 and quality["color"] >= 0.8 and quality["background"] >= 0.85, (
         quality)
-    assert quality["all"] >= 0.55, quality
+    assert quality["all"] >= 0.65, quality
+
+
+def test_bundled_vae_keeps_the_subjects_fine_markings():
+    """Stage 1b's decoder: the subjects' photos, encoded and decoded, stay recognizable."""
+    from statistics import mean
+
+    from diffusers import AutoencoderKL
+    from dreambooth.dreambench import vae_round_trip
+    from dreambooth.evaluate import subject_fidelity
+    from dreambooth.world import SUBJECTS, photos
+
+    vae = AutoencoderKL.from_pretrained(WORLD_MODEL / "vae").float()
+    fidelity = {}
+    for subject in SUBJECTS.values():
+        subject_photos = photos(subject, n=5)
+        round_trip = vae_round_trip(vae, subject_photos)
+        assert [image.size for image in round_trip] == [(64, 64)] * 5
+        fidelity[subject.name] = subject_fidelity(round_trip, subject_photos)
+    # Measured here: mean 0.773, polka_ball 0.490; the stage-1 decoder gave 0.714 and 0.369.
+    assert mean(fidelity.values()) >= 0.74 and fidelity["polka_ball"] >= 0.43, fidelity
 
 
 def test_bundled_model_follows_partial_and_identifier_prompts():
@@ -59,6 +79,6 @@ def test_bundled_model_follows_partial_and_identifier_prompts():
         pipeline, prompt, seeds=[0], num_inference_steps=25, guidance_scale=5.0)]
     matches = attribute_matches(images, prompts)
     share = sum(all(match.values()) for match in matches) / len(matches)
-    # Measured here: 0.864 (19 of 22). The model before partial and identifier captions: 0.535 on
-    # every DreamBench prompt (0.848 now; BENCHMARKS.md, "Caption coverage").
+    # Measured here: 0.818 (18 of 22). The model before partial and identifier captions: 0.535 on
+    # every DreamBench prompt (BENCHMARKS.md, "Caption coverage").
     assert share >= 0.7, (share, [p for p, m in zip(prompts, matches) if not all(m.values())])

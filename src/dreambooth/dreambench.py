@@ -14,12 +14,14 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import evaluate
 from .files import atomic_write_text
 from .generate import load_pipeline, sample_images
-from .images import load_image_folder, make_grid, save_png
+from .images import load_image_folder, make_grid, pil_to_tensor, save_png, tensor_to_pil
 from .world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS, held_out_captions
 from .world.render import article
 
@@ -67,6 +69,16 @@ def held_out_quality(model, *, images_per_prompt: int = 4, num_inference_steps: 
                for key in ("cls", "color", "background")}
     quality["all"] = sum(all(match.values()) for match in matches) / len(matches)
     return {**quality, "num_prompts": len(prompts), "images_per_prompt": images_per_prompt}
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images: list[Image.Image]) -> list[Image.Image]:
+    """`images` encoded (posterior mean) and decoded by a model's VAE: what any generation of
+    that model can show at best, so their subject fidelity is the model's ceiling."""
+    parameter = next(vae.parameters())
+    pixels = torch.stack([pil_to_tensor(image.convert("RGB")) for image in images])
+    latents = vae.encode(pixels.to(parameter)).latent_dist.mean
+    return [tensor_to_pil(image) for image in vae.decode(latents).sample]
 
 
 def read_prompts(path: str | Path) -> list[str]:
