@@ -1,16 +1,22 @@
 #!/usr/bin/env python
-"""Rebuild the project's base model of the procedural world from scratch.
+r"""Rebuild the project's base model of the procedural world from scratch.
 
-    .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model --background
+The bundled model `demo` is the EMA at step 4000 of a 6000-step run (BENCHMARKS.md):
+
+    .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model \
+        --unet_steps 6000 --keep_checkpoints 5 --background
+    .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model \
+        --unet_steps 6000 --export_checkpoint checkpoint-4000
 
 Stage 1 trains the VAE (AutoencoderKL, ~0.7M parameters, 64x64x3 -> 16x16x4), stage 1b its
 decoder alone on finely patterned objects, stage 2 the CLIP text encoder (~0.9M) and the UNet
 (~6.7M) on an endless stream of captioned renders (`dreambooth.pretrain`). Every stage
-checkpoints every `--checkpoint_every` steps and on Ctrl-C; running the same command again resumes where the run stopped, with the same result as an
-uninterrupted run. Progress goes to `OUTPUT_DIR/pretrain.log` (loss, steps/s, time left; every
-`--sample_every` steps a grid of held-out prompts and its prompt fidelity), CSV metrics to
-`OUTPUT_DIR/stage*/logs`. The result, `OUTPUT_DIR/model`, is a diffusers folder with fp16
-safetensors that `StableDiffusionPipeline.from_pretrained` loads.
+checkpoints every `--checkpoint_every` steps and on Ctrl-C; running the same command again
+resumes where the run stopped, with the same result as an uninterrupted run. Progress goes to
+`OUTPUT_DIR/pretrain.log` (loss, steps/s, time left; every `--sample_every` steps a grid of
+held-out prompts and its prompt fidelity), CSV metrics to `OUTPUT_DIR/stage*/logs`. The result,
+`OUTPUT_DIR/model`, is a diffusers folder with fp16 safetensors that
+`StableDiffusionPipeline.from_pretrained` loads.
 
 `--background` starts the run detached from the terminal and returns at once (stop it with
 `kill PID`: it writes a checkpoint first). Every PretrainConfig field is a flag; tuples are

@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_pretrain_config(output_dir: Path, **overrides) -> pretrain.PretrainConfig:
     values = dict(output_dir=str(output_dir), vae_channels=(16, 16, 16), unet_channels=(32, 32),
                   text_hidden_size=32, text_layers=1, text_intermediate_size=32, vae_steps=2,
-                  decoder_steps=2, vae_batch_size=4, unet_steps=4, unet_batch_size=4, warmup_steps=1,
-                  checkpoint_every=2, log_every=1, sample_every=0, num_workers=0, threads=1)
+                  decoder_steps=2, vae_batch_size=4, unet_steps=4, unet_batch_size=4,
+                  warmup_steps=1, checkpoint_every=2, log_every=1, sample_every=0, num_workers=0,
+                  threads=1)
     return pretrain.PretrainConfig(**{**values, **overrides})
 
 

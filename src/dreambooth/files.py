@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -38,3 +39,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace_folder(staging: str | Path, path: str | Path) -> None:
+    """Move the finished folder `staging` to `path`, replacing what is there. The old folder is
+    set aside by a rename first, so a crash leaves the old or the new folder under `path`'s
+    name or beside it, never a half-written one."""
+    staging, path = Path(staging), Path(path)
+    if not path.exists():
+        staging.replace(path)
+        return
+    previous = path.with_name(path.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    path.replace(previous)
+    staging.replace(path)
+    shutil.rmtree(previous)

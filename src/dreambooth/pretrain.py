@@ -45,7 +45,7 @@ from . import checkpointing, seeding
 from .config import option
 from .data import ResumableLoader, ResumingSampler
 from .export import VERSIONS_FILE, library_versions
-from .files import atomic_write_text
+from .files import atomic_write_text, replace_folder
 from .pretrain_callbacks import EMA, HeldOutSamples, ProgressLog
 from .training import draw_noise_and_timesteps, min_snr_weights
 from .world import (LOOK_PROBABILITY, TRAIN_COMBINATIONS, VOCABULARY, caption, render,
@@ -536,7 +536,7 @@ def finetune_decoder(config: PretrainConfig, vae_dir: Path) -> Path:
     vae.to("cpu")
     after = vae_report(vae, config.seed)
     _save_vae(vae, vae_dir, {**after, "decoder_steps": config.decoder_steps,
-                             "stage1_psnr_db": report.get("stage1_psnr_db", report["psnr_db"])})
+                             "stage1_psnr_db": report["psnr_db"]})
     log.info("stage 1b: reconstruction PSNR %.2f dB (stage 1: %.2f dB)", after["psnr_db"],
              report["psnr_db"])
     return vae_dir
@@ -548,14 +548,7 @@ def _save_vae(vae, vae_dir: Path, report: dict[str, Any]) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     vae.save_pretrained(staging, safe_serialization=True)
     atomic_write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
-    if vae_dir.exists():
-        previous = vae_dir.with_name(vae_dir.name + ".previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        vae_dir.replace(previous)
-        staging.replace(vae_dir)
-        shutil.rmtree(previous)
-    else:
-        staging.replace(vae_dir)
+    replace_folder(staging, vae_dir)
 
 
 def pretrain(config: PretrainConfig) -> Path:
@@ -654,8 +647,7 @@ def export_model(module: DiffusionModule, tokenizer, path: Path, config: Pretrai
     if vae_report_path.is_file():
         shutil.copyfile(vae_report_path, staging / "vae" / "report.json")
     atomic_write_text(staging / VERSIONS_FILE, json.dumps(library_versions(), indent=2) + "\n")
-    shutil.rmtree(path, ignore_errors=True)
-    staging.replace(path)
+    replace_folder(staging, path)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
     log.info("saved the base model in %s (%.1f MB)", path, size)
     return path
