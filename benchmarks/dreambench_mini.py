@@ -1,7 +1,7 @@
 """DreamBench-mini: every subject of the procedural world, with and without prior preservation.
 
 For each subject: its photos -> DreamBooth (full fine-tune, the demo's settings: 400 steps,
-batch 2, learning rate 1e-4, text encoder trained) on the base model -> the subject's
+batch 2, learning rate 5e-5, text encoder trained) on the base model -> the subject's
 DreamBench-style prompts -> the world evaluator's metrics. Prints tables in the shape of the
 paper's Table 1 (subject fidelity ~ DINO, prompt fidelity ~ CLIP-T; real photos, the photos
 encoded and decoded by the base model's VAE (the most any generation of it can show) and the
@@ -146,7 +146,7 @@ def main() -> None:
                         help="A world model ('demo': the bundled one), or 'tiny' for a smoke run.")
     parser.add_argument("--subjects", type=int, default=6, help="How many subjects (max 6).")
     parser.add_argument("--steps", type=int, default=400, help="DreamBooth steps per run.")
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--train_batch_size", type=int, default=2)
     parser.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction,
                         default=True)
@@ -155,7 +155,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=25, help="Prompts per subject (max ~17).")
     parser.add_argument("--images_per_prompt", type=int, default=4)
     parser.add_argument("--sample_steps", type=int, default=25)
-    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    parser.add_argument("--guidance_scale", type=float, default=3.0,
+                        help="The world model's own scale (models.WORLD_MODEL_GUIDANCE_SCALE).")
     parser.add_argument("--device", default=None)
     parser.add_argument("--quick", action="store_true",
                         help="Smoke settings: 1 subject, 2 prompts, 2 images, 4 class images.")

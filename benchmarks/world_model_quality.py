@@ -24,7 +24,8 @@ def main() -> None:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--images_per_prompt", type=int, default=4)
     parser.add_argument("--num_inference_steps", type=int, default=25)
-    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    parser.add_argument("--guidance_scale", type=float, default=3.0,
+                        help="The world model's own scale (models.WORLD_MODEL_GUIDANCE_SCALE).")
     parser.add_argument("--grid", default=None, help="Where to save the grid of every image.")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/).")
     args = parser.parse_args()

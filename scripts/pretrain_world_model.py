@@ -1,12 +1,10 @@
 #!/usr/bin/env python
 r"""Rebuild the project's base model of the procedural world from scratch.
 
-The bundled model `demo` is the EMA at step 4000 of a 6000-step run (BENCHMARKS.md):
+The bundled model `demo` is this script's default run, its stage-2 EMA weights at the end
+(BENCHMARKS.md, "The world model"):
 
-    .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model \
-        --unet_steps 6000 --keep_checkpoints 5 --background
-    .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model \
-        --unet_steps 6000 --export_checkpoint checkpoint-4000
+    .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model --background
 
 Stage 1 trains the VAE (AutoencoderKL, ~0.7M parameters, 64x64x3 -> 16x16x4), stage 1b its
 decoder alone on finely patterned objects, stage 2 the CLIP text encoder (~0.9M) and the UNet

@@ -4,6 +4,7 @@ import json
 
 from dreambooth.cli import main
 from dreambooth.images import read_png_text
+from dreambooth.models import WORLD_MODEL_GUIDANCE_SCALE, default_guidance_scale
 
 
 def test_demo_fast_mode_produces_every_file(tmp_path):
@@ -12,6 +13,7 @@ def test_demo_fast_mode_produces_every_file(tmp_path):
     assert len(list((out / "instance-photos").glob("*.png"))) == 5
     assert len(list((out / "class-images").glob("class-*.png"))) == 4
     assert (out / "model" / "model_index.json").exists()
+    assert default_guidance_scale(out / "model") == WORLD_MODEL_GUIDANCE_SCALE  # generate's default
     assert [p.name for p in (out / "model" / "checkpoints").iterdir()] == ["checkpoint-4.ckpt"]
     assert len(list((out / "model" / "validation").glob("step-*.png"))) == 4
     assert read_png_text(out / "base-vs-trained.png")["prompt"] == "a sks ball"

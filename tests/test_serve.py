@@ -30,6 +30,7 @@ uvicorn = pytest.importorskip("uvicorn")
 KEY = "test-key-0123456789"
 STEPS = {"num_inference_steps": 2}
 TRIGGER = "a photo of sks dog"
+OWN_GUIDANCE = 4.0  # the validation scale in sks-dog's training_config.yaml
 UPLOAD_LIMIT_MB = 0.05  # 52 KB: the test images are ~3 KB
 
 
@@ -70,7 +71,8 @@ def folders(tmp_path_factory, tiny_model):
     """A base model, a 'personalized' one (with training_config.yaml) and a LoRA file."""
     root = tmp_path_factory.mktemp("serve")
     personal = save_tiny_pipeline(root / "sks-dog", seed=1)
-    (personal / CONFIG_FILE).write_text(f"instance_prompt: {TRIGGER}\nresolution: 32\n")
+    (personal / CONFIG_FILE).write_text(
+        f"instance_prompt: {TRIGGER}\nresolution: 32\nvalidation_guidance_scale: {OWN_GUIDANCE}\n")
     from dreambooth.generate import load_pipeline
 
     lora = write_lora(load_pipeline(tiny_model, device="cpu"), root / "style.safetensors",
@@ -160,6 +162,12 @@ def test_output_formats_data_urls_and_quality(client):
 def test_same_seed_same_image_other_seed_differs(client):
     assert np.array_equal(generate_one(client, 3), generate_one(client, 3))
     assert not np.array_equal(generate_one(client, 3), generate_one(client, 4))
+
+
+def test_requests_without_guidance_scale_get_the_models_own(client):
+    own = generate_one(client, seed=5)  # sks-dog was validated at OWN_GUIDANCE, not SD's 7.5
+    assert np.array_equal(own, generate_one(client, seed=5, guidance_scale=OWN_GUIDANCE))
+    assert not np.array_equal(own, generate_one(client, seed=5, guidance_scale=7.5))
 
 
 def test_lora_is_applied_on_request_and_off_without(client):

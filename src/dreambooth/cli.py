@@ -55,8 +55,9 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative_prompt", default="")
     parser.add_argument("--num_images", type=int, default=4)
     parser.add_argument("--num_inference_steps", type=int, default=30)
-    parser.add_argument("--guidance_scale", type=float, default=7.5,
-                        help="Classifier-free guidance scale (1 disables guidance).")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="Classifier-free guidance scale (1 disables guidance; default: the "
+                             "model's own, 3 for 'demo' and models trained from it, else 7.5).")
     parser.add_argument("--seed", type=int, default=0, help="Image i uses seed + i.")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
@@ -167,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="File with one prompt a line (default: DreamBench-style set).")
     evaluation.add_argument("--images_per_prompt", type=int, default=4)
     evaluation.add_argument("--num_inference_steps", type=int, default=25)
-    evaluation.add_argument("--guidance_scale", type=float, default=7.5)
+    evaluation.add_argument("--guidance_scale", type=float, default=None,
+                            help="Default: the model's own (3 for the world model), else 7.5.")
     evaluation.add_argument("--seed", type=int, default=0)
     evaluation.add_argument("--device", default=None)
     evaluation.add_argument("--output_dir", required=True)
@@ -179,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max_train_steps", type=int, default=None,
                       help="DreamBooth steps (default 400; 4 with --fast).")
     return parser
+
+
+def _guidance_scale(args: argparse.Namespace) -> float:
+    if args.guidance_scale is not None:
+        return args.guidance_scale
+    from .models import default_guidance_scale
+
+    return default_guidance_scale(args.model)
 
 
 def resolve_train_config(args: argparse.Namespace):
@@ -210,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             result = generate(args.model, args.prompt, negative_prompt=args.negative_prompt,
                               num_images=args.num_images,
                               num_inference_steps=args.num_inference_steps,
-                              guidance_scale=args.guidance_scale, seed=args.seed,
+                              guidance_scale=_guidance_scale(args), seed=args.seed,
                               height=args.height, width=args.width, scheduler=args.scheduler,
                               output_dir=args.output_dir, batch_size=args.batch_size,
                               device=args.device, dtype=args.dtype, lora=args.lora,

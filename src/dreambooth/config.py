@@ -70,7 +70,9 @@ class PriorConfig:
         100, "Class images wanted; if class_data_dir holds fewer, the base model generates the rest.")
     sample_batch_size: int = option(4, "Batch size for generating class images.")
     class_inference_steps: int = option(50, "Denoising steps when generating class images.")
-    class_guidance_scale: float = option(7.5, "Classifier-free guidance scale for class images.")
+    class_guidance_scale: float | None = option(
+        None, "Classifier-free guidance scale for class images (default: the base model's own, "
+        "models.default_guidance_scale: 3 for demo, else 7.5).")
 
 
 @dataclass
@@ -134,7 +136,9 @@ class ValidationConfig:
     validation_steps: int = option(100, "Sample validation images every N optimizer steps.")
     num_validation_images: int = option(4, "Validation images per prompt (fixed seeds).")
     validation_inference_steps: int = option(25, "Denoising steps for validation images.")
-    validation_guidance_scale: float = option(7.5, "Guidance scale for validation images.")
+    validation_guidance_scale: float | None = option(
+        None, "Guidance scale for validation images (default: the base model's own); the "
+        "trained model's default in generate, eval and serve.")
 
 
 @dataclass
@@ -305,7 +309,21 @@ def parse_train_config(values: dict[str, Any], source: str = "configuration") ->
     problems += [line for line in validate(config) if line.split("=")[0].split(" ")[0] not in failed]
     if problems:
         raise ConfigError(problems, source)
+    _fill_guidance_scales(config)
     return config
+
+
+def _fill_guidance_scales(config: TrainConfig) -> None:
+    """Unset guidance scales take the base model's own (3 for the world model, else SD's 7.5)."""
+    if None not in (config.prior.class_guidance_scale, config.validation.validation_guidance_scale):
+        return
+    from .models import default_guidance_scale
+
+    scale = default_guidance_scale(config.model.pretrained_model_name_or_path)
+    if config.prior.class_guidance_scale is None:
+        config.prior.class_guidance_scale = scale
+    if config.validation.validation_guidance_scale is None:
+        config.validation.validation_guidance_scale = scale
 
 
 def validate(config: TrainConfig) -> list[str]:

@@ -20,6 +20,7 @@ from .dreambench import evaluate_model
 from .files import atomic_write_text
 from .generate import load_pipeline, sample_images
 from .images import make_grid, save_png
+from .models import WORLD_MODEL_GUIDANCE_SCALE
 from .train import train
 from .world import DEMO_SUBJECT, IMAGE_SIZE, class_prompt, dreambench_prompts, photos
 
@@ -36,7 +37,7 @@ class DemoSettings:
     """How much the demo does; the defaults are the README's run (a few minutes on 2 cores)."""
 
     max_train_steps: int = 400
-    learning_rate: float = 1e-4
+    learning_rate: float = 5e-5  # 1e-4: more subject fidelity, less prompt fidelity (BENCHMARKS)
     train_batch_size: int = 2
     train_text_encoder: bool = True
     prior_loss_weight: float = 1.0
@@ -44,7 +45,7 @@ class DemoSettings:
     eval_prompts: int = 0  # 0: every DreamBench-mini prompt of the demo subject
     images_per_prompt: int = 4
     inference_steps: int = 25
-    guidance_scale: float = 5.0
+    guidance_scale: float = WORLD_MODEL_GUIDANCE_SCALE
 
 
 # `dreambooth demo --fast`: every stage and file, minimal work (tests, smoke runs).

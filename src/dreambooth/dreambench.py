@@ -22,6 +22,7 @@ from . import evaluate
 from .files import atomic_write_text
 from .generate import load_pipeline, sample_images
 from .images import load_image_folder, make_grid, pil_to_tensor, save_png, tensor_to_pil
+from .models import DEFAULT_GUIDANCE_SCALE, WORLD_MODEL_GUIDANCE_SCALE, default_guidance_scale
 from .world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS, held_out_captions
 from .world.render import article
 
@@ -45,9 +46,9 @@ def default_prompts(identifier: str, class_noun: str) -> list[str]:
 
 
 def held_out_quality(model, *, images_per_prompt: int = 4, num_inference_steps: int = 25,
-                     guidance_scale: float = 5.0, seed: int = 0, device: str | None = None,
-                     limit: int | None = None, grid_path: str | Path | None = None
-                     ) -> dict[str, float]:
+                     guidance_scale: float = WORLD_MODEL_GUIDANCE_SCALE, seed: int = 0,
+                     device: str | None = None, limit: int | None = None,
+                     grid_path: str | Path | None = None) -> dict[str, float]:
     """How well a base model of the world draws caption combinations it never saw in training
     (`world.HELD_OUT_COMBINATIONS`, e.g. "a green ball on a blue background"), as the world
     evaluator judges: the share of images with the asked class, color and background, each and
@@ -96,9 +97,13 @@ def read_prompts(path: str | Path) -> list[str]:
 def evaluate_model(model, reference_dir: str | Path, *, identifier: str, class_noun: str,
                    output_dir: str | Path, prompts: list[str] | None = None,
                    images_per_prompt: int = 4, num_inference_steps: int = 25,
-                   guidance_scale: float = 7.5, seed: int = 0,
+                   guidance_scale: float | None = None, seed: int = 0,
                    device: str | None = None) -> EvaluationResult:
-    """Generate the prompt set with `model` and score it against the photos in `reference_dir`."""
+    """Generate the prompt set with `model` and score it against the photos in `reference_dir`
+    (`guidance_scale` None: the model's own, `models.default_guidance_scale`)."""
+    if guidance_scale is None:
+        source = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
+        guidance_scale = default_guidance_scale(source) if source else DEFAULT_GUIDANCE_SCALE
     if images_per_prompt < 2:
         raise ValueError(f"images_per_prompt={images_per_prompt}: DIV needs at least 2")
     references = [image for _, image in load_image_folder(reference_dir, role="reference")]

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from .files import atomic_write_text
-from .models import DiffusionComponents
+from .models import TRAINING_CONFIG_FILE, DiffusionComponents
 
-CONFIG_FILE = "training_config.yaml"
+CONFIG_FILE = TRAINING_CONFIG_FILE
 VERSIONS_FILE = "versions.json"
 _LIBRARIES = ("dreambooth", "torch", "diffusers", "transformers", "lightning", "safetensors", "peft")
 

@@ -83,7 +83,7 @@ class PretrainConfig:
     decoder_look_probability: float = option(0.8, "Share of stage-1b objects that wear a pattern.")
     decoder_learning_rate: float = option(3e-4, "Stage-1b AdamW learning rate (cosine decay).")
     # stage 2: text encoder + UNet
-    unet_steps: int = option(3000, "Optimizer steps of stage 2 (text encoder + UNet).")
+    unet_steps: int = option(6000, "Optimizer steps of stage 2 (text encoder + UNet).")
     unet_batch_size: int = option(32, "Renders per diffusion step.")
     unet_learning_rate: float = option(5e-4, "UNet and text encoder AdamW learning rate.")
     warmup_steps: int = option(500, "Linear warmup of the stage-2 learning rate.")

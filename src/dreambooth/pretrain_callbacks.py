@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from . import seeding
+from .models import WORLD_MODEL_GUIDANCE_SCALE
 from .world import held_out_captions
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class HeldOutSamples(L.Callback):
 @torch.no_grad()
 def sample_and_score(module: L.LightningModule, ema: EMA | None, tokenizer, scheduler,
                      prompts: list[str], grid_path: Path, seed: int,
-                     num_inference_steps: int = 25, guidance_scale: float = 5.0) -> float:
+                     num_inference_steps: int = 25,
+                     guidance_scale: float = WORLD_MODEL_GUIDANCE_SCALE) -> float:
     """Generate one image per prompt (EMA weights if given), save a grid, return prompt
     fidelity as judged by the shipped world evaluator (nan if it is not there)."""
     from diffusers import StableDiffusionPipeline

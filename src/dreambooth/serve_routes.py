@@ -32,6 +32,7 @@ from starlette.datastructures import UploadFile
 
 from .export import CONFIG_FILE
 from .generate import IMG2IMG_STRENGTH, INPAINT_STRENGTH, SCHEDULERS, format_parameters
+from .models import DEFAULT_GUIDANCE_SCALE
 from .serve_batching import BatchKey, Job, ModelWorker, QueueFull, WorkerStopped
 from .serve_schemas import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, QUALITY_STEPS, APIError,
                             ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest,
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GUIDANCE_SCALE = 7.5  # generate()'s default
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 _UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
 _A1111_SAMPLERS = {sampler: name for name, (_, sampler) in SCHEDULERS.items()}
@@ -58,6 +58,7 @@ class ServedModel:
     created: int
     default_sampler: str  # A1111 name of the pipeline's own scheduler
     native_size: int
+    default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # when a request names none
     worker: ModelWorker | None = None
 
 
@@ -253,7 +254,7 @@ async def images_generations(body: ImageGenerationRequest,
     width, height = state.size(body.size, served)
     key = BatchKey("txt2img", width, height, state.steps(body.num_inference_steps, body.quality),
                    body.guidance_scale if body.guidance_scale is not None
-                   else DEFAULT_GUIDANCE_SCALE,
+                   else served.default_guidance_scale,
                    body.scheduler, state.lora(body.lora), body.lora_scale, None)
     job = Job(key, [body.prompt] * body.n, [body.negative_prompt] * body.n,
               _seeds(body.seed, body.n))
@@ -348,7 +349,7 @@ async def images_edits(request: Request, state: ServerState = Depends(_state)) -
     key = BatchKey("inpaint" if mask else "img2img", width, height,
                    state.steps(body.num_inference_steps, body.quality),
                    body.guidance_scale if body.guidance_scale is not None
-                   else DEFAULT_GUIDANCE_SCALE,
+                   else served.default_guidance_scale,
                    body.scheduler, state.lora(body.lora), body.lora_scale, strength)
     # Checked here, not left to edit_images: one failing request would fail its whole batch.
     if int(key.num_inference_steps * strength) < 1:
@@ -397,7 +398,7 @@ async def chat_completions(body: ChatCompletionRequest,
     width, height = state.size(body.size, served)
     key = BatchKey("txt2img", width, height, state.steps(body.num_inference_steps, None),
                    body.guidance_scale if body.guidance_scale is not None
-                   else DEFAULT_GUIDANCE_SCALE,
+                   else served.default_guidance_scale,
                    body.scheduler, state.lora(body.lora), body.lora_scale, None)
     job = Job(key, [prompt] * body.n, [body.negative_prompt] * body.n, _seeds(body.seed, body.n))
     images = await state.run(served, job)

@@ -118,9 +118,10 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
                                                     checkpoint_dir)
     if resume_path is not None:
         config = _apply_checkpoint_config(config, resume_path)
-    if config.optim.seed is None:
-        values = config.to_flat_dict() | {"seed": secrets.randbelow(2**31)}
-        config = parse_train_config(values)
+    if config.optim.seed is None or None in (config.prior.class_guidance_scale,
+                                             config.validation.validation_guidance_scale):
+        seed = config.optim.seed if config.optim.seed is not None else secrets.randbelow(2**31)
+        config = parse_train_config(config.to_flat_dict() | {"seed": seed})  # fills the scales
     if config.optim.max_train_steps is None:
         steps = steps_for_epochs(
             config.data.instance_data_dir, num_class_images=config.prior.num_class_images,
