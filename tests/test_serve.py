@@ -19,7 +19,7 @@ from openai import OpenAI
 from PIL import Image
 
 from dreambooth.cli import build_parser, main, parse_named_paths
-from dreambooth.export import CONFIG_FILE
+from dreambooth.models import TRAINING_CONFIG_FILE
 from dreambooth.generate import parse_parameters
 from dreambooth.serve import ServeConfigError, create_app
 from dreambooth.tiny import save_tiny_pipeline
@@ -71,7 +71,7 @@ def folders(tmp_path_factory, tiny_model):
     """A base model, a 'personalized' one (with training_config.yaml) and a LoRA file."""
     root = tmp_path_factory.mktemp("serve")
     personal = save_tiny_pipeline(root / "sks-dog", seed=1)
-    (personal / CONFIG_FILE).write_text(
+    (personal / TRAINING_CONFIG_FILE).write_text(
         f"instance_prompt: {TRIGGER}\nresolution: 32\nvalidation_guidance_scale: {OWN_GUIDANCE}\n")
     from dreambooth.generate import load_pipeline
 

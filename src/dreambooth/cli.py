@@ -183,14 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _guidance_scale(args: argparse.Namespace) -> float:
-    if args.guidance_scale is not None:
-        return args.guidance_scale
-    from .models import default_guidance_scale
-
-    return default_guidance_scale(args.model)
-
-
 def resolve_train_config(args: argparse.Namespace):
     """YAML file -> command-line overrides -> validated TrainConfig."""
     overrides = {key: value for key, value in vars(args).items()
@@ -220,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             result = generate(args.model, args.prompt, negative_prompt=args.negative_prompt,
                               num_images=args.num_images,
                               num_inference_steps=args.num_inference_steps,
-                              guidance_scale=_guidance_scale(args), seed=args.seed,
+                              guidance_scale=args.guidance_scale, seed=args.seed,
                               height=args.height, width=args.width, scheduler=args.scheduler,
                               output_dir=args.output_dir, batch_size=args.batch_size,
                               device=args.device, dtype=args.dtype, lora=args.lora,

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from .export import CONFIG_FILE as TRAINING_CONFIG_FILE
 from .export import library_versions
 from .files import atomic_path
 from .lora import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
+from .models import TRAINING_CONFIG_FILE
 from .single_file import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TEXT_ENCODER_PREFIXES,
                           UNET_PREFIX, V_PRED_KEY, VAE_PREFIX, compare_with_models, diffusers_view,
                           load_single_file, quiet_dtype_deprecation, read_header)

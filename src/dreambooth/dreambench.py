@@ -22,7 +22,7 @@ from . import evaluate
 from .files import atomic_write_text
 from .generate import load_pipeline, sample_images
 from .images import load_image_folder, make_grid, pil_to_tensor, save_png, tensor_to_pil
-from .models import DEFAULT_GUIDANCE_SCALE, WORLD_MODEL_GUIDANCE_SCALE, default_guidance_scale
+from .models import WORLD_MODEL_GUIDANCE_SCALE, default_guidance_scale
 from .world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS, held_out_captions
 from .world.render import article
 
@@ -102,8 +102,7 @@ def evaluate_model(model, reference_dir: str | Path, *, identifier: str, class_n
     """Generate the prompt set with `model` and score it against the photos in `reference_dir`
     (`guidance_scale` None: the model's own, `models.default_guidance_scale`)."""
     if guidance_scale is None:
-        source = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
-        guidance_scale = default_guidance_scale(source) if source else DEFAULT_GUIDANCE_SCALE
+        guidance_scale = default_guidance_scale(model)
     if images_per_prompt < 2:
         raise ValueError(f"images_per_prompt={images_per_prompt}: DIV needs at least 2")
     references = [image for _, image in load_image_folder(reference_dir, role="reference")]

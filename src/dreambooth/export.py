@@ -19,7 +19,6 @@ import torch
 from .files import atomic_write_text
 from .models import TRAINING_CONFIG_FILE, DiffusionComponents
 
-CONFIG_FILE = TRAINING_CONFIG_FILE
 VERSIONS_FILE = "versions.json"
 _LIBRARIES = ("dreambooth", "torch", "diffusers", "transformers", "lightning", "safetensors", "peft")
 
@@ -69,5 +68,5 @@ def save_trained_pipeline(components: DiffusionComponents, output_dir: str | Pat
 
 def write_run_files(output_dir: Path, config_yaml: str) -> None:
     """The resolved configuration and library versions, beside the weights."""
-    atomic_write_text(output_dir / CONFIG_FILE, config_yaml)
+    atomic_write_text(output_dir / TRAINING_CONFIG_FILE, config_yaml)
     atomic_write_text(output_dir / VERSIONS_FILE, json.dumps(library_versions(), indent=2) + "\n")

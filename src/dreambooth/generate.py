@@ -41,7 +41,7 @@ from diffusers.utils import deprecation_utils
 from PIL import Image
 
 from dreambooth.images import make_grid, save_png
-from dreambooth.models import detect_family, resolve_model_path
+from dreambooth.models import default_guidance_scale, detect_family, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -485,7 +485,7 @@ def generate(
     negative_prompt: str = "",
     num_images: int = 4,
     num_inference_steps: int = 30,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     seed: int | None = 0,
     height: int | None = None,
     width: int | None = None,
@@ -503,10 +503,13 @@ def generate(
     are ignored, and its scheduler is restored and LoRA switched off afterwards). `lora` is a
     LoRA .safetensors file (diffusers/peft or kohya format) or a folder holding one, applied at
     `lora_scale`. With `output_dir`, images go to `{index:05d}-{seed}.png` plus
-    `grid-{first index:05d}.png` when there are several.
+    `grid-{first index:05d}.png` when there are several. `guidance_scale` None: the model's
+    own (`models.default_guidance_scale`: 3 for `demo` and models trained from it, else 7.5).
     """
     if num_images < 1:
         raise GenerationError(f"num_images={num_images} must be at least 1")
+    if guidance_scale is None:
+        guidance_scale = default_guidance_scale(model)
     _check_arguments(prompt, num_inference_steps, guidance_scale, height, width)
     if isinstance(model, TEXT_TO_IMAGE_PIPELINES):
         pipeline = model

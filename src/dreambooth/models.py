@@ -8,6 +8,7 @@ cached.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ DEFAULT_GUIDANCE_SCALE = 7.5  # Stable Diffusion's
 WORLD_MODEL_GUIDANCE_SCALE = 3.0
 BUNDLED_GUIDANCE_SCALES = {"demo": WORLD_MODEL_GUIDANCE_SCALE}
 TRAINING_CONFIG_FILE = "training_config.yaml"  # what `dreambooth train` writes into its model
+
+logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -71,25 +74,36 @@ def resolve_model_path(name_or_path: str | Path, revision: str | None = None, *,
     return _check_pipeline_folder(Path(folder), text)
 
 
-def default_guidance_scale(model: str | Path) -> float:
-    """The classifier-free guidance scale to sample `model` with when none is given: a bundled
-    model's own (by short name or folder), the validation scale a model trained by this tool
-    recorded in its training_config.yaml (the demo's model: the world model's), else SD's 7.5."""
-    text = str(model)
+def read_training_config(folder: str | Path | None) -> dict[str, Any]:
+    """The training_config.yaml that `dreambooth train` wrote into a model folder, as a dict;
+    empty when there is none (a base model) or it cannot be read (logged: only what the file
+    records, such as the trigger phrase, is lost)."""
+    config = Path(folder) / TRAINING_CONFIG_FILE if folder is not None else None
+    if config is None or not config.is_file():
+        return {}
+    try:
+        values = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        logger.warning("cannot read %s (%s): its recorded settings are not used", config, error)
+        return {}
+    return values if isinstance(values, dict) else {}
+
+
+def default_guidance_scale(model) -> float:
+    """The classifier-free guidance scale to sample `model` (a name, a folder or a loaded
+    pipeline) with when none is given: a bundled model's own (by short name or folder), the
+    validation scale a model trained by this tool recorded in its training_config.yaml (the
+    demo's model: the world model's), else SD's 7.5."""
+    text = str(getattr(model, "name_or_path", model) or "")
     if text in BUNDLED_GUIDANCE_SCALES:
         return BUNDLED_GUIDANCE_SCALES[text]
     path = Path(text).expanduser()
-    if not path.is_dir():
+    if not text or not path.is_dir():
         return DEFAULT_GUIDANCE_SCALE
     for name, folder in BUNDLED_MODELS.items():
         if path.resolve() == folder.resolve():
             return BUNDLED_GUIDANCE_SCALES[name]
-    config = path / TRAINING_CONFIG_FILE
-    try:
-        values = yaml.safe_load(config.read_text()) if config.is_file() else None
-    except (OSError, yaml.YAMLError):
-        values = None  # an unreadable config only loses the recorded scale
-    scale = values.get("validation_guidance_scale") if isinstance(values, dict) else None
+    scale = read_training_config(path).get("validation_guidance_scale")
     if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale >= 0:
         return float(scale)
     return DEFAULT_GUIDANCE_SCALE

@@ -27,7 +27,7 @@ from PIL import Image
 
 from .generate import (TEXT_TO_IMAGE_PIPELINES, GenerationError, default_size, edit_images, load_pipeline, lora_file,
                        sample_images, sampling_settings, set_scheduler)
-from .models import DEFAULT_GUIDANCE_SCALE, default_guidance_scale, resolve_model_path
+from .models import default_guidance_scale, resolve_model_path
 from .serve_batching import BatchKey, Job, ModelWorker
 
 try:
@@ -198,8 +198,7 @@ def _load_model(name: str, source: str | Path | StableDiffusionPipeline, *,
     return ServedModel(name=name, pipeline=pipeline, trigger_phrase=read_trigger_phrase(folder),
                        created=int(time.time()), default_sampler=set_scheduler(pipeline, None),
                        native_size=default_size(pipeline),
-                       default_guidance_scale=(default_guidance_scale(folder) if folder
-                                               else DEFAULT_GUIDANCE_SCALE))
+                       default_guidance_scale=default_guidance_scale(folder))
 
 
 def _check_settings(models: Mapping, loras: Mapping, *, max_queue: int, max_batch: int,

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
 from diffusers import StableDiffusionPipeline
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -30,9 +29,8 @@ from safetensors import SafetensorError, safe_open
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from .export import CONFIG_FILE
 from .generate import IMG2IMG_STRENGTH, INPAINT_STRENGTH, SCHEDULERS, format_parameters
-from .models import DEFAULT_GUIDANCE_SCALE
+from .models import DEFAULT_GUIDANCE_SCALE, read_training_config
 from .serve_batching import BatchKey, Job, ModelWorker, QueueFull, WorkerStopped
 from .serve_schemas import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, QUALITY_STEPS, APIError,
                             ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest,
@@ -64,15 +62,7 @@ class ServedModel:
 
 def read_trigger_phrase(folder: Path | None) -> str | None:
     """The `instance_prompt` in a trained model's training_config.yaml; None when there is none."""
-    config = folder / CONFIG_FILE if folder is not None else None
-    if config is None or not config.is_file():
-        return None
-    try:
-        values = yaml.safe_load(config.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        logger.warning("cannot read %s (%s): no trigger phrase reported", config, error)
-        return None
-    prompt = values.get("instance_prompt") if isinstance(values, dict) else None
+    prompt = read_training_config(folder).get("instance_prompt")
     return prompt if isinstance(prompt, str) and prompt.strip() else None
 
 

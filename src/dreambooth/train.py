@@ -19,11 +19,11 @@ from . import checkpointing
 from .callbacks import ClassImageGeneration, ValidationSamples
 from .config import TrainConfig, dump_yaml, instance_prompt_warnings, parse_train_config
 from .data import DreamBoothDataModule, steps_for_epochs
-from .export import CONFIG_FILE, save_trained_pipeline, write_run_files
+from .export import save_trained_pipeline, write_run_files
 from .files import atomic_write_text
 from .images import load_image_folder
 from .lora import LoraSettings, lora_metadata, save_lora_files
-from .models import load_components
+from .models import TRAINING_CONFIG_FILE, load_components
 from .training import DreamBoothModule, optimizer_class
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
         plugins=[checkpointing.AtomicCheckpointIO()], default_root_dir=output_dir,
         log_every_n_steps=1, enable_model_summary=False)
     if trainer.is_global_zero:
-        atomic_write_text(output_dir / CONFIG_FILE, dump_yaml(config))
+        atomic_write_text(output_dir / TRAINING_CONFIG_FILE, dump_yaml(config))
     with warnings.catch_warnings():
         # The frozen VAE (and text encoder) stay in eval mode on purpose.
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
