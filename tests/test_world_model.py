@@ -57,6 +57,17 @@ def test_bundled_model_draws_held_out_combinations():
     assert quality["all"] >= 0.8, quality
 
 
+def test_quality_on_other_captions_scores_those_captions():
+    """What benchmarks/guidance_sweep.py picks the guidance scale on: training combinations."""
+    from dreambooth.world import TRAIN_COMBINATIONS, Scene, caption
+
+    training = [caption(Scene(*triple)) for triple in sorted(TRAIN_COMBINATIONS)[:2]]
+    quality = held_out_quality(str(WORLD_MODEL), captions=training, images_per_prompt=1,
+                               num_inference_steps=10)
+    assert quality["num_prompts"] == 2 and quality["images_per_prompt"] == 1
+    assert {quality[key] for key in ("cls", "color", "background", "all")} <= {0.0, 0.5, 1.0}
+
+
 def test_bundled_vae_keeps_the_subjects_fine_markings():
     """Stage 1b's decoder: the subjects' photos, encoded and decoded, stay recognizable."""
     from statistics import mean

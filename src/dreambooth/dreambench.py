@@ -48,13 +48,15 @@ def default_prompts(identifier: str, class_noun: str) -> list[str]:
 def held_out_quality(model, *, images_per_prompt: int = 4, num_inference_steps: int = 25,
                      guidance_scale: float = WORLD_MODEL_GUIDANCE_SCALE, seed: int = 0,
                      device: str | None = None, limit: int | None = None,
-                     grid_path: str | Path | None = None) -> dict[str, float]:
+                     grid_path: str | Path | None = None,
+                     captions: list[str] | None = None) -> dict[str, float]:
     """How well a base model of the world draws caption combinations it never saw in training
     (`world.HELD_OUT_COMBINATIONS`, e.g. "a green ball on a blue background"), as the world
     evaluator judges: the share of images with the asked class, color and background, each and
-    all three (`all`). `limit` takes the first N combinations (sorted) for a quicker check."""
+    all three (`all`). `limit` takes the first N combinations (sorted) for a quicker check;
+    `captions` scores others instead (e.g. training combinations, to pick settings on)."""
     pipeline = load_pipeline(model, device=device) if isinstance(model, (str, Path)) else model
-    prompts = held_out_captions()[:limit]
+    prompts = (captions if captions is not None else held_out_captions())[:limit]
     seeds = [seed + offset for offset in range(images_per_prompt)]
     images, per_image_prompts = [], []
     for prompt in prompts:
