@@ -32,12 +32,12 @@ from statistics import mean
 
 def run(args) -> dict:
     from dreambooth.config import parse_train_config
-    from dreambooth.dreambench import evaluate_model, vae_round_trip
-    from dreambooth.evaluate import load_evaluator, subject_fidelity
+    from dreambooth.world.dreambench import evaluate_model, vae_round_trip
+    from dreambooth.world.metrics import load_evaluator, subject_fidelity
     from dreambooth.generate import load_pipeline
     from dreambooth.models import resolve_model_path
     from dreambooth.tiny import save_tiny_pipeline
-    from dreambooth.train import train
+    from dreambooth.train.run import train
     from dreambooth.world import SUBJECTS, class_prompt, dreambench_prompts, photos
 
     work = Path(tempfile.mkdtemp(prefix="dreambench-mini-"))

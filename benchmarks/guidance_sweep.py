@@ -35,7 +35,7 @@ def main() -> None:
 
     import torch
 
-    from dreambooth.dreambench import held_out_quality
+    from dreambooth.world.dreambench import held_out_quality
     from dreambooth.generate import load_pipeline
     from dreambooth.world import TRAIN_COMBINATIONS, Scene, caption
 

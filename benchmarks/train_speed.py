@@ -288,7 +288,7 @@ def run_child(spec_path: Path, result_path: Path) -> int:
         import torch
 
         from dreambooth.config import parse_train_config
-        from dreambooth.train import train
+        from dreambooth.train.run import train
 
         on_gpu = spec["accelerator"] == "gpu"
         steps, warmup = spec["steps"], spec["warmup"]
@@ -357,7 +357,7 @@ def describe_machine() -> dict:
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    from dreambooth.export import library_versions
+    from dreambooth.formats.run_files import library_versions
 
     machine["versions"] = library_versions()
     return machine

@@ -32,7 +32,7 @@ def main() -> None:
 
     import torch
 
-    from dreambooth.dreambench import held_out_quality
+    from dreambooth.world.dreambench import held_out_quality
     from dreambooth.models import resolve_model_path
 
     started = time.perf_counter()

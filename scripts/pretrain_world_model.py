@@ -33,7 +33,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dreambooth.pretrain import PretrainConfig
+    from dreambooth.world.pretrain import PretrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     import torch
-    from dreambooth.pretrain import PretrainConfig, export_checkpoint, pretrain
+    from dreambooth.world.pretrain import PretrainConfig, export_checkpoint, pretrain
 
     # `kill PID` behaves like Ctrl-C: Lightning's interrupt handling writes a checkpoint.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -9,7 +9,7 @@ from dreambooth.cli import main
 from dreambooth.config import ConfigError
 from dreambooth.images import ImageFolderError
 from dreambooth.models import ModelLoadError
-from dreambooth.train import train
+from dreambooth.train.run import train
 
 from conftest import tiny_config, write_subject_photos
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dreambooth.cli import main
-from dreambooth.dreambench import default_prompts, evaluate_model
+from dreambooth.world.dreambench import default_prompts, evaluate_model
 from dreambooth.world import photos
 
 
@@ -44,7 +44,7 @@ def test_a_model_that_reproduces_the_subject_scores_high(tmp_path, reference_dir
     fidelity is high and the prompt "a sks ball" is fulfilled."""
     from PIL import Image
 
-    import dreambooth.dreambench as dreambench
+    import dreambooth.world.dreambench as dreambench
 
     refs = [Image.open(p).convert("RGB") for p in sorted(reference_dir.glob("*.png"))]
     monkeypatch.setattr(dreambench, "sample_images",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from dreambooth import evaluate, world
+from dreambooth import world
+from dreambooth.world import metrics as evaluate
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from dreambooth import seeding
-from dreambooth.lora import KOHYA_LORA_FILE
+from dreambooth.train.lora import KOHYA_LORA_FILE
 from dreambooth.models import detect_family
-from dreambooth.train import train
+from dreambooth.train.run import train
 
 from conftest import tiny_config
 

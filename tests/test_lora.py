@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dreambooth import seeding
-from dreambooth.lora import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
-from dreambooth.train import train
+from dreambooth.train.lora import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
+from dreambooth.train.run import train
 
 from conftest import tiny_config
 from test_resume import InterruptAt

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dreambooth import pretrain
+from dreambooth.world import pretrain
 from dreambooth.world import VOCABULARY
 from safetensors.torch import load_file
 

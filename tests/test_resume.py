@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth.checkpointing import AtomicCheckpointIO, list_checkpoints
-from dreambooth.train import train
+from dreambooth.train.checkpointing import AtomicCheckpointIO, list_checkpoints
+from dreambooth.train.run import train
 
 from conftest import tiny_config
 

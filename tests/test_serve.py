@@ -21,7 +21,7 @@ from PIL import Image
 from dreambooth.cli import build_parser, main, parse_named_paths
 from dreambooth.models import TRAINING_CONFIG_FILE
 from dreambooth.generate import parse_parameters
-from dreambooth.serve import ServeConfigError, create_app
+from dreambooth.serve.app import ServeConfigError, create_app
 from dreambooth.tiny import save_tiny_pipeline
 from lora_files import write_lora
 

@@ -15,12 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from dreambooth import single_file
+from dreambooth.formats import single_file
 from dreambooth.cli import main
-from dreambooth.convert import ExportError, export_model, merge_lora, peft_to_kohya
-from dreambooth.lora import (DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, LoraSettings,
+from dreambooth.formats.export import ExportError, export_model, merge_lora, peft_to_kohya
+from dreambooth.train.lora import (DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, LoraSettings,
                              add_lora_adapters, lora_metadata, save_lora_files)
-from dreambooth.single_file import (MismatchedWeightsError, SingleFileError,
+from dreambooth.formats.single_file import (MismatchedWeightsError, SingleFileError,
                                     UnknownArchitectureError, UnreadableCheckpointError,
                                     check_checkpoint, config_folder, detect_family,
                                     load_single_file, read_header, read_state_dict,
@@ -306,7 +306,7 @@ def test_full_size_exports_have_the_public_layout(name, model_type):
 
     from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, infer_diffusers_model_type
 
-    from dreambooth.convert import single_file_state_dict
+    from dreambooth.formats.export import single_file_state_dict
 
     family = "sd2" if name == "sd2-v" else name
     models = single_file._meta_models(family, config_folder(name))
@@ -332,7 +332,7 @@ def test_sd15_size_single_file_round_trip_is_exact(tmp_path):
     from_single_file with the shipped config, every tensor bit for bit."""
     from diffusers import PNDMScheduler
 
-    from dreambooth.convert import single_file_state_dict
+    from dreambooth.formats.export import single_file_state_dict
 
     folder = config_folder("sd1")
     torch.manual_seed(0)
@@ -363,7 +363,7 @@ def test_sd15_size_single_file_round_trip_is_exact(tmp_path):
     # And the file trains as --pretrained_model_name_or_path (LoRA, 1 step, small images).
     from conftest import tiny_config, write_subject_photos
     from dreambooth.models import load_components
-    from dreambooth.train import train
+    from dreambooth.train.run import train
 
     assert load_components(path).family == "sd1"
     photos = write_subject_photos(tmp_path / "photos", count=2, size=64)
@@ -507,7 +507,7 @@ def test_export_cli_single_file_and_diffusers(family_models, tmp_path, capsys):
     assert main(["export", "--model", str(family_models["sd2"]), "--format", "single-file",
                  "--dtype", "bf16", "--output", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
-    provenance = json.loads(read_header(out).metadata["dreambooth.export"])
+    provenance = json.loads(read_header(out).metadata["dreambooth.formats.run_files"])
     assert provenance["source"] == str(family_models["sd2"]) and provenance["dtype"] == "bfloat16"
     assert {t.dtype for t in read_header(out).tensors.values()} == {torch.bfloat16}
     assert detect_family(read_header(out).keys) == "sd2"

@@ -13,11 +13,11 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreambooth.class_images import generate_class_images, missing_class_images
+from dreambooth.train.class_images import generate_class_images, missing_class_images
 from dreambooth.config import parse_train_config
 from dreambooth.generate import generate, load_pipeline
 from dreambooth.images import read_png_text
-from dreambooth.train import train
+from dreambooth.train.run import train
 
 from conftest import tiny_config
 

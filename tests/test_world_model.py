@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from dreambooth.dreambench import held_out_quality
+from dreambooth.world.dreambench import held_out_quality
 from dreambooth.models import (BUNDLED_MODELS, DEFAULT_GUIDANCE_SCALE, WORLD_MODEL_GUIDANCE_SCALE,
                                default_guidance_scale, resolve_model_path)
 from safetensors import safe_open
@@ -73,8 +73,8 @@ def test_bundled_vae_keeps_the_subjects_fine_markings():
     from statistics import mean
 
     from diffusers import AutoencoderKL
-    from dreambooth.dreambench import vae_round_trip
-    from dreambooth.evaluate import subject_fidelity
+    from dreambooth.world.dreambench import vae_round_trip
+    from dreambooth.world.metrics import subject_fidelity
     from dreambooth.world import SUBJECTS, photos
 
     vae = AutoencoderKL.from_pretrained(WORLD_MODEL / "vae").float()
@@ -92,7 +92,7 @@ def test_bundled_model_follows_partial_and_identifier_prompts():
     """DreamBench prompts leave out the color or the background and carry an identifier: the
     base model must still draw what they ask (before any DreamBooth training)."""
     from diffusers import StableDiffusionPipeline
-    from dreambooth.evaluate import attribute_matches
+    from dreambooth.world.metrics import attribute_matches
     from dreambooth.generate import sample_images
     from dreambooth.world import SUBJECTS, class_prompt, dreambench_prompts
 

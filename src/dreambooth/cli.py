@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import (IGNORED_FLAGS, UNSUPPORTED_FLAGS, ConfigError, dump_yaml, field_type, leaf_fields,
+from dreambooth.config import (IGNORED_FLAGS, UNSUPPORTED_FLAGS, ConfigError, dump_yaml, field_type, leaf_fields,
                      load_yaml_config, parse_train_config)
 
 
@@ -46,7 +46,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    from .generate import SCHEDULERS
+    from dreambooth.generate import SCHEDULERS
 
     parser.add_argument("--model", required=True,
                         help="A training output_dir, a diffusers folder, a cached hub id, a "
@@ -108,7 +108,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    from .convert import DTYPES, FORMATS
+    from dreambooth.formats.export import DTYPES, FORMATS
 
     parser.add_argument("--model", required=True,
                         help="A diffusers folder (training output_dir), a cached hub id, a "
@@ -202,12 +202,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.print_config:
                 print(dump_yaml(config), end="")
                 return 0
-            from .train import train
+            from dreambooth.train.run import train
 
             output_dir = train(config)
             print(f"trained pipeline: {output_dir}")
         elif args.command == "generate":
-            from .generate import generate
+            from dreambooth.generate import generate
 
             result = generate(args.model, args.prompt, negative_prompt=args.negative_prompt,
                               num_images=args.num_images,
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             if result.grid_path:
                 print(result.grid_path)
         elif args.command == "serve":
-            from .serve import API_KEY_ENV, run_server
+            from dreambooth.serve.app import API_KEY_ENV, run_server
 
             run_server(parse_named_paths(args.model, "--model"),
                        loras=parse_named_paths(args.lora, "--lora"), host=args.host,
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_upload_mb=args.max_upload_mb, max_image_size=args.max_image_size,
                        max_steps=args.max_steps)
         elif args.command == "export":
-            from .convert import export_model
+            from dreambooth.formats.export import export_model
 
             print(export_model(args.model, args.export_format, args.output, dtype=args.dtype,
                                merge_lora_path=args.merge_lora, lora_scale=args.lora_scale,
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             import json
             from dataclasses import asdict
 
-            from .dreambench import evaluate_model, read_prompts
+            from dreambooth.world.dreambench import evaluate_model, read_prompts
 
             result = evaluate_model(
                 args.model, args.reference_dir, identifier=args.identifier,
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from dataclasses import replace
 
-            from .demo import FAST, DemoSettings, run_demo
+            from dreambooth.world.demo import FAST, DemoSettings, run_demo
 
             settings = FAST if args.fast else DemoSettings()
             if args.max_train_steps is not None:

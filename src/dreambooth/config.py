@@ -317,7 +317,7 @@ def _fill_guidance_scales(config: TrainConfig) -> None:
     """Unset guidance scales take the base model's own (3 for the world model, else SD's 7.5)."""
     if None not in (config.prior.class_guidance_scale, config.validation.validation_guidance_scale):
         return
-    from .models import default_guidance_scale
+    from dreambooth.models import default_guidance_scale
 
     scale = default_guidance_scale(config.model.pretrained_model_name_or_path)
     if config.prior.class_guidance_scale is None:

@@ -45,7 +45,7 @@ def resolve_model_path(name_or_path: str | Path, revision: str | None = None, *,
     """
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        from .single_file import load_single_file
+        from dreambooth.formats.single_file import load_single_file
 
         # Converted once (offline, with the configs the package ships) and cached.
         return load_single_file(path, prediction_type=prediction_type)

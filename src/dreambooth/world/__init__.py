@@ -2,12 +2,12 @@
 subjects of DreamBench-mini. See `render` (scenes, captions, the held-out split) and `subjects`.
 """
 
-from .render import (BACKGROUND_PHRASES, BACKGROUNDS, CLASSES, COLORS, CONFLICTS,
+from dreambooth.world.render import (BACKGROUND_PHRASES, BACKGROUNDS, CLASSES, COLORS, CONFLICTS,
                      HELD_OUT_COMBINATIONS, IMAGE_SIZE, LOOK_PROBABILITY, PATTERNS, PLAIN, PLAIN_BACKGROUNDS,
                      TEXTURE_BACKGROUNDS, TRAIN_COMBINATIONS, VOCABULARY, Look, Scene,
                      all_combinations, caption, held_out_captions, parse_prompt, render, render_array, sample_look,
                      sample_pose, sample_scene, scene_rng)
-from .subjects import (DEMO_SUBJECT, SUBJECT_LOOKS, SUBJECTS, Subject, class_prompt,
+from dreambooth.world.subjects import (DEMO_SUBJECT, SUBJECT_LOOKS, SUBJECTS, Subject, class_prompt,
                        dreambench_prompts, iter_training_scenes, photos, subject_scenes,
                        training_scene)
 

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from PIL import Image
 
-from .render import (BACKGROUND_PHRASES, BACKGROUNDS, COLORS, CONFLICTS, LOOK_PROBABILITY, Look,
+from dreambooth.world.render import (BACKGROUND_PHRASES, BACKGROUNDS, COLORS, CONFLICTS, LOOK_PROBABILITY, Look,
                      Scene, article,
                      render, sample_pose, sample_scene, scene_rng)
 

@@ -21,8 +21,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import seeding
-from .images import list_image_files, load_image_folder, pil_to_tensor, resize_and_crop
+from dreambooth import seeding
+from dreambooth.images import list_image_files, load_image_folder, pil_to_tensor, resize_and_crop
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .world import BACKGROUNDS, CLASSES, COLORS, PATTERNS
+from dreambooth.world import BACKGROUNDS, CLASSES, COLORS, PATTERNS
 
 HEADS = ("cls", "color", "background", "pattern")
 

@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import evaluate
-from .files import atomic_write_text
-from .generate import load_pipeline, sample_images
-from .images import load_image_folder, make_grid, pil_to_tensor, save_png, tensor_to_pil
-from .models import WORLD_MODEL_GUIDANCE_SCALE, default_guidance_scale
-from .world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS, held_out_captions
-from .world.render import article
+from dreambooth.world import metrics as evaluate
+from dreambooth.files import atomic_write_text
+from dreambooth.generate import load_pipeline, sample_images
+from dreambooth.images import load_image_folder, make_grid, pil_to_tensor, save_png, tensor_to_pil
+from dreambooth.models import WORLD_MODEL_GUIDANCE_SCALE, default_guidance_scale
+from dreambooth.world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS, held_out_captions
+from dreambooth.world.render import article
 
 
 @dataclass

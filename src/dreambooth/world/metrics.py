@@ -35,15 +35,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from .evaluator_model import HEADS, EvaluatorConfig, WorldEncoder, supervised_contrastive_loss
-from .files import atomic_path, atomic_write_text
-from .world import (BACKGROUNDS, CONFLICTS, IMAGE_SIZE, PLAIN, SUBJECT_LOOKS, Look, Scene,
+from dreambooth.world.evaluator import HEADS, EvaluatorConfig, WorldEncoder, supervised_contrastive_loss
+from dreambooth.files import atomic_path, atomic_write_text
+from dreambooth.world import (BACKGROUNDS, CONFLICTS, IMAGE_SIZE, PLAIN, SUBJECT_LOOKS, Look, Scene,
                     all_combinations, parse_prompt, render, sample_look, sample_pose,
                     sample_scene, scene_rng)
 
 log = logging.getLogger(__name__)
 
-ASSET_DIR = Path(__file__).parent / "assets" / "world_evaluator"
+ASSET_DIR = Path(__file__).parent.parent / "assets" / "world_evaluator"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 HELD_OUT_SEED = 20_250_001  # the held-out render set; training streams use other seeds
@@ -111,7 +111,7 @@ def load_evaluator(path: str | Path = ASSET_DIR) -> WorldEvaluator:
     if not (path / WEIGHTS_FILE).is_file() or not (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(
             f"no world evaluator in '{path}' (needs {WEIGHTS_FILE} and {CONFIG_FILE}); train "
-            "one with `python -m dreambooth.evaluate --train-evaluator`")
+            "one with `python -m dreambooth.world.metrics --train-evaluator`")
     saved = json.loads((path / CONFIG_FILE).read_text())
     return _evaluator_from_state(EvaluatorConfig.from_dict(saved["model"]),
                                  load_file(path / WEIGHTS_FILE))
@@ -375,7 +375,7 @@ def train_evaluator(output_dir: str | Path = ASSET_DIR,
 
 # ---------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dreambooth.evaluate",
+    parser = argparse.ArgumentParser(prog="python -m dreambooth.world.metrics",
                                      description=__doc__.splitlines()[0])
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--train-evaluator", action="store_true",

@@ -15,14 +15,14 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import parse_train_config
-from .dreambench import evaluate_model
-from .files import atomic_write_text
-from .generate import load_pipeline, sample_images
-from .images import make_grid, save_png
-from .models import WORLD_MODEL_GUIDANCE_SCALE
-from .train import train
-from .world import DEMO_SUBJECT, IMAGE_SIZE, class_prompt, dreambench_prompts, photos
+from dreambooth.config import parse_train_config
+from dreambooth.world.dreambench import evaluate_model
+from dreambooth.files import atomic_write_text
+from dreambooth.generate import load_pipeline, sample_images
+from dreambooth.images import make_grid, save_png
+from dreambooth.models import WORLD_MODEL_GUIDANCE_SCALE
+from dreambooth.train.run import train
+from dreambooth.world import DEMO_SUBJECT, IMAGE_SIZE, class_prompt, dreambench_prompts, photos
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from . import seeding
-from .config import OptimizationConfig
-from .lora import LoraSettings, add_lora_adapters
-from .models import DiffusionComponents
+from dreambooth import seeding
+from dreambooth.config import OptimizationConfig
+from dreambooth.train.lora import LoraSettings, add_lora_adapters
+from dreambooth.models import DiffusionComponents
 
 log = logging.getLogger(__name__)
 

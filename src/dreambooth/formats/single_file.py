@@ -45,7 +45,7 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CACHE_ENV = "DREAMBOOTH_CACHE"
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent.parent / "assets"
 CONFIG_NAMES = ("sd1", "sd2", "sd2-v", "sdxl")  # folders under assets/configs
 
 UNET_PREFIX = "model.diffusion_model."
@@ -547,7 +547,7 @@ def file_sha256(path: Path) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
-    from .files import atomic_write_text
+    from dreambooth.files import atomic_write_text
 
     atomic_write_text(memo, json.dumps({**stamp, "sha256": digest.hexdigest()}))
     return digest.hexdigest()

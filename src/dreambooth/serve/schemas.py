@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
                       ValidationError)
 
-from .generate import SCHEDULERS
+from dreambooth.generate import SCHEDULERS
 
 MAX_IMAGES = 10  # OpenAI's `n` range is 1-10
 MAX_PROMPT_CHARS = 4000  # OpenAI's limit for dall-e-3; CLIP reads only the first 77 tokens

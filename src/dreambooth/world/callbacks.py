@@ -1,4 +1,4 @@
-"""Side jobs of the world-model pretraining run (`dreambooth.pretrain`): an EMA of the weights,
+"""Side jobs of the world-model pretraining run (`dreambooth.world.pretrain`): an EMA of the weights,
 progress lines for a run in the background, and samples of held-out prompts scored by the
 world evaluator."""
 
@@ -12,9 +12,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from . import seeding
-from .models import WORLD_MODEL_GUIDANCE_SCALE
-from .world import held_out_captions
+from dreambooth import seeding
+from dreambooth.models import WORLD_MODEL_GUIDANCE_SCALE
+from dreambooth.world import held_out_captions
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ def sample_and_score(module: L.LightningModule, ema: EMA | None, tokenizer, sche
     fidelity as judged by the shipped world evaluator (nan if it is not there)."""
     from diffusers import StableDiffusionPipeline
 
-    from .evaluate import load_evaluator, prompt_fidelity
-    from .images import make_grid, save_png
+    from dreambooth.world.metrics import load_evaluator, prompt_fidelity
+    from dreambooth.images import make_grid, save_png
 
     trainable = {name: p.detach().clone() for name, p in module.named_parameters()
                  if p.requires_grad}

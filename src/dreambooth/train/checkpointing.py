@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from .files import atomic_path
+from dreambooth.files import atomic_path
 
 log = logging.getLogger(__name__)
 

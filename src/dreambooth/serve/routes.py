@@ -29,15 +29,15 @@ from safetensors import SafetensorError, safe_open
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from .generate import IMG2IMG_STRENGTH, INPAINT_STRENGTH, SCHEDULERS, format_parameters
-from .models import DEFAULT_GUIDANCE_SCALE, read_training_config
-from .serve_batching import BatchKey, Job, ModelWorker, QueueFull, WorkerStopped
-from .serve_schemas import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, QUALITY_STEPS, APIError,
+from dreambooth.generate import IMG2IMG_STRENGTH, INPAINT_STRENGTH, SCHEDULERS, format_parameters
+from dreambooth.models import DEFAULT_GUIDANCE_SCALE, read_training_config
+from dreambooth.serve.batching import BatchKey, Job, ModelWorker, QueueFull, WorkerStopped
+from dreambooth.serve.schemas import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, QUALITY_STEPS, APIError,
                             ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest,
                             Txt2ImgRequest, parse)
 
 if TYPE_CHECKING:
-    from .serve import ServeMetrics
+    from dreambooth.serve.app import ServeMetrics
 
 logger = logging.getLogger(__name__)
 

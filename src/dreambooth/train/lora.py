@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .files import atomic_path
-from .models import FAMILY_NAMES
+from dreambooth.files import atomic_path
+from dreambooth.models import FAMILY_NAMES
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from .export import library_versions
-from .files import atomic_path
-from .lora import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
-from .models import TRAINING_CONFIG_FILE
-from .single_file import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TEXT_ENCODER_PREFIXES,
+from dreambooth.formats.run_files import library_versions
+from dreambooth.files import atomic_path
+from dreambooth.train.lora import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
+from dreambooth.models import TRAINING_CONFIG_FILE
+from dreambooth.formats.single_file import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TEXT_ENCODER_PREFIXES,
                           UNET_PREFIX, V_PRED_KEY, VAE_PREFIX, compare_with_models, diffusers_view,
                           load_single_file, quiet_dtype_deprecation, read_header)
 
@@ -230,7 +230,7 @@ def single_file_state_dict(pipeline, family: str) -> dict[str, torch.Tensor]:
 def pipeline_family(folder: str | Path) -> str:
     """'sd1', 'sd2' or 'sdxl' for a diffusers pipeline folder, as training decides it
     (models.detect_family); SDXL refiners (no first text encoder) are refused."""
-    from .models import detect_family
+    from dreambooth.models import detect_family
 
     folder = Path(folder)
     index = json.loads((folder / "model_index.json").read_text())
@@ -246,7 +246,7 @@ def _is_single_file(path: Path) -> bool:
 
 def resolve_pipeline_folder(model: str | Path, prediction_type: str | None = None) -> Path:
     """A diffusers pipeline folder for a folder, a cached hub id or a single-file checkpoint."""
-    from .models import resolve_model_path
+    from dreambooth.models import resolve_model_path
 
     path = Path(model).expanduser()
     if _is_single_file(path):
@@ -509,7 +509,7 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
         source = Path(str(model))
         title = source.stem if _is_single_file(source) else source.name
         metadata = {**_modelspec(family, prediction, pipeline, title),
-                    "dreambooth.export": json.dumps(provenance, sort_keys=True)}
+                    "dreambooth.formats.run_files": json.dumps(provenance, sort_keys=True)}
         from safetensors.torch import save_file
 
         with atomic_path(output) as tmp:

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from . import seeding
-from .class_images import generate_class_images, missing_class_images
-from .generate import sample_images
-from .images import make_grid, save_png
-from .models import DiffusionComponents, assemble_pipeline
+from dreambooth import seeding
+from dreambooth.train.class_images import generate_class_images, missing_class_images
+from dreambooth.generate import sample_images
+from dreambooth.images import make_grid, save_png
+from dreambooth.models import DiffusionComponents, assemble_pipeline
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_write_text
-from .models import TRAINING_CONFIG_FILE, DiffusionComponents
+from dreambooth.files import atomic_write_text
+from dreambooth.models import TRAINING_CONFIG_FILE, DiffusionComponents
 
 VERSIONS_FILE = "versions.json"
 _LIBRARIES = ("dreambooth", "torch", "diffusers", "transformers", "lightning", "safetensors", "peft")

@@ -25,10 +25,10 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from .generate import (TEXT_TO_IMAGE_PIPELINES, GenerationError, default_size, edit_images, load_pipeline, lora_file,
+from dreambooth.generate import (TEXT_TO_IMAGE_PIPELINES, GenerationError, default_size, edit_images, load_pipeline, lora_file,
                        sample_images, sampling_settings, set_scheduler)
-from .models import default_guidance_scale, resolve_model_path
-from .serve_batching import BatchKey, Job, ModelWorker
+from dreambooth.models import default_guidance_scale, resolve_model_path
+from dreambooth.serve.batching import BatchKey, Job, ModelWorker
 
 try:
     from fastapi import Depends, FastAPI, Request
@@ -38,8 +38,8 @@ try:
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from .serve_routes import ServedModel, ServerState, public_router, read_trigger_phrase, router
-    from .serve_schemas import APIError, validation_error
+    from dreambooth.serve.routes import ServedModel, ServerState, public_router, read_trigger_phrase, router
+    from dreambooth.serve.schemas import APIError, validation_error
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"`dreambooth serve` needs the `serve` extra ({error.name} is missing): "

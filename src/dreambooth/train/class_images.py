@@ -12,9 +12,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import seeding
-from .generate import format_parameters, sample_images, set_scheduler
-from .images import list_image_files, save_png
+from dreambooth import seeding
+from dreambooth.generate import format_parameters, sample_images, set_scheduler
+from dreambooth.images import list_image_files, save_png
 
 log = logging.getLogger(__name__)
 

@@ -41,14 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from . import checkpointing, seeding
-from .config import option
-from .data import ResumableLoader, ResumingSampler
-from .export import VERSIONS_FILE, library_versions
-from .files import atomic_write_text, replace_folder
-from .pretrain_callbacks import EMA, HeldOutSamples, ProgressLog
-from .training import draw_noise_and_timesteps, min_snr_weights
-from .world import (LOOK_PROBABILITY, TRAIN_COMBINATIONS, VOCABULARY, caption, render,
+from dreambooth import seeding
+from dreambooth.train import checkpointing
+from dreambooth.config import option
+from dreambooth.train.data import ResumableLoader, ResumingSampler
+from dreambooth.formats.run_files import VERSIONS_FILE, library_versions
+from dreambooth.files import atomic_write_text, replace_folder
+from dreambooth.world.callbacks import EMA, HeldOutSamples, ProgressLog
+from dreambooth.train.module import draw_noise_and_timesteps, min_snr_weights
+from dreambooth.world import (LOOK_PROBABILITY, TRAIN_COMBINATIONS, VOCABULARY, caption, render,
                     training_scene)
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def build_word_tokenizer(words=TOKENIZER_WORDS):
     """
     from transformers import CLIPTokenizer
 
-    from .tiny import _bytes_to_unicode
+    from dreambooth.tiny import _bytes_to_unicode
 
     symbols = list(_bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols]

@@ -1,0 +1,8 @@
+"""`dreambooth serve`: the HTTP server over the generation API (needs the `serve` extra).
+
+- `app`: the FastAPI app, its settings and `run_server`;
+- `routes`: the OpenAI, OpenRouter and A1111 routes;
+- `schemas`: request models and OpenAI-shaped errors;
+- `batching`: one worker per model that batches compatible requests;
+- `metrics`: Prometheus metrics.
+"""

@@ -1,0 +1,13 @@
+"""The training engine: `train(config)` runs one DreamBooth training with Lightning.
+
+- `run`: `train()`, wiring model, data, callbacks and loggers into a Lightning Trainer;
+- `module`: `DreamBoothModule`, the loss (paper, eq. 2) and what is trained;
+- `data`: instance and class images -> cached latents -> batches that depend on (seed, step);
+- `callbacks`: class-image generation and validation samples;
+- `checkpointing`: atomic checkpoints, resume and its compatibility check;
+- `lora`: peft LoRA/DoRA adapters on the UNet and text encoders.
+"""
+
+from dreambooth.train.run import train
+
+__all__ = ["train"]
