@@ -53,6 +53,10 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     return clipped / snr
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or infinite loss or weight; the message names the step."""
+
+
 class DreamBoothModule(L.LightningModule):
     """Trains the UNet (and optionally the text encoder(s)) of a Stable Diffusion model.
 
@@ -181,6 +185,11 @@ class DreamBoothModule(L.LightningModule):
             prior_loss = per_sample[is_prior].mean()
             loss = instance_loss + self.prior_loss_weight * prior_loss
             self.log("prior_loss", prior_loss.detach(), on_step=True)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"training stopped at step {self.global_step}: the loss is {loss.item()} (instance "
+                f"loss {instance_loss.item()}); nothing was saved. Lower learning_rate, or use "
+                "mixed_precision bf16 instead of fp16")
         self.log("loss", loss.detach(), on_step=True, prog_bar=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=True)
         return loss
@@ -221,8 +230,18 @@ class DreamBoothModule(L.LightningModule):
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
 
+    def check_finite_weights(self) -> None:
+        """Raise NonFiniteError if a trained weight is NaN or infinite (never export those)."""
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad and not torch.isfinite(parameter).all():
+                raise NonFiniteError(
+                    f"training stopped after step {self.global_step}: weight '{name}' holds NaN "
+                    "or infinite values; nothing was saved. Lower learning_rate, or use "
+                    "mixed_precision bf16 instead of fp16")
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite_weights()  # a checkpoint of NaN weights would resume into NaN
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items()
                                     if key in trainable}
