@@ -350,7 +350,7 @@ def run_server(models: Mapping[str, str | Path], *, host: str = "127.0.0.1", por
             cached hub id or 'demo' (the bundled world model). On the command line
             `--model NAME=PATH` (repeatable); without NAME=, the folder's name (or the hub id)
             is the name. The first is the default model.
-        host: Address to bind (default: loopback only; 0.0.0.0 exposes it).
+        host: Address to bind: loopback keeps the server local; 0.0.0.0 exposes it.
         port: TCP port to listen on.
         loras: LoRA files or folders requests may name in `lora`, {name: path}; on the command
             line `--lora NAME=PATH` (repeatable).

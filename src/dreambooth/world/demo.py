@@ -144,7 +144,8 @@ def run_demo_preset(output_dir: str | Path = "runs/demo", *, fast: bool = False,
     Args:
         output_dir: Folder for the photos, class images, trained model, metrics and report.
         fast: Every stage and file with minimal work (a smoke run).
-        max_train_steps: DreamBooth steps (default: DemoSettings', or FAST's with --fast).
+        max_train_steps: DreamBooth steps instead of the settings' own (DemoSettings, or
+            FAST with `fast`).
     """
     from dataclasses import replace
 
