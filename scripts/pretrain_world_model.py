@@ -33,6 +33,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dreambooth.cli import add_dataclass_flags
     from dreambooth.world.pretrain import PretrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__,
@@ -43,14 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Only export a stage-2 checkpoint ('latest', 'checkpoint-N') of the "
                              "run in OUTPUT_DIR as a model (OUTPUT_DIR/model-step-N), then exit.")
     hints = typing.get_type_hints(PretrainConfig)
-    for field in dataclasses.fields(PretrainConfig):
-        hint = hints[field.name]
-        if typing.get_origin(hint) is tuple:
-            convert = lambda text: tuple(int(part) for part in text.split(","))  # noqa: E731
-        else:
-            convert = hint
-        parser.add_argument(f"--{field.name}", type=convert, default=field.default,
-                            help=f"{field.metadata['help']} (default: {field.default})".replace("%", "%%"))
+    add_dataclass_flags(parser, [(field, hints[field.name])
+                                 for field in dataclasses.fields(PretrainConfig)])
     return parser
 
 
@@ -74,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     import torch
+
     from dreambooth.world.pretrain import PretrainConfig, export_checkpoint, pretrain
 
     # `kill PID` behaves like Ctrl-C: Lightning's interrupt handling writes a checkpoint.

@@ -1,7 +1,11 @@
-"""The command line: diffusers' flags, YAML config with overrides, errors, generate, DDP."""
+"""The command line: diffusers' flags, YAML config with overrides, errors, generate, DDP, and
+the flags generated from the functions' signatures."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
 import os
 import subprocess
 import sys
@@ -11,7 +15,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from dreambooth.cli import main
+from dreambooth import cli
+from dreambooth.cli import COMMANDS, build_parser, call, command_parameters, main
+from dreambooth.config import option
 from dreambooth.generate import parse_parameters
 from dreambooth.images import read_png_text
 
@@ -132,10 +138,195 @@ def test_two_process_cpu_ddp_matches_one_process_with_same_global_batch(
     one = _run_cli(common + [f"--output_dir={tmp_path / 'one'}", "--devices=1",
                              "--train_batch_size=2"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    load = lambda d: load_file(d / "unet" / "diffusion_pytorch_model.safetensors")
+    def load(folder):
+        return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
     a, b, base = load(tmp_path / "one"), load(tmp_path / "two"), load(tiny_model)
     def distance(x, y):
         return sum(((x[k] - y[k]).double() ** 2).sum() for k in x).sqrt().item()
     assert distance(a, b) < 0.02 * distance(a, base)
     # Class images were split across the two processes, each written once.
     assert len(list((tmp_path / "class").glob("class-*.png"))) == 4
+
+
+# ------------------------------------------------------------------- generated flags
+TARGETS = {"generate": ("dreambooth.generate", "generate"),
+           "serve": ("dreambooth.serve.app", "run_server"),
+           "export": ("dreambooth.formats.export", "export_model"),
+           "eval": ("dreambooth.world.dreambench", "evaluate_model"),
+           "demo": ("dreambooth.world.demo", "run_demo_preset")}
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Each command's function replaced by a stand-in (same signature and docstring) that
+    records its keyword arguments."""
+    recorded = {}
+    for name, (module, attribute) in TARGETS.items():
+        real = getattr(importlib.import_module(module), attribute)
+
+        @functools.wraps(real)
+        def stand_in(*args, _name=name, **kwargs):
+            assert not args, "the command line passes every argument by name"
+            recorded[_name] = kwargs
+
+        monkeypatch.setattr(f"{module}.{attribute}", stand_in)
+    return recorded
+
+
+def run_command(name: str, flags: list[str], calls: dict) -> dict:
+    args = build_parser().parse_args([name, *flags])
+    call(COMMANDS[name](), args)
+    return calls[name]
+
+
+def signature_defaults(command: cli.Command) -> dict:
+    return {parameter.name: parameter.default for parameter, _ in command_parameters(command)
+            if parameter.default is not parameter.empty}
+
+
+REQUIRED_ONLY = {
+    "generate": ["--model", "m", "--prompt", "p", "--output_dir", "out"],
+    "serve": ["--model", "dog=models/dog"],
+    "export": ["--model", "m", "--format", "diffusers", "--output", "out"],
+    "eval": ["--model", "m", "--reference_dir", "refs", "--class_noun", "ball",
+             "--output_dir", "out"],
+    "demo": [],
+}
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_unset_flags_pass_the_functions_own_defaults(name, calls, monkeypatch):
+    monkeypatch.delenv("DREAMBOOTH_API_KEY", raising=False)
+    passed = run_command(name, REQUIRED_ONLY[name], calls)
+    command = COMMANDS[name]()
+    assert set(passed) == {parameter.name for parameter, _ in command_parameters(command)}
+    defaults = signature_defaults(command)
+    if name == "generate":
+        del defaults["output_dir"]  # required on the command line: it writes the images
+    if name == "serve":  # converted: NAME=PATH flags -> {name: path}, the key from the env
+        assert passed.pop("loras") == {} and passed.pop("api_key") is None
+        del defaults["loras"], defaults["api_key"]
+    for key, default in defaults.items():
+        assert passed[key] == default and type(passed[key]) is type(default), key
+
+
+def test_flag_defaults_in_the_parser_are_the_signatures(calls):
+    parser = build_parser()
+    subparsers = next(action for action in parser._actions if action.dest == "command").choices
+    for name in TARGETS:
+        command = COMMANDS[name]()
+        actions = {action.dest: action for action in subparsers[name]._actions}
+        for parameter, _ in command_parameters(command):
+            flag = command.flags.get(parameter.name, cli.Flag())
+            action = actions[flag.name or parameter.name]
+            assert action.help, f"{name} --{action.dest} has no help: add it to Args:"
+            if parameter.default is parameter.empty or flag.required:
+                assert action.required, (name, parameter.name)
+            else:
+                assert action.default == parameter.default, (name, parameter.name)
+
+
+def test_every_flag_of_the_handwritten_parsers_still_means_the_same(tmp_path, calls,
+                                                                    monkeypatch):
+    """Each command with every flag it had before the flags were generated."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two\na sks ball\na red sks ball\n")
+    monkeypatch.setenv("DREAMBOOTH_API_KEY", "from-env")
+    assert run_command("generate", [
+        "--model", "m", "--prompt", "p", "--negative_prompt", "blurry", "--num_images", "2",
+        "--num_inference_steps", "3", "--guidance_scale", "5", "--seed", "9", "--height", "64",
+        "--width", "48", "--scheduler", "euler_a", "--batch_size", "2", "--device", "cpu",
+        "--dtype", "fp16", "--output_dir", "out", "--lora", "l.safetensors",
+        "--lora_scale", "0.5"], calls) == dict(
+        model="m", prompt="p", negative_prompt="blurry", num_images=2, num_inference_steps=3,
+        guidance_scale=5.0, seed=9, height=64, width=48, scheduler="euler_a", output_dir="out",
+        batch_size=2, device="cpu", dtype="fp16", lora="l.safetensors", lora_scale=0.5)
+    assert run_command("serve", [
+        "--model", "a=x", "--model", "b=y", "--lora", "s=l.safetensors", "--host", "0.0.0.0",
+        "--port", "9000", "--device", "cpu", "--dtype", "bf16", "--max_queue", "3",
+        "--max_batch", "2", "--batch_wait_ms", "5", "--max_upload_mb", "1.5",
+        "--max_image_size", "512", "--max_steps", "20"], calls) == dict(
+        models={"a": "x", "b": "y"}, loras={"s": "l.safetensors"}, host="0.0.0.0", port=9000,
+        api_key="from-env", device="cpu", dtype="bf16", max_queue=3, max_batch=2,
+        batch_wait_ms=5.0, max_upload_mb=1.5, max_image_size=512, max_steps=20)
+    assert run_command("serve", ["--model", "a=x", "--api_key", "k"], calls)["api_key"] == "k"
+    assert run_command("export", [
+        "--model", "m", "--format", "single-file", "--output", "o.safetensors", "--dtype",
+        "fp16", "--merge_lora", "l", "--lora_scale", "0.5", "--prediction_type",
+        "v_prediction"], calls) == dict(
+        model="m", fmt="single-file", output="o.safetensors", dtype="fp16",
+        merge_lora_path="l", lora_scale=0.5, prediction_type="v_prediction")
+    assert run_command("eval", [
+        "--model", "m", "--reference_dir", "r", "--identifier", "zwx", "--class_noun", "ball",
+        "--prompts", str(prompts), "--images_per_prompt", "3", "--num_inference_steps", "5",
+        "--guidance_scale", "2", "--seed", "4", "--device", "cpu", "--output_dir", "o"],
+        calls) == dict(
+        model="m", reference_dir="r", identifier="zwx", class_noun="ball",
+        prompts=["a sks ball", "a red sks ball"], images_per_prompt=3, num_inference_steps=5,
+        guidance_scale=2.0, seed=4, device="cpu", output_dir="o")
+    assert run_command("demo", ["--output_dir", "d", "--fast", "--max_train_steps", "7"],
+                       calls) == dict(output_dir="d", fast=True, max_train_steps=7)
+    for bad in (["generate", "--model", "m", "--prompt", "p", "--output_dir", "o",
+                 "--scheduler", "nope"],
+                ["generate", "--model", "m", "--prompt", "p"],  # --output_dir is required
+                ["export", "--model", "m", "--format", "zip", "--output", "o"],
+                ["eval", "--model", "m", "--reference_dir", "r", "--output_dir", "o"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(bad)
+
+
+def test_demo_flags_pick_the_settings(monkeypatch):
+    from dreambooth.world import demo
+
+    ran = []
+    monkeypatch.setattr(demo, "run_demo", lambda output_dir, settings: ran.append(settings))
+    demo.run_demo_preset("d")
+    demo.run_demo_preset("d", fast=True, max_train_steps=7)
+    assert ran == [demo.DemoSettings(), dataclasses.replace(demo.FAST, max_train_steps=7)]
+
+
+def test_a_command_whose_extra_is_missing_says_so_and_the_rest_still_run(monkeypatch, capsys):
+    def missing_extra():
+        raise ImportError("`dreambooth serve` needs the `serve` extra: pip install ...")
+
+    monkeypatch.setitem(COMMANDS, "serve", missing_extra)
+    assert main(["serve", "--model", "dog=x", "--port", "0"]) == 2
+    assert "needs the `serve` extra" in capsys.readouterr().err
+    assert main(["train", "--pretrained_model_name_or_path=m", "--instance_data_dir=d",
+                 "--instance_prompt=a sks dog", "--print_config"]) == 0
+
+
+def test_docstring_args_read_google_style_sections():
+    def function(alpha, beta=1, **options):
+        """Summary.
+
+        Args:
+            alpha: First line
+                continued here.
+            beta: One line.
+            **options: Passed on.
+
+        Returns:
+            gamma: not an argument.
+        """
+
+    assert cli.docstring_args(function) == {"alpha": "First line continued here.",
+                                            "beta": "One line.", "options": "Passed on."}
+    assert cli.docstring_args(lambda: None) == {}
+
+
+def test_dataclass_flags_typed_with_the_fields_defaults():
+    @dataclasses.dataclass
+    class Settings:
+        channels: tuple[int, ...] = option((8, 16), "Block channels.")
+        rate: float = option(0.5, "A share (50%).")
+        ema: bool = option(True, "Keep an EMA.")
+
+    parser = cli.argparse.ArgumentParser()
+    hints = {"channels": tuple[int, ...], "rate": float, "ema": bool}
+    cli.add_dataclass_flags(parser, [(f, hints[f.name]) for f in dataclasses.fields(Settings)])
+    assert vars(parser.parse_args([])) == {"channels": (8, 16), "rate": 0.5, "ema": True}
+    assert vars(parser.parse_args(["--channels", "4,8,8", "--rate", "1", "--no-ema"])) == {
+        "channels": (4, 8, 8), "rate": 1.0, "ema": False}
+    assert "A share (50%). (default: 0.5)" in " ".join(parser.format_help().split())

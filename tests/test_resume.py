@@ -7,12 +7,12 @@ import shutil
 import lightning as L
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from dreambooth.train.checkpointing import AtomicCheckpointIO, list_checkpoints
-from dreambooth.train.run import train
-
-from conftest import tiny_config
+from dreambooth.train.checkpointing import AtomicCheckpointIO, check_resume, list_checkpoints
+from dreambooth.train.data import steps_for_epochs
+from dreambooth.train.run import resolve_config, train
 
 
 class InterruptAt(L.Callback):
@@ -29,7 +29,8 @@ class InterruptAt(L.Callback):
 def trained_weights(output_dir):
     weights = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
     text = load_file(output_dir / "text_encoder" / "model.safetensors")
-    return {**{f"unet.{k}": v for k, v in weights.items()}, **{f"te.{k}": v for k, v in text.items()}}
+    return {**{f"unet.{k}": v for k, v in weights.items()},
+            **{f"te.{k}": v for k, v in text.items()}}
 
 
 def assert_same_weights(a, b, atol=1e-5):
@@ -122,3 +123,31 @@ def test_atomic_checkpoint_write_keeps_previous_file_on_crash(tmp_path, monkeypa
     monkeypatch.undo()
     assert torch.load(target, weights_only=True)["step"].item() == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1.ckpt"]
+
+
+def test_resolve_config_fills_seed_steps_and_guidance_scales(tmp_path, tiny_model, instance_dir):
+    config = tiny_config(tiny_model, instance_dir, tmp_path / "run", seed=None,
+                         max_train_steps=None, num_train_epochs=3, train_batch_size=3)
+    resolved = resolve_config(config)
+    assert isinstance(resolved.optim.seed, int)
+    assert resolved.optim.max_train_steps == steps_for_epochs(
+        instance_dir, num_class_images=100, with_prior=False, num_train_epochs=3,
+        train_batch_size=3, gradient_accumulation_steps=1) == 6  # 3 epochs of 2 batches of 4
+    assert resolved.prior.class_guidance_scale == 7.5  # SD's, the tiny model records none
+    assert resolved.validation.validation_guidance_scale == 7.5
+    assert config.optim.seed is None and config.optim.max_train_steps is None  # not mutated
+    # Resuming: an unset seed is the checkpoint's; a set one stays (the resume check refuses
+    # it when it differs).
+    assert resolve_config(config, {"seed": 11}).optim.seed == 11
+    assert resolve_config(tiny_config(tiny_model, instance_dir, tmp_path / "run", seed=5),
+                          {"seed": 11}).optim.seed == 5
+
+
+def test_resume_check_lists_every_difference_and_skips_keys_the_checkpoint_lacks():
+    with pytest.raises(ValueError) as error:
+        check_resume("run/checkpoint-4.ckpt", {"seed": 1, "rank": 4, "resolution": 64},
+                     {"seed": 1, "rank": 8, "resolution": 32, "use_lora": True},
+                     ("seed", "rank", "resolution", "use_lora"), advice="Start anew.")
+    assert str(error.value) == (
+        "cannot resume exactly from 'run/checkpoint-4.ckpt': rank: checkpoint has 4, this run "
+        "has 8; resolution: checkpoint has 64, this run has 32. Start anew.")

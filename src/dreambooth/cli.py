@@ -1,135 +1,202 @@
-"""`dreambooth` command line: a thin layer over the Python API (train, generate, serve).
+"""`dreambooth` command line: a thin layer over the Python API (train, generate, serve ...).
 
-`dreambooth train` takes the flags of diffusers' examples/dreambooth/train_dreambooth.py,
-generated from the typed config (config.py), plus `--config FILE` (flat YAML, flags override it)
-and `--print_config` (print the resolved YAML and exit).
+No flag is written by hand. `dreambooth train` has one flag per key of the typed config
+(config.py; the names of diffusers' examples/dreambooth/train_dreambooth.py), plus
+`--config FILE` (flat YAML, flags override it) and `--print_config` (print the resolved YAML and
+exit). The other commands take their flags from the function each calls (COMMANDS): a parameter
+is a flag of the same name, typed by its annotation, with its default (stated only there) and
+its help from the function's `Args:` docstring section; a small table per command renames a
+flag, gives choices or converts a value.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import logging
 import os
+import re
 import sys
+import typing
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from dreambooth.config import (IGNORED_FLAGS, UNSUPPORTED_FLAGS, ConfigError, dump_yaml, field_type, leaf_fields,
-                     load_yaml_config, parse_train_config)
+from dreambooth.config import (
+    IGNORED_FLAGS,
+    UNSUPPORTED_FLAGS,
+    ConfigError,
+    dump_yaml,
+    field_type,
+    leaf_fields,
+    load_yaml_config,
+    optional_type,
+    parse_train_config,
+)
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML file of config keys; flags override it.")
-    parser.add_argument("--print_config", action="store_true",
-                        help="Print the resolved configuration as YAML and exit.")
-    for section, leaf in leaf_fields():
-        base, _ = field_type(section, leaf)
-        flag = f"--{leaf.name}"
-        help_text = leaf.metadata.get("help", "")
-        choices = leaf.metadata.get("choices")
-        if base is bool:
-            # `--flag` as in diffusers, `--no-flag` to override a YAML `true`.
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
+# ------------------------------------------------------------ config dataclass -> flags
+def add_dataclass_flags(parser: argparse.ArgumentParser,
+                        config_fields: Iterable[tuple[dataclasses.Field, Any]], *,
+                        as_text: bool = False) -> None:
+    """One `--name` flag per field made with `config.option`, its help from the field's.
+
+    `config_fields` are (field, value type) pairs, e.g. (resolution, int), (seed, int) for
+    `int | None`. Values are parsed to that type (tuples comma-separated: `--channels 32,64`)
+    and default to the field's. With `as_text` values stay text and an unset flag stays out of
+    the namespace, for `parse_train_config`, which merges them over a YAML file, converts them
+    and reports every bad one at once. Booleans are `--name` / `--no-name`.
+    """
+    for leaf, value_type in config_fields:
+        if leaf.default is not dataclasses.MISSING:
+            default = leaf.default
         else:
-            # Values stay strings here; config.py converts and reports every bad one at once.
-            shown = [str(choice) for choice in choices or () if choice is not None]
-            metavar = "{" + ",".join(shown) + "}" if shown else base.__name__.upper()
-            parser.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar,
-                                help=f"{help_text} (default: {leaf.default})")
-    for name, reason in IGNORED_FLAGS.items():
-        parser.add_argument(f"--{name}", nargs="?", const=True, default=argparse.SUPPRESS,
-                            help=f"Ignored: {reason}.")
-    for name, reason in UNSUPPORTED_FLAGS.items():
-        parser.add_argument(f"--{name}", nargs="?", const=True, default=argparse.SUPPRESS,
-                            help=f"Refused: {reason}.")
+            default = leaf.default_factory()
+        help_text = leaf.metadata.get("help", "").replace("%", "%%")
+        choices = [choice for choice in leaf.metadata.get("choices") or () if choice is not None]
+        flag = f"--{leaf.name}"
+        unset = argparse.SUPPRESS if as_text else default
+        if value_type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=unset,
+                                help=help_text)
+        elif as_text:
+            parser.add_argument(flag, default=unset, metavar=_metavar(value_type, choices),
+                                help=f"{help_text} (default: {default})")
+        else:
+            parser.add_argument(flag, type=_parse_text(value_type), default=unset,
+                                choices=choices or None, metavar=_metavar(value_type, choices),
+                                help=f"{help_text} (default: {default})")
 
 
-def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    from dreambooth.generate import SCHEDULERS
-
-    parser.add_argument("--model", required=True,
-                        help="A training output_dir, a diffusers folder, a cached hub id, a "
-                             "single-file checkpoint or 'demo' (the bundled world model).")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative_prompt", default="")
-    parser.add_argument("--num_images", type=int, default=4)
-    parser.add_argument("--num_inference_steps", type=int, default=30)
-    parser.add_argument("--guidance_scale", type=float, default=None,
-                        help="Classifier-free guidance scale (1 disables guidance; default: the "
-                             "model's own, 3 for 'demo' and models trained from it, else 7.5).")
-    parser.add_argument("--seed", type=int, default=0, help="Image i uses seed + i.")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
-                        help="Sampler (default: the model's own scheduler).")
-    parser.add_argument("--batch_size", type=int, default=None, help="Images per UNet batch.")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available).")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                        help="auto = fp16 on CUDA, fp32 elsewhere.")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--lora", default=None, metavar="FILE",
-                        help="LoRA .safetensors (diffusers/peft or kohya format) or a folder "
-                             "holding pytorch_lora_weights.safetensors.")
-    parser.add_argument("--lora_scale", type=float, default=1.0,
-                        help="LoRA strength (0 = off, 1 = as trained).")
+def _metavar(value_type: Any, choices: Sequence) -> str:
+    if choices:
+        return "{" + ",".join(str(choice) for choice in choices) + "}"
+    if typing.get_origin(value_type) is tuple:
+        return f"{typing.get_args(value_type)[0].__name__.upper()},..."
+    return value_type.__name__.upper()
 
 
-def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
-                        help="A model to serve as NAME (repeatable): a training output_dir, a "
-                             "diffusers folder, a cached hub id or 'demo' (the bundled world "
-                             "model). Without NAME=, the folder's "
-                             "name (or the hub id) is the name. The first is the default model.")
-    parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
-                        help="A LoRA file or folder requests may name in `lora` (repeatable).")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="Address to bind (default: loopback only; 0.0.0.0 exposes it).")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api_key", default=None,
-                        help="Require 'Authorization: Bearer KEY' on every route but /healthz "
-                             "(default: the DREAMBOOTH_API_KEY environment variable, which "
-                             "keeps the key out of the process list).")
-    parser.add_argument("--device", default=None,
-                        help="cuda, cpu, ... (default: cuda if available).")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                        help="auto = fp16 on CUDA, fp32 elsewhere.")
-    parser.add_argument("--max_queue", type=int, default=64,
-                        help="Requests that may wait per model; one more gets 429.")
-    parser.add_argument("--max_batch", type=int, default=8, help="Images per UNet batch.")
-    parser.add_argument("--batch_wait_ms", type=float, default=10.0,
-                        help="How long a worker waits for compatible requests to fill a batch.")
-    parser.add_argument("--max_upload_mb", type=float, default=20.0,
-                        help="Largest request body (uploads); larger gets 413.")
-    parser.add_argument("--max_image_size", type=int, default=2048,
-                        help="Largest image side in pixels.")
-    parser.add_argument("--max_steps", type=int, default=150,
-                        help="Most denoising steps a request may ask for.")
+def _parse_text(value_type: Any) -> Callable[[str], Any]:
+    if typing.get_origin(value_type) is not tuple:
+        return value_type
+    item_type = typing.get_args(value_type)[0]
+
+    def comma_separated(text: str) -> tuple:
+        return tuple(item_type(part) for part in text.split(","))
+
+    return comma_separated
 
 
-def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    from dreambooth.formats.export import DTYPES, FORMATS
+# ------------------------------------------------------------------ function -> flags
+@dataclass(frozen=True)
+class Flag:
+    """What a parameter's signature cannot tell about its flag (never its default)."""
 
-    parser.add_argument("--model", required=True,
-                        help="A diffusers folder (training output_dir), a cached hub id, a "
-                        ".safetensors/.ckpt single file, or for lora-* formats a LoRA run's "
-                        "output_dir or LoRA .safetensors.")
-    parser.add_argument("--format", required=True, choices=FORMATS, dest="export_format",
-                        help="diffusers folder, single-file checkpoint (A1111/ComfyUI), or LoRA "
-                        "in the kohya or diffusers layout.")
-    parser.add_argument("--output", required=True,
-                        help="Folder for diffusers, .safetensors file otherwise; written "
-                        "atomically, an existing diffusers folder must be empty.")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
-                        help="Weight dtype written (default: as the model is stored).")
-    parser.add_argument("--merge_lora", default=None, metavar="LORA",
-                        help="Fuse this LoRA (.safetensors or LoRA output_dir) into the model "
-                        "before exporting.")
-    parser.add_argument("--lora_scale", type=float, default=1.0,
-                        help="Strength of the merged LoRA (W + scale * alpha/r * BA).")
-    parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default=None,
-                        help="For a single-file SD 2.x --model whose type the file does not tell "
-                        "(768-v models use v_prediction).")
+    name: str | None = None  # the flag's name when it is not the parameter's
+    choices: Sequence[str] | None = None
+    metavar: str | None = None
+    required: bool = False  # required on the command line although the function has a default
+    repeat: bool = False  # may be given several times; the values come as a list
+    convert: Callable[[Any], Any] | None = None  # parsed value -> argument, applied when calling
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: the function it calls, per-parameter Flags, how to show the result."""
+
+    function: Callable
+    help: str
+    flags: Mapping[str, Flag] = field(default_factory=dict)  # by parameter name
+    options_of: Callable | None = None  # the function `function`'s `**options` are passed to
+    show: Callable[[Any], None] = lambda result: None
+
+
+def docstring_args(function: Callable) -> dict[str, str]:
+    """{name: help} from a Google-style `Args:` docstring section: `name: help` lines, with
+    continuation lines indented deeper; a blank or less indented line ends the section."""
+    lines = (inspect.getdoc(inspect.unwrap(function)) or "").splitlines()
+    if "Args:" not in lines:
+        return {}
+    helps: dict[str, str] = {}
+    indent, name = None, None
+    for line in lines[lines.index("Args:") + 1:]:
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
+        if not line.strip() or depth < indent or depth == 0:
+            break
+        entry = re.fullmatch(r"\**(\w+): (.*)", line.strip())
+        if depth == indent and entry:
+            name, helps[entry[1]] = entry[1], entry[2]
+        elif depth > indent and name:
+            helps[name] += " " + line.strip()
+    return helps
+
+
+def command_parameters(command: Command) -> list[tuple[inspect.Parameter, Any]]:
+    """(parameter, annotation) of every flag of `command`, in signature order; a `**options`
+    parameter stands for the keyword-only parameters of `command.options_of`."""
+    own = _annotated_parameters(command.function)
+    names = {parameter.name for parameter, _ in own}
+    result = []
+    for parameter, hint in own:
+        if parameter.kind is parameter.VAR_KEYWORD and command.options_of is not None:
+            result += [(option, option_hint)
+                       for option, option_hint in _annotated_parameters(command.options_of)
+                       if option.kind is option.KEYWORD_ONLY and option.name not in names]
+        elif parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            result.append((parameter, hint))
+    return result
+
+
+def _annotated_parameters(function: Callable) -> list[tuple[inspect.Parameter, Any]]:
+    function = inspect.unwrap(function)
+    hints = typing.get_type_hints(function)
+    return [(parameter, hints.get(name))
+            for name, parameter in inspect.signature(function).parameters.items()]
+
+
+def add_function_flags(parser: argparse.ArgumentParser, command: Command) -> None:
+    """One flag per parameter of the command's function (see command_parameters).
+
+    A flag is typed bool, int or float when the annotation allows it (`int | None` -> int),
+    else text (paths, mappings: a Flag's `convert` makes the argument); its default is the
+    parameter's and it is required when the parameter has none.
+    """
+    helps = docstring_args(command.options_of) if command.options_of else {}
+    helps |= docstring_args(command.function)
+    for parameter, hint in command_parameters(command):
+        flag = command.flags.get(parameter.name, Flag())
+        value_type, _ = optional_type(hint)
+        help_text = helps.get(parameter.name, "").replace("%", "%%")
+        options: dict[str, Any] = {"dest": flag.name or parameter.name}
+        if flag.required or parameter.default is parameter.empty:
+            options["required"] = True
+        else:
+            options["default"] = parameter.default
+            if parameter.default not in (None, "") and value_type is not bool:
+                help_text += " (default: %(default)s)"
+        if value_type is bool:
+            false_by_default = options.get("default") is False
+            options["action"] = "store_true" if false_by_default else argparse.BooleanOptionalAction
+        else:
+            options["type"] = value_type if value_type in (int, float) else str
+            options["action"] = "append" if flag.repeat else "store"
+            options["choices"] = flag.choices
+            options["metavar"] = flag.metavar
+        parser.add_argument(f"--{flag.name or parameter.name}", help=help_text, **options)
+
+
+def call(command: Command, args: argparse.Namespace) -> Any:
+    """Call the command's function with the parsed flags, converted where a Flag says."""
+    arguments = {}
+    for parameter, _ in command_parameters(command):
+        flag = command.flags.get(parameter.name, Flag())
+        value = getattr(args, flag.name or parameter.name)
+        arguments[parameter.name] = flag.convert(value) if flag.convert else value
+    return command.function(**arguments)
 
 
 def parse_named_paths(values: list[str], flag: str) -> dict[str, str]:
@@ -148,38 +215,109 @@ def parse_named_paths(values: list[str], flag: str) -> dict[str, str]:
     return named
 
 
+# ------------------------------------------------------------------------- commands
+def _generate() -> Command:
+    from dreambooth.formats.export import DTYPES
+    from dreambooth.generate import SCHEDULERS, generate
+
+    def show(result) -> None:
+        for path in result.paths:
+            print(path)
+        if result.grid_path:
+            print(result.grid_path)
+
+    return Command(generate, "Generate images with a model.", {
+        "scheduler": Flag(choices=list(SCHEDULERS)), "dtype": Flag(choices=["auto", *DTYPES]),
+        "output_dir": Flag(required=True), "lora": Flag(metavar="FILE"),
+    }, show=show)
+
+
+def _serve() -> Command:
+    from dreambooth.formats.export import DTYPES
+    from dreambooth.serve.app import API_KEY_ENV, create_app, run_server
+
+    return Command(
+        run_server, "Serve models over OpenAI's Images API, OpenRouter and A1111 (HTTP).", {
+            "models": Flag(name="model", repeat=True, metavar="NAME=PATH",
+                           convert=lambda values: parse_named_paths(values, "--model")),
+            "loras": Flag(name="lora", repeat=True, metavar="NAME=PATH",
+                          convert=lambda values: parse_named_paths(values or [], "--lora")),
+            "api_key": Flag(convert=lambda key: key or os.environ.get(API_KEY_ENV)),
+            "dtype": Flag(choices=["auto", *DTYPES]),
+        }, options_of=create_app)
+
+
+def _export() -> Command:
+    from dreambooth.formats.export import DTYPES, FORMATS, export_model
+    from dreambooth.formats.single_file import PREDICTION_TYPES
+
+    return Command(
+        export_model,
+        "Write a model as diffusers, single-file (A1111/ComfyUI) or LoRA files.", {
+            "fmt": Flag(name="format", choices=FORMATS), "dtype": Flag(choices=list(DTYPES)),
+            "merge_lora_path": Flag(name="merge_lora", metavar="LORA"),
+            "prediction_type": Flag(choices=PREDICTION_TYPES),
+        }, show=print)
+
+
+def _eval() -> Command:
+    import json
+    from dataclasses import asdict
+
+    from dreambooth.world.dreambench import evaluate_model, read_prompts
+
+    return Command(
+        evaluate_model,
+        "Score a model against reference photos (subject/prompt fidelity, PRES, DIV).", {
+            "prompts": Flag(metavar="FILE",
+                            convert=lambda path: read_prompts(path) if path else None),
+        }, show=lambda result: print(json.dumps(asdict(result), indent=2)))
+
+
+def _demo() -> Command:
+    from dreambooth.world.demo import run_demo_preset
+
+    return Command(run_demo_preset,
+                   "The whole DreamBooth job on the bundled world model (minutes on a CPU).")
+
+
+# Subcommands but `train`, each loaded (imported) when the parser is built.
+COMMANDS: dict[str, Callable[[], Command]] = {
+    "generate": _generate, "serve": _serve, "export": _export, "eval": _eval, "demo": _demo,
+}
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML file of config keys; flags override it.")
+    parser.add_argument("--print_config", action="store_true",
+                        help="Print the resolved configuration as YAML and exit.")
+    add_dataclass_flags(parser, [(leaf, field_type(section, leaf)[0])
+                                 for section, leaf in leaf_fields()], as_text=True)
+    for name, reason in IGNORED_FLAGS.items():
+        parser.add_argument(f"--{name}", nargs="?", const=True, default=argparse.SUPPRESS,
+                            help=f"Ignored: {reason}.")
+    for name, reason in UNSUPPORTED_FLAGS.items():
+        parser.add_argument(f"--{name}", nargs="?", const=True, default=argparse.SUPPRESS,
+                            help=f"Refused: {reason}.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreambooth", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train_arguments(commands.add_parser(
         "train", help="Personalize a Stable Diffusion model on a few subject photos."))
-    _add_generate_arguments(commands.add_parser("generate", help="Generate images with a model."))
-    _add_serve_arguments(commands.add_parser(
-        "serve", help="Serve models over OpenAI's Images API, OpenRouter and A1111 (HTTP)."))
-    _add_export_arguments(commands.add_parser(
-        "export", help="Write a model as diffusers, single-file (A1111/ComfyUI) or LoRA files."))
-    evaluation = commands.add_parser(
-        "eval", help="Score a model against reference photos (subject/prompt fidelity, PRES, DIV).")
-    evaluation.add_argument("--model", required=True, help="A training output_dir or pipeline.")
-    evaluation.add_argument("--reference_dir", required=True, help="The subject's photos.")
-    evaluation.add_argument("--identifier", default="sks")
-    evaluation.add_argument("--class_noun", required=True, help="e.g. star, ball, dog.")
-    evaluation.add_argument("--prompts", default=None,
-                            help="File with one prompt a line (default: DreamBench-style set).")
-    evaluation.add_argument("--images_per_prompt", type=int, default=4)
-    evaluation.add_argument("--num_inference_steps", type=int, default=25)
-    evaluation.add_argument("--guidance_scale", type=float, default=None,
-                            help="Default: the model's own (3 for the world model), else 7.5.")
-    evaluation.add_argument("--seed", type=int, default=0)
-    evaluation.add_argument("--device", default=None)
-    evaluation.add_argument("--output_dir", required=True)
-    demo = commands.add_parser(
-        "demo", help="The whole DreamBooth job on the bundled world model (minutes on a CPU).")
-    demo.add_argument("--output_dir", default="runs/demo")
-    demo.add_argument("--fast", action="store_true",
-                      help="Every stage and file with minimal work (a smoke run).")
-    demo.add_argument("--max_train_steps", type=int, default=None,
-                      help="DreamBooth steps (default 400; 4 with --fast).")
+    for name, load in COMMANDS.items():
+        try:
+            command = load()
+        except ImportError as error:
+            # An optional extra is missing (serve): the command still parses, and running it
+            # reports the ImportError. '+' prefixes nothing, so every argument is taken as is.
+            unavailable = commands.add_parser(name, help=f"Unavailable: {error}",
+                                              prefix_chars="+", add_help=False)
+            unavailable.add_argument("arguments", nargs="*")
+            continue
+        add_function_flags(commands.add_parser(name, help=command.help), command)
     return parser
 
 
@@ -206,60 +344,9 @@ def main(argv: list[str] | None = None) -> int:
 
             output_dir = train(config)
             print(f"trained pipeline: {output_dir}")
-        elif args.command == "generate":
-            from dreambooth.generate import generate
-
-            result = generate(args.model, args.prompt, negative_prompt=args.negative_prompt,
-                              num_images=args.num_images,
-                              num_inference_steps=args.num_inference_steps,
-                              guidance_scale=args.guidance_scale, seed=args.seed,
-                              height=args.height, width=args.width, scheduler=args.scheduler,
-                              output_dir=args.output_dir, batch_size=args.batch_size,
-                              device=args.device, dtype=args.dtype, lora=args.lora,
-                              lora_scale=args.lora_scale)
-            for path in result.paths:
-                print(path)
-            if result.grid_path:
-                print(result.grid_path)
-        elif args.command == "serve":
-            from dreambooth.serve.app import API_KEY_ENV, run_server
-
-            run_server(parse_named_paths(args.model, "--model"),
-                       loras=parse_named_paths(args.lora, "--lora"), host=args.host,
-                       port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
-                       device=args.device, dtype=args.dtype, max_queue=args.max_queue,
-                       max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                       max_upload_mb=args.max_upload_mb, max_image_size=args.max_image_size,
-                       max_steps=args.max_steps)
-        elif args.command == "export":
-            from dreambooth.formats.export import export_model
-
-            print(export_model(args.model, args.export_format, args.output, dtype=args.dtype,
-                               merge_lora_path=args.merge_lora, lora_scale=args.lora_scale,
-                               prediction_type=args.prediction_type))
-        elif args.command == "eval":
-            import json
-            from dataclasses import asdict
-
-            from dreambooth.world.dreambench import evaluate_model, read_prompts
-
-            result = evaluate_model(
-                args.model, args.reference_dir, identifier=args.identifier,
-                class_noun=args.class_noun, output_dir=args.output_dir,
-                prompts=read_prompts(args.prompts) if args.prompts else None,
-                images_per_prompt=args.images_per_prompt,
-                num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale, seed=args.seed, device=args.device)
-            print(json.dumps(asdict(result), indent=2))
-        elif args.command == "demo":
-            from dataclasses import replace
-
-            from dreambooth.world.demo import FAST, DemoSettings, run_demo
-
-            settings = FAST if args.fast else DemoSettings()
-            if args.max_train_steps is not None:
-                settings = replace(settings, max_train_steps=args.max_train_steps)
-            run_demo(Path(args.output_dir), settings)
+        else:
+            command = COMMANDS[args.command]()  # an unavailable command raises its ImportError
+            command.show(call(command, args))
     except (ConfigError, ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -41,7 +41,8 @@ class ModelConfig:
         None, "Base model: a diffusers pipeline folder, a Hugging Face hub id in the local cache, "
         "a single-file checkpoint, or 'demo' (the bundled world model).")
     revision: str | None = option(None, "Hub revision of the base model (cached ids only).")
-    variant: str | None = option(None, "Weights variant to load, e.g. 'fp16' (diffusion_pytorch_model.fp16.safetensors).")
+    variant: str | None = option(
+        None, "Weights variant to load, e.g. 'fp16' (diffusion_pytorch_model.fp16.safetensors).")
     prediction_type: str | None = option(
         None, "Override the model's prediction type (epsilon or v_prediction); also tells a "
         "single SD 2.x file's kind.", (None, "epsilon", "v_prediction"))
@@ -58,16 +59,19 @@ class DataConfig:
         None, "Folder of class images for prior preservation; missing ones are generated here.")
     class_prompt: str | None = option(None, "Prompt for the class, e.g. 'a photo of dog'.")
     resolution: int = option(512, "Training resolution in pixels (a multiple of 8).")
-    center_crop: bool = option(False, "Center-crop images to the resolution (else a seeded random crop).")
+    center_crop: bool = option(
+        False, "Center-crop images to the resolution (else a seeded random crop).")
     random_flip: bool = option(False, "Also train on horizontally flipped images (both cached).")
 
 
 @dataclass
 class PriorConfig:
-    with_prior_preservation: bool = option(False, "Add the class-prior preservation loss (paper, eq. 2).")
+    with_prior_preservation: bool = option(
+        False, "Add the class-prior preservation loss (paper, eq. 2).")
     prior_loss_weight: float = option(1.0, "Weight lambda of the prior preservation loss.")
     num_class_images: int = option(
-        100, "Class images wanted; if class_data_dir holds fewer, the base model generates the rest.")
+        100, "Class images wanted; if class_data_dir holds fewer, the base model generates the "
+        "rest.")
     sample_batch_size: int = option(4, "Batch size for generating class images.")
     class_inference_steps: int = option(50, "Denoising steps when generating class images.")
     class_guidance_scale: float | None = option(
@@ -78,19 +82,23 @@ class PriorConfig:
 @dataclass
 class OptimizationConfig:
     train_text_encoder: bool = option(False, "Also fine-tune the text encoder.")
-    text_encoder_lr: float | None = option(None, "Text encoder learning rate (default: learning_rate).")
+    text_encoder_lr: float | None = option(
+        None, "Text encoder learning rate (default: learning_rate).")
     train_batch_size: int = option(4, "Instance images per step (as many class images are added).")
     max_train_steps: int | None = option(None, "Optimizer steps; default: num_train_epochs epochs.")
-    num_train_epochs: int = option(1, "Epochs over the instance images when max_train_steps is unset.")
+    num_train_epochs: int = option(
+        1, "Epochs over the instance images when max_train_steps is unset.")
     repeats: int = option(1, "Count each instance image this many times per epoch.")
     learning_rate: float = option(5e-6, "Learning rate (after warmup) for the UNet.")
-    scale_lr: bool = option(False, "Multiply learning rates by batch size x accumulation x processes.")
+    scale_lr: bool = option(
+        False, "Multiply learning rates by batch size x accumulation x processes.")
     lr_scheduler: str = option("constant", "Learning-rate schedule.", LR_SCHEDULERS)
     lr_warmup_steps: int = option(500, "Linear warmup steps of the learning rate.")
     lr_num_cycles: int = option(1, "Hard restarts for cosine_with_restarts.")
     lr_power: float = option(1.0, "Power of the polynomial schedule.")
     gradient_accumulation_steps: int = option(1, "Micro-batches accumulated per optimizer step.")
-    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in backward to save memory.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 disables).")
     optimizer: str = option("adamw", "Optimizer: adamw, or prodigy (needs the prodigyopt package).",
                             ("adamw", "prodigy"))
@@ -101,15 +109,19 @@ class OptimizationConfig:
     adam_weight_decay_text_encoder: float | None = option(
         None, "Weight decay for the text encoder(s) (default: adam_weight_decay).")
     adam_epsilon: float = option(1e-8, "AdamW epsilon.")
-    offset_noise: bool = option(False, "Add offset noise (0.1 x per-channel noise) for darker/brighter images.")
-    snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (Hang et al. 2023); 5.0 is usual.")
-    mixed_precision: str = option("no", "Autocast precision with fp32 master weights.", MIXED_PRECISION)
+    offset_noise: bool = option(
+        False, "Add offset noise (0.1 x per-channel noise) for darker/brighter images.")
+    snr_gamma: float | None = option(
+        None, "Min-SNR loss weighting gamma (Hang et al. 2023); 5.0 is usual.")
+    mixed_precision: str = option(
+        "no", "Autocast precision with fp32 master weights.", MIXED_PRECISION)
     seed: int | None = option(None, "Seed: batches and noise of step k depend on (seed, k) only.")
 
 
 @dataclass
 class AdapterConfig:
-    use_lora: bool = option(False, "Train LoRA adapters (peft) instead of the full UNet/text encoder.")
+    use_lora: bool = option(
+        False, "Train LoRA adapters (peft) instead of the full UNet/text encoder.")
     rank: int = option(4, "LoRA rank r.")
     lora_alpha: float | None = option(None, "LoRA alpha (scale = alpha / rank); default: rank.")
     lora_dropout: float = option(0.0, "Dropout on the LoRA branch.")
@@ -123,7 +135,8 @@ class AdapterConfig:
 
 @dataclass
 class CheckpointConfig:
-    output_dir: str = option("dreambooth-model", "Where the trained pipeline, checkpoints and logs go.")
+    output_dir: str = option(
+        "dreambooth-model", "Where the trained pipeline, checkpoints and logs go.")
     checkpointing_steps: int = option(500, "Write a full-state checkpoint every N optimizer steps.")
     checkpoints_total_limit: int | None = option(None, "Keep only the newest N checkpoints.")
     resume_from_checkpoint: str | None = option(
@@ -132,7 +145,8 @@ class CheckpointConfig:
 
 @dataclass
 class ValidationConfig:
-    validation_prompt: str | None = option(None, "Prompt sampled during training to watch progress.")
+    validation_prompt: str | None = option(
+        None, "Prompt sampled during training to watch progress.")
     validation_steps: int = option(100, "Sample validation images every N optimizer steps.")
     num_validation_images: int = option(4, "Validation images per prompt (fixed seeds).")
     validation_inference_steps: int = option(25, "Denoising steps for validation images.")
@@ -146,7 +160,8 @@ class TrackingConfig:
     report_to: str = option(
         "tensorboard", "Comma-separated trackers: tensorboard, wandb, mlflow, csv, all or none.")
     logging_dir: str = option("logs", "Tracker folder, relative to output_dir.")
-    tracker_project_name: str = option("dreambooth", "Project/experiment name for wandb and mlflow.")
+    tracker_project_name: str = option(
+        "dreambooth", "Project/experiment name for wandb and mlflow.")
 
 
 @dataclass
@@ -160,7 +175,8 @@ class HardwareConfig:
     enable_xformers_memory_efficient_attention: bool = option(
         False, "Accepted for compatibility; PyTorch SDPA (fused attention) is always used.")
     allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere+ GPUs.")
-    dataloader_num_workers: int = option(0, "Accepted for compatibility; batches come from cached latents.")
+    dataloader_num_workers: int = option(
+        0, "Accepted for compatibility; batches come from cached latents.")
 
 
 @dataclass
@@ -219,7 +235,12 @@ def leaf_fields() -> Iterator[tuple[str, dataclasses.Field]]:
 def field_type(section: str, leaf: dataclasses.Field) -> tuple[type, bool]:
     """(base type, optional?) of a leaf field, e.g. `int | None` -> (int, True)."""
     section_type = typing.get_type_hints(TrainConfig)[section]
-    hint = typing.get_type_hints(section_type)[leaf.name]
+    return optional_type(typing.get_type_hints(section_type)[leaf.name])
+
+
+def optional_type(hint: Any) -> tuple[Any, bool]:
+    """(base type, optional?) of an annotation: `int | None` -> (int, True), `str` -> (str, False);
+    of a union of several types, the first (`str | Path` -> str)."""
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         base = next(arg for arg in args if arg is not type(None))
@@ -306,7 +327,8 @@ def parse_train_config(values: dict[str, Any], source: str = "configuration") ->
             problems.append(str(error))
             failed.add(key)
     # Semantic checks see defaults where a value failed to parse: skip lines about those keys.
-    problems += [line for line in validate(config) if line.split("=")[0].split(" ")[0] not in failed]
+    problems += [line for line in validate(config)
+                 if line.split("=")[0].split(" ")[0] not in failed]
     if problems:
         raise ConfigError(problems, source)
     _fill_guidance_scales(config)
@@ -357,11 +379,12 @@ def validate(config: TrainConfig) -> list[str]:
         if flat[key] is not None and flat[key] <= 0:
             problems.append(f"{key}={flat[key]} must be positive")
     if flat["resolution"] % 8:
-        problems.append(f"resolution={flat['resolution']} is not a multiple of 8 (the VAE downsamples by 8)")
+        problems.append(f"resolution={flat['resolution']} is not a multiple of 8 "
+                        "(the VAE downsamples by 8)")
     bad_trackers = [name for name in config.trackers if name not in TRACKERS]
     if bad_trackers:
-        problems.append(f"report_to={flat['report_to']!r}: unknown tracker(s) {', '.join(bad_trackers)}; "
-                        f"use {', '.join(TRACKERS)}, all or none")
+        problems.append(f"report_to={flat['report_to']!r}: unknown tracker(s) "
+                        f"{', '.join(bad_trackers)}; use {', '.join(TRACKERS)}, all or none")
     if config.prior.with_prior_preservation:
         for key in ("class_data_dir", "class_prompt"):
             if not flat[key]:
@@ -369,7 +392,8 @@ def validate(config: TrainConfig) -> list[str]:
     if flat["class_prompt"] and flat["instance_prompt"] and (
             flat["class_prompt"].strip() == flat["instance_prompt"].strip()):
         problems.append(f"class_prompt equals instance_prompt ({flat['instance_prompt']!r}): the "
-                        "instance prompt needs an identifier the class prompt lacks, e.g. 'a sks dog'")
+                        "instance prompt needs an identifier the class prompt lacks, "
+                        "e.g. 'a sks dog'")
     if flat["pre_compute_text_embeddings"] and flat["train_text_encoder"]:
         problems.append("pre_compute_text_embeddings cannot be used with train_text_encoder "
                         "(a trained text encoder changes the embeddings)")

@@ -505,6 +505,27 @@ def generate(
     `lora_scale`. With `output_dir`, images go to `{index:05d}-{seed}.png` plus
     `grid-{first index:05d}.png` when there are several. `guidance_scale` None: the model's
     own (`models.default_guidance_scale`: 3 for `demo` and models trained from it, else 7.5).
+
+    Args:
+        model: A training output_dir, a diffusers folder, a cached hub id, a single-file
+            checkpoint or 'demo' (the bundled world model).
+        prompt: What to draw.
+        negative_prompt: What to steer away from (classifier-free guidance's negative).
+        num_images: Images to generate.
+        num_inference_steps: Denoising steps.
+        guidance_scale: Classifier-free guidance scale (1 disables guidance; default: the
+            model's own, 3 for 'demo' and models trained from it, else 7.5).
+        seed: Image i uses seed + i (None: a random base seed).
+        height: Image height in pixels (default: the model's resolution).
+        width: Image width in pixels (default: the model's resolution).
+        scheduler: Sampler (default: the model's own scheduler).
+        output_dir: Folder the PNGs (and a grid) are written to.
+        batch_size: Images per UNet batch (default: all at once).
+        device: cuda, cpu, ... (default: cuda if available).
+        dtype: auto = fp16 on CUDA, fp32 elsewhere.
+        lora: LoRA .safetensors (diffusers/peft or kohya format) or a folder holding
+            pytorch_lora_weights.safetensors.
+        lora_scale: LoRA strength (0 = off, 1 = as trained).
     """
     if num_images < 1:
         raise GenerationError(f"num_images={num_images} must be at least 1")

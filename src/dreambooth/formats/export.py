@@ -470,6 +470,20 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
     - `merge_lora_path` / `lora_scale`: fuse this LoRA into the model first (not for LoRA formats).
     - `prediction_type`: for a single-file SD 2.x input whose type cannot be told (see
       single_file.resolve_prediction_type).
+
+    Args:
+        model: A diffusers folder (training output_dir), a cached hub id, a .safetensors/.ckpt
+            single file, or for lora-* formats a LoRA run's output_dir or LoRA .safetensors.
+        fmt: diffusers folder, single-file checkpoint (A1111/ComfyUI), or LoRA in the kohya or
+            diffusers layout.
+        output: Folder for diffusers, .safetensors file otherwise; written atomically, an
+            existing diffusers folder must be empty.
+        dtype: Weight dtype written (default: as the model is stored).
+        merge_lora_path: Fuse this LoRA (.safetensors or LoRA output_dir) into the model before
+            exporting.
+        lora_scale: Strength of the merged LoRA (W + scale * alpha/r * BA).
+        prediction_type: For a single-file SD 2.x model whose type the file does not tell
+            (768-v models use v_prediction).
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")

@@ -341,7 +341,31 @@ def _is_loopback(host: str) -> bool:
 
 def run_server(models: Mapping[str, str | Path], *, host: str = "127.0.0.1", port: int = 8000,
                **app_options) -> None:
-    """Load `models`, then serve them with uvicorn until interrupted."""
+    """Load `models`, then serve them with uvicorn until interrupted.
+
+    `app_options` are `create_app`'s keyword arguments, listed here with run_server's own.
+
+    Args:
+        models: Models to serve, {name: path}: a training output_dir, a diffusers folder, a
+            cached hub id or 'demo' (the bundled world model). On the command line
+            `--model NAME=PATH` (repeatable); without NAME=, the folder's name (or the hub id)
+            is the name. The first is the default model.
+        host: Address to bind: loopback keeps the server local; 0.0.0.0 exposes it.
+        port: TCP port to listen on.
+        loras: LoRA files or folders requests may name in `lora`, {name: path}; on the command
+            line `--lora NAME=PATH` (repeatable).
+        api_key: Require 'Authorization: Bearer KEY' on every route but /healthz (on the
+            command line the default is the DREAMBOOTH_API_KEY environment variable, which
+            keeps the key out of the process list).
+        device: cuda, cpu, ... (default: cuda if available).
+        dtype: auto = fp16 on CUDA, fp32 elsewhere.
+        max_queue: Requests that may wait per model; one more gets 429.
+        max_batch: Images per UNet batch.
+        batch_wait_ms: How long a worker waits for compatible requests to fill a batch.
+        max_upload_mb: Largest request body (uploads); larger gets 413.
+        max_image_size: Largest image side in pixels.
+        max_steps: Most denoising steps a request may ask for.
+    """
     import uvicorn
 
     if not _is_loopback(host) and not app_options.get("api_key"):

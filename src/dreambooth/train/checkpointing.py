@@ -1,4 +1,5 @@
-"""Full-state checkpoints: atomic files, finding the newest, and a save on Ctrl-C.
+"""Full-state checkpoints: atomic files, finding the newest, a save on Ctrl-C, and whether a
+run may resume one (the same models, data and noise streams).
 
 Lightning writes the checkpoint (trainable weights, optimizer, LR scheduler, loop progress,
 callbacks); the module adds the RNG states. These pieces make the writes atomic and name the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,24 @@ def resolve_resume_path(resume_from_checkpoint: str | None, checkpoint_dir: Path
     raise FileNotFoundError(
         f"resume_from_checkpoint={resume_from_checkpoint!r}: no such checkpoint file (looked in "
         f"'{checkpoint_dir}'; available: {available}). Pass 'latest' or a .ckpt path.")
+
+
+def saved_config(checkpoint_path: Path, key: str) -> dict[str, Any]:
+    """The configuration a run stored under `key` in its checkpoint ({} when there is none)."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
+    return checkpoint.get(key, {})
+
+
+def check_resume(checkpoint_path: Path, saved: Mapping[str, Any], values: Mapping[str, Any],
+                 invariants: Iterable[str], advice: str) -> None:
+    """Refuse to resume a run whose `invariants` (keys of the models, data and noise streams)
+    differ from the checkpoint's `saved` configuration; the error lists every difference and
+    ends with `advice`. Keys the checkpoint does not hold are not compared."""
+    mismatched = [f"{key}: checkpoint has {saved[key]!r}, this run has {values[key]!r}"
+                  for key in invariants if key in saved and saved[key] != values[key]]
+    if mismatched:
+        raise ValueError(f"cannot resume exactly from '{checkpoint_path}': "
+                         + "; ".join(mismatched) + f". {advice}")
 
 
 def periodic_checkpoints(checkpoint_dir: Path, every_n_steps: int,

@@ -10,25 +10,28 @@ from __future__ import annotations
 import logging
 import secrets
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 
+from dreambooth.config import TrainConfig, dump_yaml, instance_prompt_warnings, parse_train_config
+from dreambooth.files import atomic_write_text
+from dreambooth.formats.run_files import save_trained_pipeline, write_run_files
+from dreambooth.images import load_image_folder
+from dreambooth.models import TRAINING_CONFIG_FILE, load_components
 from dreambooth.train import checkpointing
 from dreambooth.train.callbacks import ClassImageGeneration, ValidationSamples
-from dreambooth.config import TrainConfig, dump_yaml, instance_prompt_warnings, parse_train_config
 from dreambooth.train.data import DreamBoothDataModule, steps_for_epochs
-from dreambooth.formats.run_files import save_trained_pipeline, write_run_files
-from dreambooth.files import atomic_write_text
-from dreambooth.images import load_image_folder
 from dreambooth.train.lora import LoraSettings, lora_metadata, save_lora_files
-from dreambooth.models import TRAINING_CONFIG_FILE, load_components
 from dreambooth.train.module import DreamBoothModule, optimizer_class
 
 log = logging.getLogger(__name__)
 
 PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
+CONFIG_KEY = "dreambooth_config"  # where a checkpoint holds its run's resolved configuration
 # Keys that must match between a checkpoint and the run resuming it for an exact resume.
 RESUME_INVARIANTS = ("pretrained_model_name_or_path", "train_text_encoder", "train_batch_size",
                      "gradient_accumulation_steps", "with_prior_preservation", "resolution",
@@ -43,21 +46,30 @@ class RunMetadata(L.Callback):
         self.config = config
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        checkpoint["dreambooth_config"] = self.config.to_flat_dict()
+        checkpoint[CONFIG_KEY] = self.config.to_flat_dict()
 
 
-def _apply_checkpoint_config(config: TrainConfig, resume_path: Path) -> TrainConfig:
-    """A resumed run takes its seed from the checkpoint and must agree on the run's shape."""
-    saved = torch.load(resume_path, map_location="cpu", mmap=True,
-                       weights_only=True).get("dreambooth_config", {})
+def resolve_config(config: TrainConfig, saved: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The run's configuration with nothing left open, validated once.
+
+    `saved` is the configuration stored in the checkpoint a run resumes: an unset seed is the
+    checkpoint's (else a random one, recorded in the outputs); an unset max_train_steps is
+    num_train_epochs over the instance (and class) images; unset guidance scales are the base
+    model's own (`parse_train_config` fills them).
+    """
     values = config.to_flat_dict()
-    if values["seed"] is None and saved.get("seed") is not None:
-        values["seed"] = saved["seed"]
-    mismatched = [f"{key}: checkpoint has {saved[key]!r}, this run has {values[key]!r}"
-                  for key in RESUME_INVARIANTS if key in saved and saved[key] != values[key]]
-    if mismatched:
-        raise ValueError(f"cannot resume exactly from '{resume_path}': "
-                         + "; ".join(mismatched) + ". Use the checkpoint's values or start anew.")
+    if values["seed"] is None:
+        values["seed"] = (saved or {}).get("seed")
+    if values["seed"] is None:
+        values["seed"] = secrets.randbelow(2**31)
+    if values["max_train_steps"] is None:
+        values["max_train_steps"] = steps_for_epochs(
+            config.data.instance_data_dir, num_class_images=config.prior.num_class_images,
+            with_prior=config.prior.with_prior_preservation,
+            num_train_epochs=config.optim.num_train_epochs,
+            train_batch_size=config.optim.train_batch_size,
+            gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
+            repeats=config.optim.repeats)
     return parse_train_config(values)
 
 
@@ -116,21 +128,11 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
     optimizer_class(config.optim)  # fail before loading models if it cannot run
     resume_path = checkpointing.resolve_resume_path(config.checkpoint.resume_from_checkpoint,
                                                     checkpoint_dir)
+    saved = None if resume_path is None else checkpointing.saved_config(resume_path, CONFIG_KEY)
+    config = resolve_config(config, saved)
     if resume_path is not None:
-        config = _apply_checkpoint_config(config, resume_path)
-    if config.optim.seed is None or None in (config.prior.class_guidance_scale,
-                                             config.validation.validation_guidance_scale):
-        seed = config.optim.seed if config.optim.seed is not None else secrets.randbelow(2**31)
-        config = parse_train_config(config.to_flat_dict() | {"seed": seed})  # fills the scales
-    if config.optim.max_train_steps is None:
-        steps = steps_for_epochs(
-            config.data.instance_data_dir, num_class_images=config.prior.num_class_images,
-            with_prior=config.prior.with_prior_preservation,
-            num_train_epochs=config.optim.num_train_epochs,
-            train_batch_size=config.optim.train_batch_size,
-            gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
-            repeats=config.optim.repeats)
-        config = parse_train_config(config.to_flat_dict() | {"max_train_steps": steps})
+        checkpointing.check_resume(resume_path, saved, config.to_flat_dict(), RESUME_INVARIANTS,
+                                   advice="Use the checkpoint's values or start anew.")
     if config.hardware.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -221,7 +223,9 @@ def lora_settings(config: TrainConfig) -> LoraSettings | None:
     adapter = config.adapter
     if not adapter.use_lora:
         return None
-    split = lambda text: tuple(name.strip() for name in text.split(",") if name.strip())
+    def split(text: str) -> tuple[str, ...]:
+        return tuple(name.strip() for name in text.split(",") if name.strip())
+
     return LoraSettings(rank=adapter.rank, alpha=adapter.lora_alpha or float(adapter.rank),
                         dropout=adapter.lora_dropout, use_dora=adapter.use_dora,
                         unet_target_modules=split(adapter.lora_unet_target_modules),

@@ -135,3 +135,21 @@ def _report(metrics: dict[str, dict], prompts: list[str], base_model: str | Path
                   for i, prompt in enumerate(prompts))
         + f"<h2>Class prompt '{html.escape(CLASS_PROMPT)}': base vs personalized (prior)</h2>"
         "<img src='eval/before/class-prompt.png'> <img src='eval/after/class-prompt.png'>\n")
+
+
+def run_demo_preset(output_dir: str | Path = "runs/demo", *, fast: bool = False,
+                    max_train_steps: int | None = None) -> Path:
+    """`dreambooth demo`: run_demo with the README's settings (DemoSettings) or FAST's.
+
+    Args:
+        output_dir: Folder for the photos, class images, trained model, metrics and report.
+        fast: Every stage and file with minimal work (a smoke run).
+        max_train_steps: DreamBooth steps instead of the settings' own (DemoSettings, or
+            FAST with `fast`).
+    """
+    from dataclasses import replace
+
+    settings = FAST if fast else DemoSettings()
+    if max_train_steps is not None:
+        settings = replace(settings, max_train_steps=max_train_steps)
+    return run_demo(Path(output_dir), settings)

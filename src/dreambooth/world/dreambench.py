@@ -96,13 +96,28 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def evaluate_model(model, reference_dir: str | Path, *, identifier: str, class_noun: str,
+def evaluate_model(model, reference_dir: str | Path, *, identifier: str = "sks", class_noun: str,
                    output_dir: str | Path, prompts: list[str] | None = None,
                    images_per_prompt: int = 4, num_inference_steps: int = 25,
                    guidance_scale: float | None = None, seed: int = 0,
                    device: str | None = None) -> EvaluationResult:
     """Generate the prompt set with `model` and score it against the photos in `reference_dir`
-    (`guidance_scale` None: the model's own, `models.default_guidance_scale`)."""
+    (`guidance_scale` None: the model's own, `models.default_guidance_scale`).
+
+    Args:
+        model: A training output_dir or pipeline.
+        reference_dir: The subject's photos.
+        identifier: The rare word bound to the subject.
+        class_noun: e.g. star, ball, dog.
+        output_dir: Folder for metrics.json, the grids and report.html.
+        prompts: Prompts to generate (on the command line a file with one prompt a line;
+            default: DreamBench-style set).
+        images_per_prompt: Images per prompt (DIV needs at least 2).
+        num_inference_steps: Denoising steps.
+        guidance_scale: Default: the model's own (3 for the world model), else 7.5.
+        seed: Image i of every prompt uses seed + i.
+        device: cuda, cpu, ... (default: cuda if available).
+    """
     if guidance_scale is None:
         guidance_scale = default_guidance_scale(model)
     if images_per_prompt < 2:

@@ -463,14 +463,10 @@ RESUME_INVARIANTS = ("seed", "vae_channels", "unet_channels", "unet_layers_per_b
 
 
 def _check_resume(config: PretrainConfig, resume_path: Path) -> None:
-    saved = torch.load(resume_path, map_location="cpu", mmap=True,
-                       weights_only=True).get("pretrain_config", {})
-    values = _config_dict(config)
-    mismatched = [f"{key}: checkpoint has {saved[key]!r}, this run has {values[key]!r}"
-                  for key in RESUME_INVARIANTS if key in saved and saved[key] != values[key]]
-    if mismatched:
-        raise ValueError(f"cannot resume from '{resume_path}': " + "; ".join(mismatched)
-                         + ". Pass the checkpoint's values or use a new --output_dir.")
+    checkpointing.check_resume(
+        resume_path, checkpointing.saved_config(resume_path, "pretrain_config"),
+        _config_dict(config), RESUME_INVARIANTS,
+        advice="Pass the checkpoint's values or use a new --output_dir.")
 
 
 @torch.no_grad()
