@@ -4,7 +4,8 @@ DreamBooth trains on a handful of photos straight from a phone or a notebook fol
 module expects the mess they come with: hidden `.ipynb_checkpoints` folders, side files, EXIF
 rotation, transparency, 16-bit scans and half-copied files. Every photo that cannot be used is
 named in a warning or an error; none is silently "repaired" (truncated files are refused, not
-padded, so `ImageFile.LOAD_TRUNCATED_IMAGES` is left alone).
+padded, so `ImageFile.LOAD_TRUNCATED_IMAGES` is left alone). `read_image` decodes every image
+file, from disk or from an upload to `dreambooth serve`.
 """
 
 from __future__ import annotations

@@ -273,7 +273,7 @@ async def images_generations(body: ImageGenerationRequest,
 def decode_upload(data: bytes, param: str, max_side: int, *, upright: bool) -> Image.Image:
     """A PNG, JPEG or WebP upload, fully decoded; anything else is a 400 naming `param`.
 
-    `upright`: turned by its EXIF orientation, as `dreambooth.images.read_image` does.
+    `upright` turns it by its EXIF orientation (see `dreambooth.images.read_image`).
     """
     try:
         return read_image(data, formats=_UPLOAD_FORMATS, max_side=max_side, upright=upright)
