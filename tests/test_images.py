@@ -13,12 +13,15 @@ from PIL import Image
 from dreambooth.images import (
     IMAGE_EXTENSIONS,
     ImageFolderError,
+    ImageFormatError,
     ImageReadError,
+    ImageTooLargeError,
     list_image_files,
     load_image_folder,
     load_rgb_image,
     make_grid,
     preprocess_image,
+    read_image,
     read_png_text,
     save_png,
     tensor_to_pil,
@@ -91,7 +94,8 @@ def test_non_image_with_image_extension_raises_naming_path(tmp_path):
 
 def test_missing_folder_error_names_folder_and_flag(tmp_path):
     missing = tmp_path / "nope"
-    with pytest.raises(ImageFolderError, match="class image folder .*nope.* does not exist") as info:
+    with pytest.raises(ImageFolderError,
+                       match="class image folder .*nope.* does not exist") as info:
         load_image_folder(missing, role="class")
     assert "--class_data_dir" in str(info.value)
 
@@ -180,6 +184,33 @@ def test_exif_orientation_is_applied(tmp_path):
     assert load_rgb_image(tmp_path / "phone.jpg").size == (20, 40)
 
 
+def test_read_image_decodes_bytes_and_paths_alike(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _noise(40, 20).save(tmp_path / "phone.jpg", exif=exif)
+    data = (tmp_path / "phone.jpg").read_bytes()
+    from_bytes, from_path = read_image(data), read_image(tmp_path / "phone.jpg")
+    assert from_bytes.size == from_path.size == (20, 40)  # upright, both
+    assert np.array_equal(np.asarray(from_bytes), np.asarray(from_path))
+    assert read_image(data, upright=False).size == (40, 20)  # as stored
+
+
+def test_read_image_limits_refuse_before_decoding(tmp_path):
+    _noise(64, 16).save(tmp_path / "wide.png")
+    data = (tmp_path / "wide.png").read_bytes()
+    with pytest.raises(ImageFormatError, match="PNG file; accepted: JPEG") as info:
+        read_image(data, formats=("JPEG",))
+    assert info.value.format == "PNG"
+    with pytest.raises(ImageTooLargeError, match="64x16") as info:
+        read_image(tmp_path / "wide.png", max_side=63)
+    assert info.value.size == (64, 16)
+    assert read_image(data, formats=("PNG",), max_side=64).size == (64, 16)
+    # A truncated body fails only when its pixels are decoded; the limits pass it first.
+    with pytest.raises(ImageReadError, match="of 100 bytes: image file is truncated") as info:
+        read_image(data[:100], formats=("PNG",), max_side=64)
+    assert info.value.reason == "image file is truncated"
+
+
 def test_small_images_warn_once_with_size(tmp_path):
     _noise(32, 48).save(tmp_path / "small.png")
     _noise(64, 80).save(tmp_path / "big.png")
@@ -221,7 +252,8 @@ def test_random_crop_is_deterministic_for_a_seed_and_varies_between_seeds():
     image = _noise(200, 80)
 
     def crop(seed: int) -> torch.Tensor:
-        return preprocess_image(image, 32, center_crop=False, generator=torch.Generator().manual_seed(seed))
+        return preprocess_image(image, 32, center_crop=False,
+                                generator=torch.Generator().manual_seed(seed))
 
     assert torch.equal(crop(7), crop(7))
     center = preprocess_image(image, 32, center_crop=False, generator=None)
@@ -239,7 +271,8 @@ def test_tensor_to_pil_inverts_preprocess_and_clamps():
     restored = tensor_to_pil(preprocess_image(image, 16, center_crop=True))
     assert np.array_equal(np.asarray(restored), np.asarray(image))
 
-    out_of_range = torch.stack([torch.full((2, 2), 3.0), torch.full((2, 2), -3.0), torch.zeros(2, 2)])
+    out_of_range = torch.stack([torch.full((2, 2), 3.0), torch.full((2, 2), -3.0),
+                                torch.zeros(2, 2)])
     assert tensor_to_pil(out_of_range).getpixel((0, 0)) == (255, 0, 128)
 
 

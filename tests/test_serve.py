@@ -9,21 +9,22 @@ import io
 import json
 import socket
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import httpx
 import numpy as np
 import openai
 import pytest
+from lora_files import write_lora
 from openai import OpenAI
 from PIL import Image
 
 from dreambooth.cli import build_parser, main, parse_named_paths
-from dreambooth.models import TRAINING_CONFIG_FILE
 from dreambooth.generate import parse_parameters
+from dreambooth.models import TRAINING_CONFIG_FILE
 from dreambooth.serve.app import ServeConfigError, create_app
 from dreambooth.tiny import save_tiny_pipeline
-from lora_files import write_lora
 
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -373,14 +374,30 @@ def test_a1111_txt2img(server):
     assert params["Seed"] == "22" and params["Sampler"] == "DDIM"
 
 
-def test_metrics_report_queue_latency_and_images(server, client):
-    images_before = metric(server, "dreambooth_images_total", model="base")
-    client.images.generate(model="base", prompt="a dog", n=3, extra_body=STEPS)
-    assert metric(server, "dreambooth_images_total", model="base") == images_before + 3
-    assert metric(server, "dreambooth_queue_depth", model="base") == 0
-    latency = metric(server, "dreambooth_request_latency_seconds_count",
-                     route="/v1/images/generations")
-    assert latency >= 1
+def test_metrics_count_and_time_each_request(tiny_model):
+    # A server of its own: every count starts at zero, whatever other tests sent before.
+    running = Server(create_app({"tiny": tiny_model}, device="cpu", batch_wait_ms=0))
+    route = "/v1/images/generations"
+    try:
+        with pytest.raises(openai.BadRequestError):  # refused requests are counted too
+            running.client().images.generate(model="tiny", prompt="a dog", size="big")
+        refused = metric(running, "dreambooth_request_latency_seconds_sum", route=route)
+        started = time.perf_counter()
+        running.client().images.generate(model="tiny", prompt="a dog", n=3, extra_body=STEPS)
+        waited = time.perf_counter() - started
+        assert metric(running, "dreambooth_requests_total", route=route, status="400") == 1
+        assert metric(running, "dreambooth_requests_total", route=route, status="200") == 1
+        assert metric(running, "dreambooth_request_latency_seconds_count", route=route) == 2
+        assert metric(running, "dreambooth_images_total", model="tiny") == 3
+        assert metric(running, "dreambooth_batch_images_count", model="tiny") == 1
+        assert metric(running, "dreambooth_batch_images_sum", model="tiny") == 3
+        assert metric(running, "dreambooth_queue_depth", model="tiny") == 0
+        # The answered request's latency holds its batch's run and no more than the client saw.
+        latency = metric(running, "dreambooth_request_latency_seconds_sum", route=route) - refused
+        batch = metric(running, "dreambooth_batch_seconds_sum", model="tiny")
+        assert 0 < batch <= latency <= waited
+    finally:
+        running.stop()
 
 
 def test_full_queue_answers_429_and_never_backlogs(folders):

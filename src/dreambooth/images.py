@@ -4,13 +4,16 @@ DreamBooth trains on a handful of photos straight from a phone or a notebook fol
 module expects the mess they come with: hidden `.ipynb_checkpoints` folders, side files, EXIF
 rotation, transparency, 16-bit scans and half-copied files. Every photo that cannot be used is
 named in a warning or an error; none is silently "repaired" (truncated files are refused, not
-padded, so `ImageFile.LOAD_TRUNCATED_IMAGES` is left alone).
+padded, so `ImageFile.LOAD_TRUNCATED_IMAGES` is left alone). `read_image` decodes every image
+file, from disk or from an upload to `dreambooth serve`.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,31 @@ class ImageFolderError(ValueError):
 
 
 class ImageReadError(ValueError):
-    """A file that cannot be read as an image; the message names it and the reason."""
+    """A file that cannot be read as an image; the message names it and the reason.
+
+    `reason` is the reason alone, for a caller that names the image its own way (the server
+    names the form field of an upload).
+    """
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = message if reason is None else reason
+
+
+class ImageFormatError(ImageReadError):
+    """An image in a format the caller does not accept (`format`: PIL's name, e.g. "GIF")."""
+
+    def __init__(self, message: str, file_format: str | None):
+        super().__init__(message)
+        self.format = file_format
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image with a side over the caller's limit (`size`: its (width, height))."""
+
+    def __init__(self, message: str, size: tuple[int, int]):
+        super().__init__(message)
+        self.size = size
 
 
 def _scan_folder(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -90,16 +117,48 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr; 16-bit RGB PNGs already open as RGB
 
 
-def load_rgb_image(path: Path) -> Image.Image:
-    """Open `path` fully (so truncation fails here, not mid-training), upright and as 8-bit RGB."""
-    path = Path(path)
+def read_image(
+    source: str | Path | bytes,
+    *,
+    formats: Collection[str] | None = None,
+    max_side: int | None = None,
+    upright: bool = True,
+    rgb: bool = False,
+) -> Image.Image:
+    """Decode the image file at `source` (a path, or the bytes of an upload) fully.
+
+    Every pixel is decoded here, so a truncated file fails now, not mid-training. A file whose
+    PIL format (e.g. "PNG") is not in `formats` or with a side over `max_side` pixels is refused
+    before its pixels are decoded. `upright` turns the image by its EXIF orientation (phone
+    photos store rotation there); `rgb` converts it to 8-bit RGB, transparency on white.
+    Raises ImageReadError (ImageFormatError, ImageTooLargeError for the two limits).
+    """
+    if isinstance(source, bytes):
+        name, file = f"of {len(source)} bytes", io.BytesIO(source)
+    else:
+        name, file = f"'{Path(source)}'", Path(source)
     try:
-        with Image.open(path) as opened:
+        with Image.open(file) as opened:
+            if formats is not None and opened.format not in formats:
+                raise ImageFormatError(f"image {name} is a {opened.format} file; accepted: "
+                                       f"{', '.join(formats)}", opened.format)
+            if max_side is not None and max(opened.size) > max_side:
+                raise ImageTooLargeError(
+                    f"image {name} is {opened.width}x{opened.height}; the largest accepted "
+                    f"side is {max_side} pixels", opened.size)
             opened.load()
-            upright = ImageOps.exif_transpose(opened)  # phone photos store rotation in EXIF
-            return _to_rgb(upright)
+            # A copy either way: closing the file at the end of `with` frees `opened`'s pixels.
+            image = ImageOps.exif_transpose(opened) if upright else opened.copy()
+            return _to_rgb(image) if rgb else image
+    except ImageReadError:
+        raise
     except _PIL_READ_ERRORS as error:
-        raise ImageReadError(f"cannot read image '{path}': {error}") from error
+        raise ImageReadError(f"cannot read image {name}: {error}", str(error)) from error
+
+
+def load_rgb_image(path: Path) -> Image.Image:
+    """Decode `path` fully (so truncation fails here, not mid-training), upright, 8-bit RGB."""
+    return read_image(Path(path), rgb=True)
 
 
 def load_image_folder(

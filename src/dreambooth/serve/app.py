@@ -7,8 +7,9 @@ One FastAPI app serves OpenAI's Images API (`/v1/images/generations`, `/v1/image
 
 The server validates a request, calls the generation API of `dreambooth.generate`
 (`sampling_settings`, `sample_images`, `edit_images`: the functions the CLI uses) through the
-batching scheduler of `serve_batching`, and encodes the answer; it holds no model logic. Every
-error is OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`.
+batching scheduler of `dreambooth.serve.batching`, and encodes the answer; it holds no model
+logic. Every error is OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. The
+routes are in `dreambooth.serve.routes`, the Prometheus metrics in `dreambooth.serve.metrics`.
 """
 
 from __future__ import annotations
@@ -34,11 +35,17 @@ try:
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from dreambooth.serve.routes import ServedModel, ServerState, public_router, read_trigger_phrase, router
+    from dreambooth.serve.metrics import RequestMetrics, ServeMetrics
+    from dreambooth.serve.routes import (
+        ServedModel,
+        ServerState,
+        public_router,
+        read_trigger_phrase,
+        router,
+    )
     from dreambooth.serve.schemas import APIError, validation_error
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -55,63 +62,8 @@ class ServeConfigError(ValueError):
     """Server settings that cannot be used; the message lists every problem."""
 
 
-class ServeMetrics:
-    """Prometheus metrics of one app, in a registry of its own."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.queue_depth = Gauge("dreambooth_queue_depth", "Requests waiting for a batch.",
-                                 ["model"], registry=self.registry)
-        self.requests = Counter("dreambooth_requests", "HTTP requests by route and status.",
-                                ["route", "status"], registry=self.registry)
-        self.latency = Histogram(
-            "dreambooth_request_latency_seconds", "Time from request to answer, by route.",
-            ["route"], registry=self.registry,
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
-        self.images = Counter("dreambooth_images", "Images generated.", ["model"],
-                              registry=self.registry)
-        self.batch_images = Histogram("dreambooth_batch_images", "Images per UNet batch.",
-                                      ["model"], registry=self.registry,
-                                      buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.batch_seconds = Histogram("dreambooth_batch_seconds", "Time to run one batch.",
-                                       ["model"], registry=self.registry)
-
-    def batch_done(self, model: str, images: int, seconds: float) -> None:
-        self.images.labels(model).inc(images)
-        self.batch_images.labels(model).observe(images)
-        self.batch_seconds.labels(model).observe(seconds)
-
-
 def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-
-class RequestMetrics:
-    """ASGI middleware: count requests and time them, labelled by route template."""
-
-    def __init__(self, app, metrics: ServeMetrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = 500  # what the client gets if the app raises before answering
-
-        async def send_with_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        started = time.perf_counter()
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            # The router stores the matched route in the scope; unmatched paths share one label
-            # so that scanners cannot blow up the metric's cardinality.
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
 class BodySizeLimit:

@@ -1,8 +1,9 @@
 """The routes of `dreambooth serve`: what each API's request means and how its answer looks.
 
-Handlers validate (pydantic bodies from `serve_schemas`, then the limits in `ServerState`),
-turn a request into a `Job` for its model's worker (`serve_batching`) and encode the images the
-worker returns: base64 PNG (with AUTOMATIC1111 `parameters`), JPEG or WebP, as each API wants.
+Handlers validate (pydantic bodies from `dreambooth.serve.schemas`, then the limits in
+`ServerState`), turn a request into a `Job` for its model's worker (`dreambooth.serve.batching`)
+and encode the images the worker returns: base64 PNG (with AUTOMATIC1111 `parameters`), JPEG or
+WebP, as each API wants.
 `router` needs the API key when one is set; `public_router` (/healthz) never does.
 """
 
@@ -17,12 +18,11 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from diffusers import StableDiffusionPipeline
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from PIL import Image, ImageOps, features
+from PIL import Image, features
 from PIL.PngImagePlugin import PngInfo
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from safetensors import SafetensorError, safe_open
@@ -30,14 +30,22 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from dreambooth.generate import IMG2IMG_STRENGTH, INPAINT_STRENGTH, SCHEDULERS, format_parameters
+from dreambooth.images import ImageFormatError, ImageReadError, ImageTooLargeError, read_image
 from dreambooth.models import DEFAULT_GUIDANCE_SCALE, read_training_config
 from dreambooth.serve.batching import BatchKey, Job, ModelWorker, QueueFull, WorkerStopped
-from dreambooth.serve.schemas import (MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, QUALITY_STEPS, APIError,
-                            ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest,
-                            Txt2ImgRequest, parse)
-
-if TYPE_CHECKING:
-    from dreambooth.serve.app import ServeMetrics
+from dreambooth.serve.metrics import ServeMetrics
+from dreambooth.serve.schemas import (
+    MAX_IMAGES,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    QUALITY_STEPS,
+    APIError,
+    ChatCompletionRequest,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    Txt2ImgRequest,
+    parse,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +123,18 @@ class ServerState:
                                 f"server's limit of {self.max_steps}.", param=param,
                            code="invalid_value")
         return steps
+
+    def batch_key(self, served: ServedModel, task: str, size: tuple[int, int], steps: int, *,
+                  guidance_scale: float | None, scheduler: str | None, lora: str | None,
+                  lora_scale: float, strength: float | None = None) -> BatchKey:
+        """What a request's images share with the others of their UNet batch.
+
+        `guidance_scale` None is the model's own; `lora` must be registered (else 404).
+        """
+        if guidance_scale is None:
+            guidance_scale = served.default_guidance_scale
+        return BatchKey(task, *size, steps, guidance_scale, scheduler, self.lora(lora),
+                        lora_scale, strength)
 
     async def run(self, served: ServedModel, job: Job) -> list[Image.Image]:
         try:
@@ -241,34 +261,32 @@ async def list_models(state: ServerState = Depends(_state)) -> dict:
 async def images_generations(body: ImageGenerationRequest,
                              state: ServerState = Depends(_state)) -> dict:
     served = state.model(body.model)
-    width, height = state.size(body.size, served)
-    key = BatchKey("txt2img", width, height, state.steps(body.num_inference_steps, body.quality),
-                   body.guidance_scale if body.guidance_scale is not None
-                   else served.default_guidance_scale,
-                   body.scheduler, state.lora(body.lora), body.lora_scale, None)
+    key = state.batch_key(served, "txt2img", state.size(body.size, served),
+                          state.steps(body.num_inference_steps, body.quality),
+                          guidance_scale=body.guidance_scale, scheduler=body.scheduler,
+                          lora=body.lora, lora_scale=body.lora_scale)
     job = Job(key, [body.prompt] * body.n, [body.negative_prompt] * body.n,
               _seeds(body.seed, body.n))
     return await _images_answer(state, served, job, body)
 
 
-def decode_upload(data: bytes, param: str, max_side: int) -> Image.Image:
-    """A PNG, JPEG or WebP upload, fully decoded; anything else is a 400 naming `param`."""
+def decode_upload(data: bytes, param: str, max_side: int, *, upright: bool) -> Image.Image:
+    """A PNG, JPEG or WebP upload, fully decoded; anything else is a 400 naming `param`.
+
+    `upright` turns it by its EXIF orientation (see `dreambooth.images.read_image`).
+    """
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.format not in _UPLOAD_FORMATS:
-            raise APIError(400, f"'{param}' is a {image.format} file; send PNG, JPEG or WebP.",
-                           param=param, code="invalid_image_format")
-        if max(image.size) > max_side:
-            raise APIError(400, f"'{param}' is {image.width}x{image.height}; the largest "
-                                f"accepted side is {max_side} pixels.", param=param,
-                           code="image_too_large")
-        image.load()
-    except APIError:
-        raise
-    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as error:
-        raise APIError(400, f"'{param}' is not a readable image: {error}", param=param,
+        return read_image(data, formats=_UPLOAD_FORMATS, max_side=max_side, upright=upright)
+    except ImageFormatError as error:
+        raise APIError(400, f"'{param}' is a {error.format} file; send PNG, JPEG or WebP.",
+                       param=param, code="invalid_image_format") from error
+    except ImageTooLargeError as error:
+        width, height = error.size
+        raise APIError(400, f"'{param}' is {width}x{height}; the largest accepted side is "
+                            f"{max_side} pixels.", param=param, code="image_too_large") from error
+    except ImageReadError as error:
+        raise APIError(400, f"'{param}' is not a readable image: {error.reason}", param=param,
                        code="invalid_image") from error
-    return image
 
 
 def inpaint_mask(mask: Image.Image, image_size: tuple[int, int]) -> Image.Image:
@@ -324,23 +342,23 @@ async def images_edits(request: Request, state: ServerState = Depends(_state)) -
     body = parse(ImageEditRequest, fields)
     served = state.model(body.model)
     limit = 2 * state.max_image_size
-    image = decode_upload(await images[0].read(), "image", limit)
-    image = ImageOps.exif_transpose(image).convert("RGB")  # phone photos store rotation in EXIF
+    # Phone photos store their rotation in EXIF; the mask is read as stored.
+    image = decode_upload(await images[0].read(), "image", limit, upright=True).convert("RGB")
     mask = None
     if masks:
-        mask = inpaint_mask(decode_upload(await masks[0].read(), "mask", limit), image.size)
+        mask = inpaint_mask(decode_upload(await masks[0].read(), "mask", limit, upright=False),
+                            image.size)
     if body.size is None or body.size == "auto":
-        width, height = state.check_size(image.width, image.height, "image")
+        size = state.check_size(image.width, image.height, "image")
     else:
-        width, height = state.size(body.size, served)
+        size = state.size(body.size, served)
     strength = body.strength
     if strength is None:
         strength = INPAINT_STRENGTH if mask else IMG2IMG_STRENGTH
-    key = BatchKey("inpaint" if mask else "img2img", width, height,
-                   state.steps(body.num_inference_steps, body.quality),
-                   body.guidance_scale if body.guidance_scale is not None
-                   else served.default_guidance_scale,
-                   body.scheduler, state.lora(body.lora), body.lora_scale, strength)
+    key = state.batch_key(served, "inpaint" if mask else "img2img", size,
+                          state.steps(body.num_inference_steps, body.quality),
+                          guidance_scale=body.guidance_scale, scheduler=body.scheduler,
+                          lora=body.lora, lora_scale=body.lora_scale, strength=strength)
     # Checked here, not left to edit_images: one failing request would fail its whole batch.
     if int(key.num_inference_steps * strength) < 1:
         raise APIError(400, f"num_inference_steps={key.num_inference_steps} with strength="
@@ -385,11 +403,10 @@ async def chat_completions(body: ChatCompletionRequest,
                        param="stream", code="invalid_value")
     prompt = _chat_prompt(body)
     served = state.model(body.model)
-    width, height = state.size(body.size, served)
-    key = BatchKey("txt2img", width, height, state.steps(body.num_inference_steps, None),
-                   body.guidance_scale if body.guidance_scale is not None
-                   else served.default_guidance_scale,
-                   body.scheduler, state.lora(body.lora), body.lora_scale, None)
+    key = state.batch_key(served, "txt2img", state.size(body.size, served),
+                          state.steps(body.num_inference_steps, None),
+                          guidance_scale=body.guidance_scale, scheduler=body.scheduler,
+                          lora=body.lora, lora_scale=body.lora_scale)
     job = Job(key, [prompt] * body.n, [body.negative_prompt] * body.n, _seeds(body.seed, body.n))
     images = await state.run(served, job)
     encoded = await _encode_all(served, job, images, "png", None)
@@ -420,8 +437,10 @@ async def a1111_txt2img(body: Txt2ImgRequest, state: ServerState = Depends(_stat
                        param="batch_size", code="invalid_value")
     width, height = state.check_size(body.width or served.native_size,
                                      body.height or served.native_size, "width")
-    key = BatchKey("txt2img", width, height, state.steps(body.steps, None, param="steps"),
-                   body.cfg_scale, scheduler, state.lora(body.lora), body.lora_scale, None)
+    key = state.batch_key(served, "txt2img", (width, height),
+                          state.steps(body.steps, None, param="steps"),
+                          guidance_scale=body.cfg_scale, scheduler=scheduler, lora=body.lora,
+                          lora_scale=body.lora_scale)
     job = Job(key, [body.prompt] * count, [body.negative_prompt] * count,
               _seeds(None if body.seed == -1 else body.seed, count))
     images = await state.run(served, job)
