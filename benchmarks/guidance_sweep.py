@@ -35,9 +35,9 @@ def main() -> None:
 
     import torch
 
-    from dreambooth.world.dreambench import held_out_quality
     from dreambooth.generate import load_pipeline
     from dreambooth.world import TRAIN_COMBINATIONS, Scene, caption
+    from dreambooth.world.dreambench import held_out_quality
 
     training = [caption(Scene(*triple)) for triple in random.Random(SAMPLE_SEED).sample(
         sorted(TRAIN_COMBINATIONS), args.training_combinations)]

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from dreambooth.cli import main
-from dreambooth.world.dreambench import default_prompts, evaluate_model
 from dreambooth.world import photos
+from dreambooth.world.dreambench import default_prompts, evaluate_model
 
 
 @pytest.fixture

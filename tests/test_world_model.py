@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import json
 
-from dreambooth.world.dreambench import held_out_quality
-from dreambooth.models import (BUNDLED_MODELS, DEFAULT_GUIDANCE_SCALE, WORLD_MODEL_GUIDANCE_SCALE,
-                               default_guidance_scale, resolve_model_path)
 from safetensors import safe_open
+
+from dreambooth.models import (
+    BUNDLED_MODELS,
+    DEFAULT_GUIDANCE_SCALE,
+    WORLD_MODEL_GUIDANCE_SCALE,
+    default_guidance_scale,
+    resolve_model_path,
+)
+from dreambooth.world.dreambench import held_out_quality
 
 WORLD_MODEL = BUNDLED_MODELS["demo"]
 
@@ -73,9 +79,10 @@ def test_bundled_vae_keeps_the_subjects_fine_markings():
     from statistics import mean
 
     from diffusers import AutoencoderKL
+
+    from dreambooth.world import SUBJECTS, photos
     from dreambooth.world.dreambench import vae_round_trip
     from dreambooth.world.metrics import subject_fidelity
-    from dreambooth.world import SUBJECTS, photos
 
     vae = AutoencoderKL.from_pretrained(WORLD_MODEL / "vae").float()
     fidelity = {}
@@ -92,9 +99,10 @@ def test_bundled_model_follows_partial_and_identifier_prompts():
     """DreamBench prompts leave out the color or the background and carry an identifier: the
     base model must still draw what they ask (before any DreamBooth training)."""
     from diffusers import StableDiffusionPipeline
-    from dreambooth.world.metrics import attribute_matches
+
     from dreambooth.generate import sample_images
     from dreambooth.world import SUBJECTS, class_prompt, dreambench_prompts
+    from dreambooth.world.metrics import attribute_matches
 
     pipeline = StableDiffusionPipeline.from_pretrained(WORLD_MODEL)
     pipeline.set_progress_bar_config(disable=True)
