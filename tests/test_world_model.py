@@ -64,14 +64,19 @@ def test_bundled_model_draws_held_out_combinations():
 
 
 def test_quality_on_other_captions_scores_those_captions():
-    """What benchmarks/guidance_sweep.py picks the guidance scale on: training combinations."""
+    """What benchmarks/guidance_sweep.py picks the guidance scale on: training combinations.
+    Images must be drawn from and scored against the captions given, so the shares are high
+    (chance for all three: 1/320)."""
     from dreambooth.world import TRAIN_COMBINATIONS, Scene, caption
 
-    training = [caption(Scene(*triple)) for triple in sorted(TRAIN_COMBINATIONS)[:2]]
-    quality = held_out_quality(str(WORLD_MODEL), captions=training, images_per_prompt=1,
-                               num_inference_steps=10)
-    assert quality["num_prompts"] == 2 and quality["images_per_prompt"] == 1
-    assert {quality[key] for key in ("cls", "color", "background", "all")} <= {0.0, 0.5, 1.0}
+    # 17 captions spread over the sorted combinations: every class, most colors and backgrounds.
+    training = [caption(Scene(*triple)) for triple in sorted(TRAIN_COMBINATIONS)[::17]]
+    quality = held_out_quality(str(WORLD_MODEL), captions=training, images_per_prompt=2)
+    assert quality["num_prompts"] == 17 and quality["images_per_prompt"] == 2
+    # Measured here: 0.97 / 1.0 / 1.0, 0.97 for all three (33 of 34 images). ~15 s on 2 cores.
+    assert quality["cls"] >= 0.85 and quality["color"] >= 0.9 and quality["background"] >= 0.9, (
+        quality)
+    assert quality["all"] >= 0.8, quality
 
 
 def test_bundled_vae_keeps_the_subjects_fine_markings():
