@@ -3,8 +3,9 @@
 For a personalized model and the subject's reference photos it generates a DreamBench-style
 prompt set (recontextualization "a sks ball on the grass" and property modification "a red sks
 ball", `images_per_prompt` seeds each) and "a [class noun]" images, then scores them with the
-world evaluator (dreambooth.world.metrics): subject fidelity (DINO-like), prompt fidelity
-(CLIP-T-like), PRES and DIV. It writes `metrics.json`, one grid per prompt and `report.html`.
+world evaluator's metrics (dreambooth.world.metrics): subject fidelity (DINO-like), prompt
+fidelity (CLIP-T-like), PRES and DIV. It writes `metrics.json`, one grid per prompt and
+`report.html`.
 """
 
 from __future__ import annotations
