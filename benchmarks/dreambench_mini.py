@@ -31,6 +31,7 @@ from statistics import mean
 
 
 def run(args) -> dict:
+    from dreambooth import seeding
     from dreambooth.config import parse_train_config
     from dreambooth.generate import load_pipeline
     from dreambooth.models import resolve_model_path
@@ -57,7 +58,7 @@ def run(args) -> dict:
             for index, photo in enumerate(subject_photos):
                 photo.save(photo_dir / f"{index}.png")
             # Real-photo reference row: new photos of the subject vs the training photos.
-            held_out = photos(subject, n=5, seed=1)
+            held_out = photos(subject, n=5, seed=seeding.HELD_OUT_PHOTOS)
             prompts = dreambench_prompts(subject)[:args.prompts]
             base_pipeline = load_pipeline(base, device=args.device)
             round_trip = vae_round_trip(base_pipeline.vae, subject_photos)

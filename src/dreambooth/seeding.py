@@ -46,15 +46,19 @@ PRETRAIN_DIFFUSION_INIT = 201  # the same for stage 2's text encoder and UNet
 VAE_REPORT_STREAM_OFFSET = 1  # the VAE is measured on training stream seed + 1 (never trained on)
 
 # --- The world evaluator (world/evaluator.py): scene_rng(EvaluatorTrainConfig.seed, 5, i) draws
-# training pair i. Numpy generators, unlike VALIDATION's seeds (also 5) for torch generators.
+# training pair i (numpy; VALIDATION's 5 seeds torch generators of DreamBooth runs). By the zero
+# padding, pair 0 draws the numbers of training scene 5 of the base model's stream of the same
+# seed (both 0): one pair of 6000, for another model; kept so the shipped evaluator reproduces.
 EVALUATOR_PAIRS = 5
 
 # --- The world's renders (world/render.py, world/subjects.py)
 TEXTURE = 7  # scene_rng(Scene.texture_seed, 7): the layout of a textured background
 SUBJECT_PHOTOS = 1000  # scene_rng(seed, 1000, crc32(subject name)): a subject's photo poses
 
-# --- Held-out sets: base seeds no training stream uses
+# --- Held-out and evaluation sets: base seeds no training stream uses
 HELD_OUT_RENDERS = 20_250_001  # scene_rng(HELD_OUT_RENDERS, n): the evaluator's held-out set
+HELD_OUT_PHOTOS = 1  # world.photos(subject, seed=1): new photos beside the training ones (0)
+GUIDANCE_SWEEP_CAPTIONS = 7  # random.Random(7): the training captions a guidance is picked on
 
 
 def derive_seed(seed: int, *keys: int) -> int:
