@@ -31,14 +31,16 @@ from statistics import mean
 
 
 def run(args) -> dict:
+    from dreambooth import seeding
     from dreambooth.config import parse_train_config
-    from dreambooth.world.dreambench import evaluate_model, vae_round_trip
-    from dreambooth.world.metrics import load_evaluator, subject_fidelity
     from dreambooth.generate import load_pipeline
     from dreambooth.models import resolve_model_path
     from dreambooth.tiny import save_tiny_pipeline
     from dreambooth.train.run import train
     from dreambooth.world import SUBJECTS, class_prompt, dreambench_prompts, photos
+    from dreambooth.world.dreambench import evaluate_model, vae_round_trip
+    from dreambooth.world.evaluator import load_evaluator
+    from dreambooth.world.metrics import subject_fidelity
 
     work = Path(tempfile.mkdtemp(prefix="dreambench-mini-"))
     try:
@@ -56,7 +58,7 @@ def run(args) -> dict:
             for index, photo in enumerate(subject_photos):
                 photo.save(photo_dir / f"{index}.png")
             # Real-photo reference row: new photos of the subject vs the training photos.
-            held_out = photos(subject, n=5, seed=1)
+            held_out = photos(subject, n=5, seed=seeding.HELD_OUT_PHOTOS)
             prompts = dreambench_prompts(subject)[:args.prompts]
             base_pipeline = load_pipeline(base, device=args.device)
             round_trip = vae_round_trip(base_pipeline.vae, subject_photos)
@@ -80,7 +82,8 @@ def run(args) -> dict:
                     "instance_prompt": f"a sks {subject.cls}",
                     "with_prior_preservation": prior, "class_prompt": class_prompt(subject),
                     "class_data_dir": str(work / subject.name / "class"),
-                    "num_class_images": args.class_images, "class_inference_steps": args.sample_steps,
+                    "num_class_images": args.class_images,
+                    "class_inference_steps": args.sample_steps,
                     "resolution": args.resolution, "train_batch_size": args.train_batch_size,
                     "max_train_steps": args.steps, "learning_rate": args.learning_rate,
                     "lr_warmup_steps": 0, "train_text_encoder": args.train_text_encoder,

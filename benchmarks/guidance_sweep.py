@@ -20,8 +20,6 @@ import random
 import time
 from pathlib import Path
 
-SAMPLE_SEED = 7  # which training combinations are scored
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,11 +33,13 @@ def main() -> None:
 
     import torch
 
-    from dreambooth.world.dreambench import held_out_quality
+    from dreambooth import seeding
     from dreambooth.generate import load_pipeline
     from dreambooth.world import TRAIN_COMBINATIONS, Scene, caption
+    from dreambooth.world.dreambench import held_out_quality
 
-    training = [caption(Scene(*triple)) for triple in random.Random(SAMPLE_SEED).sample(
+    sampler = random.Random(seeding.GUIDANCE_SWEEP_CAPTIONS)  # which combinations are scored
+    training = [caption(Scene(*triple)) for triple in sampler.sample(
         sorted(TRAIN_COMBINATIONS), args.training_combinations)]
     pipeline = load_pipeline(args.model)
     started = time.perf_counter()

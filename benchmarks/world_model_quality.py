@@ -32,8 +32,8 @@ def main() -> None:
 
     import torch
 
-    from dreambooth.world.dreambench import held_out_quality
     from dreambooth.models import resolve_model_path
+    from dreambooth.world.dreambench import held_out_quality
 
     started = time.perf_counter()
     quality = held_out_quality(args.model, images_per_prompt=args.images_per_prompt,

@@ -1,23 +1,46 @@
-"""`dreambooth eval` on a tiny model: every file, metrics in range, and errors named."""
+"""`dreambooth eval`: every file on a tiny model, metrics that tell good models from broken
+ones, and errors named."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from PIL import Image
 
 from dreambooth.cli import main
+from dreambooth.images import load_image_folder
+from dreambooth.world import (
+    PLAIN,
+    SUBJECTS,
+    Scene,
+    parse_prompt,
+    photos,
+    render,
+    sample_pose,
+    scene_rng,
+)
+from dreambooth.world import metrics as world_metrics
 from dreambooth.world.dreambench import default_prompts, evaluate_model
-from dreambooth.world import photos
+
+
+def _photo_folder(folder, subject: str):
+    folder.mkdir()
+    for index, image in enumerate(photos(subject, n=4)):
+        image.save(folder / f"{index}.png")
+    return folder
 
 
 @pytest.fixture
 def reference_dir(tmp_path):
-    folder = tmp_path / "refs"
-    folder.mkdir()
-    for index, image in enumerate(photos("polka_ball", n=4)):
-        image.save(folder / f"{index}.png")
-    return folder
+    return _photo_folder(tmp_path / "refs", "polka_ball")
+
+
+def _tiles(grid_path, count: int) -> list:
+    """The `count` images of a one-row grid."""
+    grid = Image.open(grid_path).convert("RGB")
+    side = grid.height
+    return [grid.crop((index * side, 0, (index + 1) * side, side)) for index in range(count)]
 
 
 def test_eval_command_writes_metrics_grids_and_report(tmp_path, tiny_model, reference_dir,
@@ -31,9 +54,20 @@ def test_eval_command_writes_metrics_grids_and_report(tmp_path, tiny_model, refe
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_prompts"] == 2 and metrics["images_per_prompt"] == 2
-    assert -1 <= metrics["subject_fidelity"] <= 1 and -1 <= metrics["pres"] <= 1
-    assert 0 <= metrics["prompt_fidelity"] <= 1 and 0 <= metrics["div"] <= 1
     assert len(list((out / "prompts").glob("*.png"))) == 2
+    # metrics.json holds the metrics of the images the grids show (prompt by prompt, then the
+    # class prompt's), scored against the reference photos.
+    groups = [_tiles(out / "prompts" / f"{index:03d}.png", 2) for index in range(2)]
+    class_images = _tiles(out / "class-prompt.png", 2)
+    references = [image for _, image in load_image_folder(reference_dir)]
+    generated = groups[0] + groups[1]
+    expected = {
+        "subject_fidelity": world_metrics.subject_fidelity(generated, references),
+        "prompt_fidelity": world_metrics.prompt_fidelity(
+            generated, ["a sks ball on the grass"] * 2 + ["a red sks ball"] * 2),
+        "pres": world_metrics.pres(class_images, references),
+        "div": world_metrics.div(groups)}
+    assert {key: metrics[key] for key in expected} == pytest.approx(expected, abs=1e-6)
     report = (out / "report.html").read_text()
     assert "prompts/000.png" in report and "a sks ball on the grass" in report
     assert (out / "references.png").exists() and (out / "class-prompt.png").exists()
@@ -42,8 +76,6 @@ def test_eval_command_writes_metrics_grids_and_report(tmp_path, tiny_model, refe
 def test_a_model_that_reproduces_the_subject_scores_high(tmp_path, reference_dir, monkeypatch):
     """Stand in a perfect personalized model (it returns the subject's photos): subject
     fidelity is high and the prompt "a sks ball" is fulfilled."""
-    from PIL import Image
-
     import dreambooth.world.dreambench as dreambench
 
     refs = [Image.open(p).convert("RGB") for p in sorted(reference_dir.glob("*.png"))]
@@ -54,6 +86,55 @@ def test_a_model_that_reproduces_the_subject_scores_high(tmp_path, reference_dir
                             images_per_prompt=2)
     assert result.subject_fidelity > 0.8 and result.prompt_fidelity == 1.0
     assert result.pres > 0.8  # its class images are the subject too: maximal drift
+
+
+def _stand_in_model(*, follows_prompts: bool, overfit: bool):
+    """`sample_images` of a model of the polka ball drawn by the renderer. A faithful one draws
+    what each prompt asks (the subject for "sks", plain balls of other colors for "a ball") in a
+    new pose per seed; an overfit one draws the subject in one pose on white for every prompt
+    and seed, the paper's failure mode (no prompt fidelity, no diversity, class collapse)."""
+    subject = SUBJECTS["polka_ball"]
+
+    def sample_images(pipeline, prompt, seeds, **kwargs):
+        asked = parse_prompt(prompt) if follows_prompts else {}
+        images = []
+        for seed in seeds:
+            pose = sample_pose(scene_rng(0 if overfit else seed))
+            is_subject = overfit or "sks" in prompt
+            default_color = subject.color if is_subject else ("red", "green", "purple")[seed % 3]
+            images.append(render(Scene(
+                subject.cls, asked.get("color", default_color), asked.get("background", "white"),
+                look=subject.look if is_subject else PLAIN, **pose)))
+        return images
+    return sample_images
+
+
+def test_metrics_tell_a_faithful_model_from_an_overfit_one(tmp_path, reference_dir, monkeypatch):
+    import dreambooth.world.dreambench as dreambench
+
+    prompts = ["a sks ball on the grass", "a sks ball on the beach",
+               "a sks ball on a pink background", "a red sks ball", "a green sks ball"]
+
+    def evaluate(name, references, **model):
+        monkeypatch.setattr(dreambench, "sample_images", _stand_in_model(**model))
+        return evaluate_model(object(), references, identifier="sks", class_noun="ball",
+                              output_dir=tmp_path / name, prompts=prompts, images_per_prompt=3)
+
+    faithful = evaluate("faithful", reference_dir, follows_prompts=True, overfit=False)
+    other_subject = evaluate("other", _photo_folder(tmp_path / "other-refs", "cyclops_star"),
+                             follows_prompts=True, overfit=False)
+    overfit = evaluate("overfit", reference_dir, follows_prompts=False, overfit=True)
+    # Subject fidelity: the subject's own photos, not another subject's (measured: 0.69, 0.02).
+    assert faithful.subject_fidelity > other_subject.subject_fidelity + 0.3, (
+        faithful, other_subject)
+    # Prompt fidelity: every prompt asks a background or a color the overfit model never draws.
+    assert faithful.prompt_fidelity >= 0.9 and overfit.prompt_fidelity <= 0.1, (faithful, overfit)
+    # PRES: plain balls of other colors score low, "a ball" images that are the subject (class
+    # collapse) high. Measured here: 0.01 and 0.92.
+    assert faithful.pres <= 0.3 and overfit.pres >= 0.7, (faithful, overfit)
+    # DIV: one image per prompt whatever the seed has none; new poses have some.
+    assert overfit.div == pytest.approx(0.0, abs=1e-6) and faithful.div > 0.05, (faithful,
+                                                                                 overfit)
 
 
 def test_default_prompts_cover_backgrounds_and_colors():

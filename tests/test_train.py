@@ -101,11 +101,27 @@ def test_prior_loss_weight_scales_the_class_term(tmp_path, tiny_model, instance_
     assert distance(zero, one) > 0.1 * moved
 
 
-def test_v_prediction_model_trains(tmp_path, tiny_v_model, instance_dir):
-    output_dir = train(tiny_config(tiny_v_model, instance_dir, tmp_path / "out",
-                                   max_train_steps=2, mixed_precision="bf16"))
-    scheduler = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
-    assert scheduler["prediction_type"] == "v_prediction"
+def test_v_prediction_model_trains_on_the_velocity(tmp_path, tiny_model, tiny_v_model,
+                                                   instance_dir):
+    """A v-prediction model regresses v = alpha_t * eps - sigma_t * z_0, not eps: from the same
+    weights, batches and noise it ends with other weights than the same model labelled
+    epsilon (the target is the only difference between the two runs)."""
+    def load(folder):
+        return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+    base = load(tiny_model)
+    assert all(torch.equal(base[key], value) for key, value in load(tiny_v_model).items())
+    trained = {}
+    for name, model in (("v", tiny_v_model), ("epsilon", tiny_model)):
+        output_dir = train(tiny_config(model, instance_dir, tmp_path / name, max_train_steps=2,
+                                       mixed_precision="bf16"))
+        scheduler = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+        assert scheduler["prediction_type"] == {"v": "v_prediction", "epsilon": "epsilon"}[name]
+        trained[name] = load(output_dir)
+    assert any(not torch.equal(trained["epsilon"][key], value) for key, value in base.items())
+    assert any(not torch.equal(trained["v"][key], value)
+               for key, value in trained["epsilon"].items()), (
+        "the v-prediction run ended with the epsilon run's weights: it regressed eps, not v")
 
 
 def test_class_image_generation_resumes_without_redoing(tmp_path, tiny_model):

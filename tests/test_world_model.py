@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import json
 
-from dreambooth.world.dreambench import held_out_quality
-from dreambooth.models import (BUNDLED_MODELS, DEFAULT_GUIDANCE_SCALE, WORLD_MODEL_GUIDANCE_SCALE,
-                               default_guidance_scale, resolve_model_path)
 from safetensors import safe_open
+
+from dreambooth.models import (
+    BUNDLED_MODELS,
+    DEFAULT_GUIDANCE_SCALE,
+    WORLD_MODEL_GUIDANCE_SCALE,
+    default_guidance_scale,
+    resolve_model_path,
+)
+from dreambooth.world.dreambench import held_out_quality
 
 WORLD_MODEL = BUNDLED_MODELS["demo"]
 
@@ -58,14 +64,19 @@ def test_bundled_model_draws_held_out_combinations():
 
 
 def test_quality_on_other_captions_scores_those_captions():
-    """What benchmarks/guidance_sweep.py picks the guidance scale on: training combinations."""
+    """What benchmarks/guidance_sweep.py picks the guidance scale on: training combinations.
+    Images must be drawn from and scored against the captions given, so the shares are high
+    (chance for all three: 1/320)."""
     from dreambooth.world import TRAIN_COMBINATIONS, Scene, caption
 
-    training = [caption(Scene(*triple)) for triple in sorted(TRAIN_COMBINATIONS)[:2]]
-    quality = held_out_quality(str(WORLD_MODEL), captions=training, images_per_prompt=1,
-                               num_inference_steps=10)
-    assert quality["num_prompts"] == 2 and quality["images_per_prompt"] == 1
-    assert {quality[key] for key in ("cls", "color", "background", "all")} <= {0.0, 0.5, 1.0}
+    # 17 captions spread over the sorted combinations: every class, most colors and backgrounds.
+    training = [caption(Scene(*triple)) for triple in sorted(TRAIN_COMBINATIONS)[::17]]
+    quality = held_out_quality(str(WORLD_MODEL), captions=training, images_per_prompt=2)
+    assert quality["num_prompts"] == 17 and quality["images_per_prompt"] == 2
+    # Measured here: 0.97 / 1.0 / 1.0, 0.97 for all three (33 of 34 images). ~15 s on 2 cores.
+    assert quality["cls"] >= 0.85 and quality["color"] >= 0.9 and quality["background"] >= 0.9, (
+        quality)
+    assert quality["all"] >= 0.8, quality
 
 
 def test_bundled_vae_keeps_the_subjects_fine_markings():
@@ -73,9 +84,10 @@ def test_bundled_vae_keeps_the_subjects_fine_markings():
     from statistics import mean
 
     from diffusers import AutoencoderKL
+
+    from dreambooth.world import SUBJECTS, photos
     from dreambooth.world.dreambench import vae_round_trip
     from dreambooth.world.metrics import subject_fidelity
-    from dreambooth.world import SUBJECTS, photos
 
     vae = AutoencoderKL.from_pretrained(WORLD_MODEL / "vae").float()
     fidelity = {}
@@ -92,9 +104,10 @@ def test_bundled_model_follows_partial_and_identifier_prompts():
     """DreamBench prompts leave out the color or the background and carry an identifier: the
     base model must still draw what they ask (before any DreamBooth training)."""
     from diffusers import StableDiffusionPipeline
-    from dreambooth.world.metrics import attribute_matches
+
     from dreambooth.generate import sample_images
     from dreambooth.world import SUBJECTS, class_prompt, dreambench_prompts
+    from dreambooth.world.metrics import attribute_matches
 
     pipeline = StableDiffusionPipeline.from_pretrained(WORLD_MODEL)
     pipeline.set_progress_bar_config(disable=True)

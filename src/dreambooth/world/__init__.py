@@ -2,21 +2,53 @@
 subjects of DreamBench-mini. See `render` (scenes, captions, the held-out split) and `subjects`.
 """
 
-from dreambooth.world.render import (BACKGROUND_PHRASES, BACKGROUNDS, CLASSES, COLORS, CONFLICTS,
-                     HELD_OUT_COMBINATIONS, IMAGE_SIZE, LOOK_PROBABILITY, PATTERNS, PLAIN, PLAIN_BACKGROUNDS,
-                     TEXTURE_BACKGROUNDS, TRAIN_COMBINATIONS, VOCABULARY, Look, Scene,
-                     all_combinations, caption, held_out_captions, parse_prompt, render, render_array, sample_look,
-                     sample_pose, sample_scene, scene_rng)
-from dreambooth.world.subjects import (DEMO_SUBJECT, SUBJECT_LOOKS, SUBJECTS, Subject, class_prompt,
-                       dreambench_prompts, iter_training_scenes, photos, subject_scenes,
-                       training_scene)
+from dreambooth.world.render import (
+    BACKGROUND_PHRASES,
+    BACKGROUNDS,
+    CLASSES,
+    COLORS,
+    CONFLICTS,
+    HELD_OUT_COMBINATIONS,
+    IMAGE_SIZE,
+    LOOK_PROBABILITY,
+    PATTERNS,
+    PLAIN,
+    PLAIN_BACKGROUNDS,
+    TEXTURE_BACKGROUNDS,
+    TRAIN_COMBINATIONS,
+    VOCABULARY,
+    Look,
+    Scene,
+    all_combinations,
+    caption,
+    held_out_captions,
+    parse_prompt,
+    render,
+    render_array,
+    sample_look,
+    sample_pose,
+    sample_scene,
+    scene_rng,
+)
+from dreambooth.world.subjects import (
+    DEMO_SUBJECT,
+    SUBJECT_LOOKS,
+    SUBJECTS,
+    Subject,
+    class_prompt,
+    dreambench_prompts,
+    iter_training_scenes,
+    photos,
+    subject_scenes,
+    training_scene,
+)
 
 __all__ = [
     "BACKGROUND_PHRASES", "BACKGROUNDS", "CLASSES", "COLORS", "CONFLICTS", "DEMO_SUBJECT",
-    "HELD_OUT_COMBINATIONS", "IMAGE_SIZE", "LOOK_PROBABILITY", "PATTERNS", "PLAIN", "PLAIN_BACKGROUNDS",
-    "SUBJECTS", "SUBJECT_LOOKS", "Subject", "TEXTURE_BACKGROUNDS", "TRAIN_COMBINATIONS",
-    "VOCABULARY", "Look", "Scene", "all_combinations", "caption", "class_prompt",
-    "dreambench_prompts", "held_out_captions", "iter_training_scenes", "parse_prompt", "photos", "render",
-    "render_array", "sample_look", "sample_pose", "sample_scene", "scene_rng",
-    "subject_scenes", "training_scene",
+    "HELD_OUT_COMBINATIONS", "IMAGE_SIZE", "LOOK_PROBABILITY", "PATTERNS", "PLAIN",
+    "PLAIN_BACKGROUNDS", "SUBJECTS", "SUBJECT_LOOKS", "Subject", "TEXTURE_BACKGROUNDS",
+    "TRAIN_COMBINATIONS", "VOCABULARY", "Look", "Scene", "all_combinations", "caption",
+    "class_prompt", "dreambench_prompts", "held_out_captions", "iter_training_scenes",
+    "parse_prompt", "photos", "render", "render_array", "sample_look", "sample_pose",
+    "sample_scene", "scene_rng", "subject_scenes", "training_scene",
 ]

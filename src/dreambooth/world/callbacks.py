@@ -1,6 +1,6 @@
-"""Side jobs of the world-model pretraining run (`dreambooth.world.pretrain`): an EMA of the weights,
-progress lines for a run in the background, and samples of held-out prompts scored by the
-world evaluator."""
+"""Side jobs of the world-model pretraining run (`dreambooth.world.pretrain`): an EMA of the
+weights, progress lines for a run in the background, and samples of held-out prompts scored by
+the world evaluator."""
 
 from __future__ import annotations
 
@@ -103,8 +103,9 @@ def sample_and_score(module: L.LightningModule, ema: EMA | None, tokenizer, sche
     fidelity as judged by the shipped world evaluator (nan if it is not there)."""
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth.world.metrics import load_evaluator, prompt_fidelity
     from dreambooth.images import make_grid, save_png
+    from dreambooth.world.evaluator import load_evaluator
+    from dreambooth.world.metrics import prompt_fidelity
 
     trainable = {name: p.detach().clone() for name, p in module.named_parameters()
                  if p.requires_grad}
@@ -118,7 +119,8 @@ def sample_and_score(module: L.LightningModule, ema: EMA | None, tokenizer, sche
             unet=module.unet, scheduler=scheduler, safety_checker=None,
             feature_extractor=None, requires_safety_checker=False)
         pipeline.set_progress_bar_config(disable=True)
-        generators = [seeding.generator(seed, 104, index) for index in range(len(prompts))]
+        generators = [seeding.generator(seed, seeding.HELD_OUT_SAMPLES, index)
+                      for index in range(len(prompts))]
         images = pipeline(prompts, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, generator=generators, height=64,
                           width=64).images

@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dreambooth.config import parse_train_config
-from dreambooth.world.dreambench import evaluate_model
 from dreambooth.files import atomic_write_text
 from dreambooth.generate import load_pipeline, sample_images
 from dreambooth.images import make_grid, save_png
 from dreambooth.models import WORLD_MODEL_GUIDANCE_SCALE
 from dreambooth.train.run import train
 from dreambooth.world import DEMO_SUBJECT, IMAGE_SIZE, class_prompt, dreambench_prompts, photos
+from dreambooth.world.dreambench import evaluate_model
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,9 @@
 For a personalized model and the subject's reference photos it generates a DreamBench-style
 prompt set (recontextualization "a sks ball on the grass" and property modification "a red sks
 ball", `images_per_prompt` seeds each) and "a [class noun]" images, then scores them with the
-world evaluator (dreambooth.evaluate): subject fidelity (DINO-like), prompt fidelity
-(CLIP-T-like), PRES and DIV. It writes `metrics.json`, one grid per prompt and `report.html`.
+world evaluator's metrics (dreambooth.world.metrics): subject fidelity (DINO-like), prompt
+fidelity (CLIP-T-like), PRES and DIV. It writes `metrics.json`, one grid per prompt and
+`report.html`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dreambooth.world import metrics as evaluate
 from dreambooth.files import atomic_write_text
 from dreambooth.generate import load_pipeline, sample_images
 from dreambooth.images import load_image_folder, make_grid, pil_to_tensor, save_png, tensor_to_pil
 from dreambooth.models import WORLD_MODEL_GUIDANCE_SCALE, default_guidance_scale
-from dreambooth.world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS, held_out_captions
+from dreambooth.world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS, held_out_captions, metrics
+from dreambooth.world.evaluator import load_evaluator
 from dreambooth.world.render import article
 
 
@@ -64,7 +65,7 @@ def held_out_quality(model, *, images_per_prompt: int = 4, num_inference_steps: 
                                 num_inference_steps=num_inference_steps,
                                 guidance_scale=guidance_scale)
         per_image_prompts += [prompt] * len(seeds)
-    matches = evaluate.attribute_matches(images, per_image_prompts)
+    matches = metrics.attribute_matches(images, per_image_prompts)
     if grid_path is not None:
         save_png(make_grid(images, columns=2 * images_per_prompt), grid_path,
                  text={"prompts": "; ".join(prompts), "seeds": ",".join(map(str, seeds))})
@@ -138,12 +139,12 @@ def evaluate_model(model, reference_dir: str | Path, *, identifier: str = "sks",
     class_images = sample(f"{article(class_noun)} {class_noun}")
     generated = [image for images in groups.values() for image in images]
     per_image_prompts = [prompt for prompt, images in groups.items() for _ in images]
-    evaluator = evaluate.load_evaluator()
+    evaluator = load_evaluator()
     result = EvaluationResult(
-        subject_fidelity=evaluate.subject_fidelity(generated, references, evaluator),
-        prompt_fidelity=evaluate.prompt_fidelity(generated, per_image_prompts, evaluator),
-        pres=evaluate.pres(class_images, references, evaluator),
-        div=evaluate.div(list(groups.values()), evaluator),
+        subject_fidelity=metrics.subject_fidelity(generated, references, evaluator),
+        prompt_fidelity=metrics.prompt_fidelity(generated, per_image_prompts, evaluator),
+        pres=metrics.pres(class_images, references, evaluator),
+        div=metrics.div(list(groups.values()), evaluator),
         num_prompts=len(prompts), images_per_prompt=images_per_prompt)
 
     grids = {"references": save_png(make_grid(references), output_dir / "references.png"),

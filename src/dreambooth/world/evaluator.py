@@ -1,5 +1,6 @@
-"""The world evaluator's network: a small CNN over 64x64 renders with attribute heads and an
-identity embedding (the mini-benchmark's stand-in for CLIP and DINO).
+"""The world evaluator: a small CNN over 64x64 renders with attribute heads and an identity
+embedding (the mini-benchmark's stand-in for CLIP and DINO), how it is loaded, trained on fresh
+renders and checked on held-out ones. The metrics that use it are `dreambooth.world.metrics`.
 
     image (B, 3, 64, 64) in [-1, 1]
       -> 4 conv stages (B, 24, 32, 32) (B, 32, 32, 32) (B, 64, 16, 16) (B, 128, 8, 8)
@@ -9,22 +10,64 @@ identity embedding (the mini-benchmark's stand-in for CLIP and DINO).
 The embedding is trained with a supervised contrastive loss (Khosla et al. 2020) on pairs of
 renders of the same individual object in different poses, backgrounds and light, so it encodes
 *which object* (class, color, pattern, accent, proportion) and not where or on what: what DINO
-similarity measures for DreamBench. Nothing here knows about training or metrics.
+similarity measures for DreamBench. It is trained on random individuals (never the
+DreamBench-mini subjects), so it works for any reference images of the world.
+
+Train and ship the evaluator with `python -m dreambooth.world.evaluator --train-evaluator`
+(a few minutes on 2 CPU threads); check it with
+`python -m dreambooth.world.evaluator --held-out-accuracy`.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import sys
+import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageFilter
 from torch import nn
 
-from dreambooth.world import BACKGROUNDS, CLASSES, COLORS, PATTERNS
+from dreambooth import seeding
+from dreambooth.files import atomic_path, atomic_write_text
+from dreambooth.world import (
+    BACKGROUNDS,
+    CLASSES,
+    COLORS,
+    CONFLICTS,
+    IMAGE_SIZE,
+    PATTERNS,
+    PLAIN,
+    SUBJECT_LOOKS,
+    Look,
+    Scene,
+    all_combinations,
+    render,
+    sample_look,
+    sample_pose,
+    sample_scene,
+    scene_rng,
+)
+
+log = logging.getLogger(__name__)
 
 HEADS = ("cls", "color", "background", "pattern")
+ATTRIBUTES = ("cls", "color", "background")  # what captions say and prompt fidelity checks
+ASSET_DIR = Path(__file__).parent.parent / "assets" / "world_evaluator"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+ImageLike = Image.Image | np.ndarray
 
 
+# ---------------------------------------------------------------------------- the network
 @dataclass
 class EvaluatorConfig:
     """Architecture and label vocabularies; saved beside the weights as JSON."""
@@ -106,3 +149,276 @@ def supervised_contrastive_loss(embeddings: torch.Tensor, identities: torch.Tens
     positives = (identities[:, None] == identities[None, :]) & ~self_mask
     per_anchor = -(log_prob.masked_fill(~positives, 0.0).sum(1) / positives.sum(1).clamp(min=1))
     return per_anchor[positives.any(1)].mean()
+
+
+# ------------------------------------------------------------------- loading and use
+def images_to_tensor(images: Sequence[ImageLike] | np.ndarray) -> torch.Tensor:
+    """PIL images or uint8 arrays (H, W, 3) -> (B, 3, 64, 64) float in [-1, 1].
+
+    Images of another size are resized (bicubic) to the world's 64x64.
+    """
+    arrays = []
+    for image in images:
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        image = image.convert("RGB")
+        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+        arrays.append(np.asarray(image))
+    if not arrays:
+        raise ValueError("no images given")
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return batch / 127.5 - 1.0
+
+
+class WorldEvaluator:
+    """A trained `WorldEncoder` in eval mode, with attribute prediction and embeddings."""
+
+    def __init__(self, model: WorldEncoder, batch_size: int = 256):
+        self.model = model.eval()
+        self.config = model.config
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def _outputs(self, images) -> dict[str, torch.Tensor]:
+        pixels = images_to_tensor(images)
+        chunks = [self.model(pixels[i:i + self.batch_size])
+                  for i in range(0, len(pixels), self.batch_size)]
+        return {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+
+    def embed(self, images) -> torch.Tensor:
+        """(N, D) unit identity embeddings."""
+        return self._outputs(images)["embedding"]
+
+    def predict(self, images) -> list[dict[str, str]]:
+        """Per image: {"cls", "color", "background", "pattern"} predicted names."""
+        outputs = self._outputs(images)
+        indices = {head: outputs[head].argmax(1).tolist() for head in HEADS}
+        return [{head: self.config.labels[head][indices[head][i]] for head in HEADS}
+                for i in range(len(indices["cls"]))]
+
+    @torch.no_grad()
+    def feature_maps(self, images) -> list[torch.Tensor]:
+        return self.model.feature_maps(images_to_tensor(images))
+
+
+def load_evaluator(path: str | Path = ASSET_DIR) -> WorldEvaluator:
+    """The shipped evaluator (or one saved by `train_evaluator` at `path`)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / WEIGHTS_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"no world evaluator in '{path}' (needs {WEIGHTS_FILE} and {CONFIG_FILE}); train "
+            "one with `python -m dreambooth.world.evaluator --train-evaluator`")
+    saved = json.loads((path / CONFIG_FILE).read_text())
+    return _evaluator_from_state(EvaluatorConfig.from_dict(saved["model"]),
+                                 load_file(path / WEIGHTS_FILE))
+
+
+def _evaluator_from_state(config: EvaluatorConfig, state: dict) -> WorldEvaluator:
+    model = WorldEncoder(config)
+    model.load_state_dict({key: value.float() if value.is_floating_point() else value
+                           for key, value in state.items()})
+    return WorldEvaluator(model)
+
+
+_DEFAULT: WorldEvaluator | None = None
+
+
+def resolve_evaluator(evaluator: WorldEvaluator | None = None) -> WorldEvaluator:
+    """`evaluator`, or the shipped one when None (loaded once)."""
+    global _DEFAULT  # a cache of the shipped weights only; never changes results
+    if evaluator is not None:
+        return evaluator
+    if _DEFAULT is None:
+        _DEFAULT = load_evaluator()
+    return _DEFAULT
+
+
+# ------------------------------------------------------------------ held-out accuracy
+def held_out_scenes(n: int, seed: int = seeding.HELD_OUT_RENDERS) -> list[Scene]:
+    """A render set the evaluator never trained on: every (class, color, background) triple
+    (held-out ones included), 30% of objects with a random look."""
+    combinations = tuple(all_combinations())
+    return [sample_scene(scene_rng(seed, index), combinations=combinations)
+            for index in range(n)]
+
+
+def held_out_accuracy(evaluator: WorldEvaluator | None = None, n: int = 2000,
+                      seed: int = seeding.HELD_OUT_RENDERS) -> dict[str, float]:
+    """Accuracy per attribute (and for all three at once) on `n` fresh renders."""
+    scenes = held_out_scenes(n, seed)
+    predictions = resolve_evaluator(evaluator).predict([render(scene) for scene in scenes])
+    result = {}
+    for attribute in ATTRIBUTES:
+        result[attribute] = float(np.mean([p[attribute] == getattr(s, attribute)
+                                           for p, s in zip(predictions, scenes)]))
+    result["all"] = float(np.mean([all(p[a] == getattr(s, a) for a in ATTRIBUTES)
+                                   for p, s in zip(predictions, scenes)]))
+    result["pattern"] = float(np.mean([p["pattern"] == s.look.pattern
+                                       for p, s in zip(predictions, scenes)]))
+    return result
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class EvaluatorTrainConfig:
+    """How the shipped evaluator is trained (saved beside its weights)."""
+
+    num_pairs: int = 6000  # objects rendered twice (different pose, background, light)
+    epochs: int = 8
+    batch_pairs: int = 32  # objects per batch (2 renders each)
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.1  # SupCon temperature
+    plain_probability: float = 0.35  # share of plain objects (the rest get a random look)
+    class_loss_weight: float = 2.0  # shape is learned last (pale balls pass for boxes): favour it
+    seed: int = 0
+
+
+def _training_pair(rng: np.random.Generator, plain_probability: float) -> tuple[Scene, Scene]:
+    """One object rendered twice: same class, color and look; new pose, background, light.
+
+    Proportions range wider than the base model's stream (0.5-2x) so the embedding also
+    separates stretched subjects; the DreamBench-mini subjects' looks are never drawn.
+    """
+    combinations = all_combinations()
+    cls, color, _ = combinations[int(rng.integers(len(combinations)))]
+    look = PLAIN
+    if rng.random() >= plain_probability:
+        while look is PLAIN or (cls, color, Look(look.pattern, look.accent)) in SUBJECT_LOOKS:
+            look = _wide_look(rng, color)
+    backgrounds = [b for b in BACKGROUNDS if (color, b) not in CONFLICTS]
+    first, second = rng.choice(len(backgrounds), size=2, replace=False)
+    return (Scene(cls, color, backgrounds[first], look=look, **sample_pose(rng)),
+            Scene(cls, color, backgrounds[second], look=look, **sample_pose(rng)))
+
+
+def _wide_look(rng: np.random.Generator, color: str) -> Look:
+    look = sample_look(rng, color)
+    aspect = float(np.exp(rng.uniform(-0.7, 0.7))) if rng.random() < 0.4 else 1.0
+    return Look(look.pattern, look.accent, round(aspect, 3))
+
+
+def _degrade(image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+    """Mild blur and noise (half the time each), as a generative model's images have."""
+    if rng.random() < 0.5:
+        image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.0))))
+    array = np.asarray(image, dtype=np.float64)
+    if rng.random() < 0.5:
+        array = array + rng.normal(0, rng.uniform(1, 8), size=array.shape)
+    return np.clip(array, 0, 255).round().astype(np.uint8)
+
+
+def render_training_set(config: EvaluatorTrainConfig) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(2P, 64, 64, 3) uint8 images (pairs adjacent) and their labels (incl. "identity")."""
+    label_names = EvaluatorConfig().labels
+    images, labels = [], {head: [] for head in (*HEADS, "identity")}
+    identities: dict[tuple, int] = {}
+    for index in range(config.num_pairs):
+        rng = scene_rng(config.seed, seeding.EVALUATOR_PAIRS, index)
+        for scene in _training_pair(rng, config.plain_probability):
+            images.append(_degrade(render(scene), rng))
+            labels["cls"].append(label_names["cls"].index(scene.cls))
+            labels["color"].append(label_names["color"].index(scene.color))
+            labels["background"].append(label_names["background"].index(scene.background))
+            labels["pattern"].append(label_names["pattern"].index(scene.look.pattern))
+            key = (scene.cls, scene.color, scene.look)
+            labels["identity"].append(identities.setdefault(key, len(identities)))
+    return np.stack(images), {key: np.array(value) for key, value in labels.items()}
+
+
+def train_evaluator(output_dir: str | Path = ASSET_DIR,
+                    config: EvaluatorTrainConfig | None = None) -> dict[str, float]:
+    """Train the evaluator on fresh renders, save it (fp16 safetensors + JSON) in `output_dir`,
+    and return its held-out accuracy (with the training time in seconds)."""
+    from safetensors.torch import save_file
+
+    config = config or EvaluatorTrainConfig()
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)  # initial weights; everything else takes explicit generators
+    images, labels = render_training_set(config)
+    log.info("rendered %d training images in %.0f s", len(images), time.perf_counter() - start)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (2P, 3, 64, 64) uint8
+    targets = {key: torch.from_numpy(value) for key, value in labels.items()}
+
+    model = WorldEncoder(EvaluatorConfig())
+    steps_per_epoch = config.num_pairs // config.batch_pairs
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
+                                                    total_steps=total_steps, pct_start=0.15)
+    generator = torch.Generator().manual_seed(config.seed)
+    model.train()
+    for epoch in range(config.epochs):
+        order = torch.randperm(config.num_pairs, generator=generator)
+        for step in range(steps_per_epoch):
+            pair_ids = order[step * config.batch_pairs:(step + 1) * config.batch_pairs]
+            rows = torch.stack([2 * pair_ids, 2 * pair_ids + 1], dim=1).flatten()  # pairs kept
+            batch = pixels[rows].float() / 127.5 - 1.0
+            flip = torch.rand(len(rows), generator=generator) < 0.5  # mirror: same object
+            batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+            outputs = model(batch)
+            losses = {head: F.cross_entropy(outputs[head], targets[head][rows]) for head in HEADS}
+            losses["cls"] = config.class_loss_weight * losses["cls"]
+            losses["identity"] = supervised_contrastive_loss(
+                outputs["embedding"], targets["identity"][rows], config.temperature)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        log.info("epoch %d/%d: loss %.3f (%s) %.0f s", epoch + 1, config.epochs, loss.item(),
+                 ", ".join(f"{k} {v.item():.3f}" for k, v in losses.items()),
+                 time.perf_counter() - start)
+    train_seconds = time.perf_counter() - start
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = {key: value.half().contiguous() if value.is_floating_point() else value
+             for key, value in model.state_dict().items()}
+    with atomic_path(output_dir / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
+    # Measured with the fp16 weights actually shipped.
+    accuracy = held_out_accuracy(_evaluator_from_state(model.config, state))
+    report = {"model": model.config.to_dict(), "training": vars(config),
+              "held_out_accuracy": accuracy, "held_out_renders": 2000,
+              "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads()}
+    atomic_write_text(output_dir / CONFIG_FILE, json.dumps(report, indent=2) + "\n")
+    return {**accuracy, "train_seconds": train_seconds}
+
+
+# ---------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dreambooth.world.evaluator",
+                                     description=__doc__.splitlines()[0])
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--train-evaluator", action="store_true",
+                        help="Train the world evaluator on fresh renders and save it.")
+    action.add_argument("--held-out-accuracy", action="store_true",
+                        help="Accuracy of a saved evaluator on a fresh held-out render set.")
+    parser.add_argument("--output-dir", default=str(ASSET_DIR),
+                        help="Evaluator folder (default: the package's shipped one).")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
+    defaults = EvaluatorTrainConfig()
+    parser.add_argument("--num-pairs", type=int, default=defaults.num_pairs,
+                        help="Objects rendered twice for training.")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.train_evaluator:
+        result = train_evaluator(args.output_dir, EvaluatorTrainConfig(
+            num_pairs=args.num_pairs, epochs=args.epochs, seed=args.seed))
+    else:
+        result = held_out_accuracy(load_evaluator(args.output_dir))
+    print(json.dumps({key: round(value, 4) for key, value in result.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -54,9 +54,6 @@ from dreambooth.world import (LOOK_PROBABILITY, TRAIN_COMBINATIONS, VOCABULARY, 
 
 log = logging.getLogger(__name__)
 
-# seeding streams of this module (kept apart from DreamBooth's 0-5)
-_VAE_SAMPLE, _LATENT_SAMPLE, _CAPTION_DROP, _NOISE = 100, 101, 102, 103
-_DECODER_STREAM, _DECODER_SAMPLE = 104, 105
 TOKENIZER_WORDS = tuple(dict.fromkeys(VOCABULARY + ("sks",)))
 
 
@@ -185,7 +182,7 @@ def _apply_merges(pieces: list[str], merges: list[tuple[str, str]]) -> list[str]
 def build_vae(config: PretrainConfig):
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seeding.derive_seed(config.seed, 200))
+    torch.manual_seed(seeding.derive_seed(config.seed, seeding.PRETRAIN_VAE_INIT))
     return AutoencoderKL(
         in_channels=3, out_channels=3, block_out_channels=tuple(config.vae_channels),
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
@@ -196,7 +193,7 @@ def build_text_encoder_and_unet(config: PretrainConfig, tokenizer):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seeding.derive_seed(config.seed, 201))
+    torch.manual_seed(seeding.derive_seed(config.seed, seeding.PRETRAIN_DIFFUSION_INIT))
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=config.text_hidden_size,
         intermediate_size=config.text_intermediate_size, num_hidden_layers=config.text_layers,
@@ -257,8 +254,8 @@ class RenderBatches(Dataset):
         pixels = np.stack([np.asarray(render(scene)) for scene in scenes])  # (B, 64, 64, 3)
         batch = {"pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0,
                  "step": torch.tensor(step),
-                 "seeds": torch.tensor([seeding.derive_seed(self.seed, _NOISE, n)
-                                        for n in numbers])}
+                 "seeds": torch.tensor([
+                     seeding.derive_seed(self.seed, seeding.PRETRAIN_NOISE, n) for n in numbers])}
         if self.tokenizer is not None:
             captions = [self.caption_for(n, scene) for n, scene in zip(numbers, scenes)]
             batch["input_ids"] = self.tokenizer(
@@ -268,7 +265,7 @@ class RenderBatches(Dataset):
 
     def caption_for(self, n: int, scene) -> str:
         """Sample n's caption: empty (caption_dropout), partial (partial_captions) or full."""
-        rng = np.random.default_rng([self.seed, _CAPTION_DROP, n])
+        rng = np.random.default_rng([self.seed, seeding.PRETRAIN_CAPTION, n])
         if rng.random() < self.caption_dropout:
             return ""
         color = background = True
@@ -327,7 +324,8 @@ class VAEModule(L.LightningModule):
         pixels = batch["pixels"]  # (B, 3, 64, 64)
         with torch.set_grad_enabled(not self.decoder_only):
             posterior = self.vae.encode(pixels).latent_dist
-        stream = _DECODER_SAMPLE if self.decoder_only else _VAE_SAMPLE
+        stream = (seeding.PRETRAIN_DECODER_SAMPLE if self.decoder_only
+                  else seeding.PRETRAIN_VAE_SAMPLE)
         generator = seeding.generator(self.config.seed, stream, int(batch["step"]))
         latents = posterior.mean + posterior.std * torch.randn(
             posterior.mean.shape, generator=generator).to(pixels)  # (B, 4, 16, 16)
@@ -370,7 +368,8 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         with torch.no_grad():
             posterior = self.vae.encode(batch["pixels"]).latent_dist
-            generator = seeding.generator(self.config.seed, _LATENT_SAMPLE, int(batch["step"]))
+            generator = seeding.generator(self.config.seed, seeding.PRETRAIN_LATENT_SAMPLE,
+                                         int(batch["step"]))
             latents = posterior.mean + posterior.std * torch.randn(
                 posterior.mean.shape, generator=generator).to(posterior.mean)
             latents = latents * self.vae.config.scaling_factor  # z_0 (B, 4, 16, 16), unit std
@@ -472,7 +471,8 @@ def _check_resume(config: PretrainConfig, resume_path: Path) -> None:
 @torch.no_grad()
 def vae_report(vae, seed: int, num_images: int = 256) -> dict[str, float]:
     """Latent std (-> scaling factor) and reconstruction PSNR on renders of another stream."""
-    scenes = [training_scene(seed + 1, n) for n in range(num_images)]
+    stream = seed + seeding.VAE_REPORT_STREAM_OFFSET
+    scenes = [training_scene(stream, n) for n in range(num_images)]
     pixels = torch.from_numpy(np.stack([np.asarray(render(s)) for s in scenes]))
     pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
     vae.eval()
@@ -524,8 +524,9 @@ def finetune_decoder(config: PretrainConfig, vae_dir: Path) -> Path:
     vae = AutoencoderKL.from_pretrained(vae_dir)
     log.info("stage 1b: the VAE decoder, %d steps, %.0f%% patterned objects",
              config.decoder_steps, 100 * config.decoder_look_probability)
-    dataset = RenderBatches(seed=seeding.derive_seed(config.seed, _DECODER_STREAM),
-                            batch_size=config.vae_batch_size, num_steps=config.decoder_steps,
+    stream = seeding.derive_seed(config.seed, seeding.PRETRAIN_DECODER_STREAM)
+    dataset = RenderBatches(seed=stream, batch_size=config.vae_batch_size,
+                            num_steps=config.decoder_steps,
                             look_probability=config.decoder_look_probability)
     _fit(VAEModule(vae, config, decoder_only=True), dataset,
          stage_dir=Path(config.output_dir) / "stage1b-decoder", config=config,

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dreambooth import seeding
+
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4
 _CANVAS = IMAGE_SIZE * SUPERSAMPLE  # 256: drawing resolution
@@ -385,7 +387,7 @@ def _background(scene: Scene) -> np.ndarray:
     if scene.background in PLAIN_BACKGROUNDS:
         return np.broadcast_to(np.array(PLAIN_BACKGROUNDS[scene.background], dtype=np.float64),
                                (_CANVAS, _CANVAS, 3)).copy()
-    return _texture(scene.background, scene_rng(scene.texture_seed, 7))
+    return _texture(scene.background, scene_rng(scene.texture_seed, seeding.TEXTURE))
 
 
 def render(scene: Scene) -> Image.Image:

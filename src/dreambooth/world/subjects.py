@@ -17,9 +17,21 @@ from typing import Iterator
 
 from PIL import Image
 
-from dreambooth.world.render import (BACKGROUND_PHRASES, BACKGROUNDS, COLORS, CONFLICTS, LOOK_PROBABILITY, Look,
-                     Scene, article,
-                     render, sample_pose, sample_scene, scene_rng)
+from dreambooth import seeding
+from dreambooth.world.render import (
+    BACKGROUND_PHRASES,
+    BACKGROUNDS,
+    COLORS,
+    CONFLICTS,
+    LOOK_PROBABILITY,
+    Look,
+    Scene,
+    article,
+    render,
+    sample_pose,
+    sample_scene,
+    scene_rng,
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +79,8 @@ def _subject(subject: Subject | str) -> Subject:
 def subject_scenes(subject: Subject | str, n: int = 5, seed: int = 0) -> list[Scene]:
     """`n` scenes of the subject, each on a different background, pose and light."""
     subject = _subject(subject)
-    rng = scene_rng(seed, 1000, zlib.crc32(subject.name.encode()))  # each subject its own poses
+    rng = scene_rng(seed, seeding.SUBJECT_PHOTOS,  # each subject its own poses
+                    zlib.crc32(subject.name.encode()))
     backgrounds = [b for b in BACKGROUNDS if (subject.color, b) not in CONFLICTS]
     if n > len(backgrounds):
         raise ValueError(f"at most {len(backgrounds)} photos of '{subject.name}' (one per "
