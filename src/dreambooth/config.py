@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 import warnings
@@ -24,6 +25,11 @@ LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
 )
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# Sizes beyond any model or run: refused up front instead of exhausting memory or disk later.
+MAX_RESOLUTION = 4096
+SIZE_LIMITS = {"train_batch_size": 1024, "sample_batch_size": 1024, "num_class_images": 100_000,
+               "num_validation_images": 1024, "rank": 4096, "repeats": 10_000,
+               "class_inference_steps": 1000, "validation_inference_steps": 1000}
 TRACKERS = ("tensorboard", "wandb", "mlflow", "csv")
 
 
@@ -280,9 +286,12 @@ def _coerce(key: str, value: Any, section: str, leaf: dataclasses.Field) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{key}={value!r} is not a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{key}={value!r} is not a number") from None
+        if not math.isfinite(number):  # a NaN learning rate trains a NaN model
+            raise ValueError(f"{key}={value!r} is not a finite number")
+        return number
     if isinstance(value, (list, dict)):
         raise ValueError(f"{key}={value!r} must be a single value, not a {type(value).__name__}")
     return str(value)
@@ -291,14 +300,26 @@ def _coerce(key: str, value: Any, section: str, leaf: dataclasses.Field) -> Any:
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
     """Read a flat YAML mapping of config keys; errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError([f"config file '{path}' is a folder; pass a YAML file"], str(path))
     if not path.is_file():
         raise ConfigError([f"config file '{path}' does not exist"], str(path))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError([f"'{path}' is not a text file (not UTF-8): pass a YAML file"],
+                          str(path)) from None
+    except OSError as error:
+        raise ConfigError([f"cannot read '{path}': {error.strerror}"], str(path)) from None
     except yaml.YAMLError as error:
-        raise ConfigError([f"'{path}' is not valid YAML: {error}"], str(path)) from error
+        raise ConfigError([f"'{path}' is not valid YAML: {error}"], str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError([f"'{path}' must hold a mapping of keys to values"], str(path))
+    bad_keys = [key for key in data if not isinstance(key, str)]
+    if bad_keys:
+        raise ConfigError([f"'{path}': keys must be strings (config key names such as "
+                           f"'resolution'), not {', '.join(repr(key) for key in bad_keys)}"],
+                          str(path))
     return data
 
 
@@ -309,6 +330,9 @@ def parse_train_config(values: dict[str, Any], source: str = "configuration") ->
     problems: list[str] = []
     failed: set[str] = set()
     for key, value in values.items():
+        if not isinstance(key, str):
+            problems.append(f"key {key!r} is not a config key name (keys are strings)")
+            continue
         if key in UNSUPPORTED_FLAGS:
             problems.append(f"{key} is not supported: {UNSUPPORTED_FLAGS[key]}")
             continue
@@ -378,6 +402,14 @@ def validate(config: TrainConfig) -> list[str]:
     for key in ("learning_rate", "text_encoder_lr", "snr_gamma", "lora_alpha"):
         if flat[key] is not None and flat[key] <= 0:
             problems.append(f"{key}={flat[key]} must be positive")
+    if flat["resolution"] > MAX_RESOLUTION:
+        problems.append(f"resolution={flat['resolution']} is larger than any Stable Diffusion "
+                        f"model uses (at most {MAX_RESOLUTION}; SD 1.x trains at 512, SDXL at "
+                        "1024)")
+    for key, limit in SIZE_LIMITS.items():
+        if flat[key] is not None and flat[key] > limit:
+            problems.append(f"{key}={flat[key]} is above {limit}, more than a DreamBooth run "
+                            "can use")
     if flat["resolution"] % 8:
         problems.append(f"resolution={flat['resolution']} is not a multiple of 8 "
                         "(the VAE downsamples by 8)")

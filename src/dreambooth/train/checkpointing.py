@@ -8,8 +8,11 @@ files `checkpoint-{step}.ckpt` in `output_dir/checkpoints`.
 
 from __future__ import annotations
 
+import errno
 import logging
+import pickle
 import re
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,13 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from dreambooth.files import atomic_path
+from dreambooth.train.module import NonFiniteError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.ckpt$")
+# files.atomic_path's temporary file of a checkpoint write: `.checkpoint-N.ckpt.<random>.tmp`.
+PARTIAL_PATTERN = re.compile(r"^\.checkpoint-\d+\.ckpt\..+\.tmp$")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -32,8 +38,51 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
+        except (OSError, RuntimeError) as error:
+            # torch's zip writer reports a full disk as "[enforce fail at inline_container.cc]
+            # ... file write failed"; say what happened and where.
+            if isinstance(error, OSError) and error.errno != errno.ENOSPC:
+                raise
+            free = shutil.disk_usage(Path(path).parent).free
+            if isinstance(error, RuntimeError) and "write failed" not in str(error):
+                raise
+            raise OSError(errno.ENOSPC, f"no space left on the device of '{path}' while writing "
+                          f"a checkpoint ({free / 2**20:.0f} MiB free): free some space or set "
+                          "checkpoints_total_limit; the older checkpoints are intact") from None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be resumed from; the message names it and says why."""
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents (tensors memory-mapped), or CheckpointError naming the file:
+    truncated or corrupt (a write that was killed, a disk that filled up), or holding Python
+    objects that would need code to load (never run here)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"checkpoint '{path}' holds Python objects beyond tensors, which would run code to "
+            f"load; it was not written by this tool ({str(error).splitlines()[0][:200]})"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as error:
+        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt "
+                              f"({str(error).splitlines()[0][:200]})") from None
+
+
+def remove_partial_writes(checkpoint_dir: Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that were killed (`.NAME.ckpt.*.tmp`)."""
+    if not checkpoint_dir.is_dir():
+        return []
+    leftovers = [path for path in checkpoint_dir.iterdir() if PARTIAL_PATTERN.match(path.name)]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+        log.info("removed %s, left by a checkpoint write that did not finish", path)
+    return leftovers
 
 
 def checkpoint_name(step: int) -> str:
@@ -54,17 +103,29 @@ def resolve_resume_path(resume_from_checkpoint: str | None, checkpoint_dir: Path
     'checkpoint-500' or a path -> that file, or a clear error if it does not exist."""
     if not resume_from_checkpoint:
         return None
+    remove_partial_writes(checkpoint_dir)
     if resume_from_checkpoint == "latest":
         found = list_checkpoints(checkpoint_dir)
         if not found:
             log.warning("resume_from_checkpoint=latest: no checkpoint in '%s'; starting a new run",
                         checkpoint_dir)
             return None
-        return found[-1][1]
+        problems = []
+        for _, path in reversed(found):  # the newest that loads
+            try:
+                read_checkpoint(path)
+            except CheckpointError as error:
+                log.warning("resume_from_checkpoint=latest: skipping %s", error)
+                problems.append(str(error))
+                continue
+            return path
+        raise CheckpointError("resume_from_checkpoint=latest: no checkpoint in "
+                              f"'{checkpoint_dir}' loads: " + "; ".join(problems))
     candidates = [Path(resume_from_checkpoint), checkpoint_dir / resume_from_checkpoint,
                   checkpoint_dir / f"{resume_from_checkpoint}.ckpt"]
     for candidate in candidates:
         if candidate.is_file():
+            read_checkpoint(candidate)  # a clear error now rather than deep inside Lightning
             return candidate
     available = ", ".join(p.name for _, p in list_checkpoints(checkpoint_dir)) or "none"
     raise FileNotFoundError(
@@ -74,8 +135,7 @@ def resolve_resume_path(resume_from_checkpoint: str | None, checkpoint_dir: Path
 
 def saved_config(checkpoint_path: Path, key: str) -> dict[str, Any]:
     """The configuration a run stored under `key` in its checkpoint ({} when there is none)."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
-    return checkpoint.get(key, {})
+    return read_checkpoint(checkpoint_path).get(key, {})
 
 
 def check_resume(checkpoint_path: Path, saved: Mapping[str, Any], values: Mapping[str, Any],
@@ -117,6 +177,8 @@ class InterruptCheckpoint(Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if trainer.global_step == 0 or trainer.state.fn != "fit":
             return
+        if isinstance(exception, NonFiniteError):
+            return  # the weights are NaN or infinite: nothing worth resuming
         path = self.checkpoint_dir / checkpoint_name(trainer.global_step)
         self._saving = True
         try:
