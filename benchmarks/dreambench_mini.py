@@ -34,7 +34,7 @@ def run(args) -> dict:
     from dreambooth.config import parse_train_config
     from dreambooth.world.dreambench import evaluate_model, vae_round_trip
     from dreambooth.world.metrics import load_evaluator, subject_fidelity
-    from dreambooth.generate import load_pipeline
+    from dreambooth.models import load_pipeline
     from dreambooth.models import resolve_model_path
     from dreambooth.tiny import save_tiny_pipeline
     from dreambooth.train.run import train

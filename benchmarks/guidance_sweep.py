@@ -36,7 +36,7 @@ def main() -> None:
     import torch
 
     from dreambooth.world.dreambench import held_out_quality
-    from dreambooth.generate import load_pipeline
+    from dreambooth.models import load_pipeline
     from dreambooth.world import TRAIN_COMBINATIONS, Scene, caption
 
     training = [caption(Scene(*triple)) for triple in random.Random(SAMPLE_SEED).sample(

@@ -357,7 +357,7 @@ def describe_machine() -> dict:
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    from dreambooth.formats.run_files import library_versions
+    from dreambooth.formats.export import library_versions
 
     machine["versions"] = library_versions()
     return machine

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dreambooth.cli import main
-from dreambooth.generate import parse_parameters
+from dreambooth.formats.infotext import parse_parameters
 from dreambooth.images import read_png_text
 
 

@@ -11,7 +11,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from dreambooth import seeding
-from dreambooth.train.lora import KOHYA_LORA_FILE
+from dreambooth.formats.lora_files import KOHYA_LORA_FILE
 from dreambooth.models import detect_family
 from dreambooth.train.run import train
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dreambooth import seeding
-from dreambooth.train.lora import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
+from dreambooth.formats.lora_files import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
 from dreambooth.train.run import train
 
 from conftest import tiny_config

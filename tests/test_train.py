@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from dreambooth.train.class_images import generate_class_images, missing_class_images
 from dreambooth.config import parse_train_config
-from dreambooth.generate import generate, load_pipeline
+from dreambooth.generate import generate
 from dreambooth.images import read_png_text
+from dreambooth.models import load_pipeline
 from dreambooth.train.run import train
 
 from conftest import tiny_config

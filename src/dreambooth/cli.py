@@ -47,6 +47,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     from dreambooth.generate import SCHEDULERS
+    from dreambooth.models import DTYPES
 
     parser.add_argument("--model", required=True,
                         help="A training output_dir, a diffusers folder, a cached hub id, a "
@@ -65,7 +66,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Sampler (default: the model's own scheduler).")
     parser.add_argument("--batch_size", type=int, default=None, help="Images per UNet batch.")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available).")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto = fp16 on CUDA, fp32 elsewhere.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--lora", default=None, metavar="FILE",
@@ -76,6 +77,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from dreambooth.models import DTYPES
+
     parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
                         help="A model to serve as NAME (repeatable): a training output_dir, a "
                              "diffusers folder, a cached hub id or 'demo' (the bundled world "
@@ -92,7 +95,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "keeps the key out of the process list).")
     parser.add_argument("--device", default=None,
                         help="cuda, cpu, ... (default: cuda if available).")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto = fp16 on CUDA, fp32 elsewhere.")
     parser.add_argument("--max_queue", type=int, default=64,
                         help="Requests that may wait per model; one more gets 429.")
@@ -108,7 +111,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    from dreambooth.formats.export import DTYPES, FORMATS
+    from dreambooth.formats.export import FORMATS
+    from dreambooth.models import DTYPES
 
     parser.add_argument("--model", required=True,
                         help="A diffusers folder (training output_dir), a cached hub id, a "
