@@ -33,8 +33,7 @@ from statistics import mean
 def run(args) -> dict:
     from dreambooth import seeding
     from dreambooth.config import parse_train_config
-    from dreambooth.generate import load_pipeline
-    from dreambooth.models import resolve_model_path
+    from dreambooth.models import load_pipeline, resolve_model_path
     from dreambooth.tiny import save_tiny_pipeline
     from dreambooth.train.run import train
     from dreambooth.world import SUBJECTS, class_prompt, dreambench_prompts, photos

@@ -34,7 +34,7 @@ def main() -> None:
     import torch
 
     from dreambooth import seeding
-    from dreambooth.generate import load_pipeline
+    from dreambooth.models import load_pipeline
     from dreambooth.world import TRAIN_COMBINATIONS, Scene, caption
     from dreambooth.world.dreambench import held_out_quality
 

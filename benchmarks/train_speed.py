@@ -113,8 +113,12 @@ def build_sd15_pipeline(seed: int):
     its embedding table is ~600 x 768 instead of 49408 x 768 (~85M instead of ~123M parameters).
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
-    from diffusers import UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from dreambooth.tiny import build_tiny_tokenizer
@@ -154,8 +158,12 @@ def build_sdxl_pipeline(seed: int):
     transformer depths 1/2/10, 2048-wide cross-attention, text_time added embedding), SD's VAE,
     CLIP-L and a bigG-size second text encoder (32 layers x 1280) over the tiny tokenizer."""
     import torch
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from dreambooth.tiny import build_tiny_tokenizer
@@ -357,7 +365,7 @@ def describe_machine() -> dict:
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    from dreambooth.formats.run_files import library_versions
+    from dreambooth.formats.export import library_versions
 
     machine["versions"] = library_versions()
     return machine
@@ -412,7 +420,8 @@ def run_configuration(config: Configuration, *, model_path: Path, instance_dir: 
     try:
         with open(log_path, "w") as log:
             sink = None if args.verbose else log
-            completed = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT if sink else None)
+            completed = subprocess.run(command, stdout=sink,
+                                       stderr=subprocess.STDOUT if sink else None)
         if result_path.exists():
             result = json.loads(result_path.read_text())
         else:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from conftest import tiny_config, write_subject_photos
 from dreambooth.cli import main
 from dreambooth.config import ConfigError
 from dreambooth.images import ImageFolderError
 from dreambooth.models import ModelLoadError
 from dreambooth.train.run import train
-
-from conftest import tiny_config, write_subject_photos
 
 
 def test_missing_instance_folder_is_named(tmp_path, tiny_model):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from dreambooth import cli
 from dreambooth.cli import COMMANDS, build_parser, call, command_parameters, main
 from dreambooth.config import option
-from dreambooth.generate import parse_parameters
+from dreambooth.formats.infotext import parse_parameters
 from dreambooth.images import read_png_text
 
 

@@ -10,12 +10,11 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from conftest import tiny_config
 from dreambooth import seeding
-from dreambooth.train.lora import KOHYA_LORA_FILE
+from dreambooth.formats.lora_files import KOHYA_LORA_FILE
 from dreambooth.models import detect_family
 from dreambooth.train.run import train
-
-from conftest import tiny_config
 
 
 def _validation_images(pipeline, seeds):

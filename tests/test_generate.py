@@ -9,21 +9,19 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dreambooth.cli import main
+from dreambooth.formats.infotext import format_parameters, parse_parameters
 from dreambooth.generate import (
     SCHEDULERS,
     GenerationError,
     apply_lora,
     edit_images,
-    format_parameters,
     generate,
-    load_pipeline,
-    parse_parameters,
     sample_images,
     sampling_settings,
     set_scheduler,
 )
 from dreambooth.images import read_png_text
-from dreambooth.models import ModelLoadError
+from dreambooth.models import ModelLoadError, load_pipeline, pipeline_class
 from dreambooth.tiny import save_tiny_pipeline
 from lora_files import write_lora
 
@@ -156,11 +154,9 @@ def test_folder_that_is_not_a_pipeline_raises_model_load_error(tmp_path):
 def test_every_family_generates_and_edits(tmp_path, family):
     from diffusers import StableDiffusionXLPipeline
 
-    from dreambooth.generate import PIPELINES, edit_images
-
     folder = save_tiny_pipeline(tmp_path / f"tiny-{family}", family=family)
     pipeline = load_pipeline(folder, device="cpu")
-    assert type(pipeline) is PIPELINES[family]
+    assert type(pipeline) is pipeline_class(family)
     result = generate(pipeline, PROMPT, num_images=2, num_inference_steps=2, seed=3,
                       output_dir=tmp_path / "out")
     assert len(result.paths) == 2
@@ -173,7 +169,7 @@ def test_every_family_generates_and_edits(tmp_path, family):
 
 
 def test_bad_dtype_is_named(model_dir):
-    with pytest.raises(GenerationError, match="dtype='fp8'"):
+    with pytest.raises(ModelLoadError, match="dtype='fp8'"):
         load_pipeline(model_dir, dtype="fp8")
 
 

@@ -11,11 +11,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dreambooth import seeding
-from dreambooth.train.lora import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
-from dreambooth.train.run import train
-
 from conftest import tiny_config
+from dreambooth import seeding
+from dreambooth.formats.lora_files import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
+from dreambooth.train.run import train
 from test_resume import InterruptAt
 
 LORA = dict(use_lora=True, rank=4, lora_alpha=8, learning_rate=1e-2, train_text_encoder=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from dreambooth.world import pretrain
-from dreambooth.world import VOCABULARY
 from safetensors.torch import load_file
+
+from dreambooth.world import VOCABULARY, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,7 +173,8 @@ def test_identifier_captions_put_a_rare_word_before_the_class_noun():
     plain = pretrain.RenderBatches(seed=0, batch_size=400, num_steps=1, partial_captions=0.4)
     rare_words = []
     for n, scene in enumerate(batches.scenes(0)):
-        words, plain_words = batches.caption_for(n, scene).split(), plain.caption_for(n, scene).split()
+        words = batches.caption_for(n, scene).split()
+        plain_words = plain.caption_for(n, scene).split()
         extra = [word for word in words if word not in VOCABULARY]
         if extra:
             assert words[words.index(scene.cls) - 1] == extra[0]  # right before the class noun

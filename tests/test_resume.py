@@ -7,9 +7,9 @@ import shutil
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_config
 from safetensors.torch import load_file
 
+from conftest import tiny_config
 from dreambooth.train.checkpointing import AtomicCheckpointIO, check_resume, list_checkpoints
 from dreambooth.train.data import steps_for_epochs
 from dreambooth.train.run import resolve_config, train

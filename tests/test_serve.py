@@ -16,15 +16,15 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from lora_files import write_lora
 from openai import OpenAI
 from PIL import Image
 
 from dreambooth.cli import build_parser, main, parse_named_paths
-from dreambooth.generate import parse_parameters
+from dreambooth.formats.infotext import parse_parameters
 from dreambooth.models import TRAINING_CONFIG_FILE
 from dreambooth.serve.app import ServeConfigError, create_app
 from dreambooth.tiny import save_tiny_pipeline
+from lora_files import write_lora
 
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -74,7 +74,7 @@ def folders(tmp_path_factory, tiny_model):
     personal = save_tiny_pipeline(root / "sks-dog", seed=1)
     (personal / TRAINING_CONFIG_FILE).write_text(
         f"instance_prompt: {TRIGGER}\nresolution: 32\nvalidation_guidance_scale: {OWN_GUIDANCE}\n")
-    from dreambooth.generate import load_pipeline
+    from dreambooth.models import load_pipeline
 
     lora = write_lora(load_pipeline(tiny_model, device="cpu"), root / "style.safetensors",
                       seed=3)

@@ -9,23 +9,44 @@ import os
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from dreambooth.formats import single_file
 from dreambooth.cli import main
-from dreambooth.formats.export import ExportError, export_model, merge_lora, peft_to_kohya
-from dreambooth.train.lora import (DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, LoraSettings,
-                             add_lora_adapters, lora_metadata, save_lora_files)
-from dreambooth.formats.single_file import (MismatchedWeightsError, SingleFileError,
-                                    UnknownArchitectureError, UnreadableCheckpointError,
-                                    check_checkpoint, config_folder, detect_family,
-                                    load_single_file, read_header, read_state_dict,
-                                    resolve_prediction_type)
+from dreambooth.formats import single_file
+from dreambooth.formats.export import ExportError, export_model
+from dreambooth.formats.lora_files import (
+    DIFFUSERS_LORA_FILE,
+    KOHYA_LORA_FILE,
+    LoraFileError,
+    lora_metadata,
+    merge_lora,
+    peft_to_kohya,
+    save_lora_files,
+)
+from dreambooth.formats.single_file import (
+    MismatchedWeightsError,
+    SingleFileError,
+    UnknownArchitectureError,
+    UnreadableCheckpointError,
+    check_checkpoint,
+    config_folder,
+    load_single_file,
+    read_header,
+    read_state_dict,
+    resolve_prediction_type,
+)
+from dreambooth.models import detect_family
 from dreambooth.tiny import build_tiny_pipeline
+from dreambooth.train.lora import LoraSettings, add_lora_adapters
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline,
@@ -177,8 +198,10 @@ SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sd2-v": 0.18215, "sdxl": 0.13025}
 
 @pytest.mark.parametrize("name", ["sd1", "sd2", "sd2-v", "sdxl"])
 def test_shipped_configs_are_the_public_architectures(name):
-    from diffusers.loaders.single_file_utils import (create_unet_diffusers_config_from_ldm,
-                                                      create_vae_diffusers_config_from_ldm)
+    from diffusers.loaders.single_file_utils import (
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
 
     family = "sd2" if name == "sd2-v" else name
     folder = config_folder(family, "v_prediction" if name == "sd2-v" else "epsilon")
@@ -507,7 +530,7 @@ def test_export_cli_single_file_and_diffusers(family_models, tmp_path, capsys):
     assert main(["export", "--model", str(family_models["sd2"]), "--format", "single-file",
                  "--dtype", "bf16", "--output", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
-    provenance = json.loads(read_header(out).metadata["dreambooth.formats.run_files"])
+    provenance = json.loads(read_header(out).metadata["dreambooth.export"])
     assert provenance["source"] == str(family_models["sd2"]) and provenance["dtype"] == "bfloat16"
     assert {t.dtype for t in read_header(out).tensors.values()} == {torch.bfloat16}
     assert detect_family(read_header(out).keys) == "sd2"
@@ -603,7 +626,7 @@ def test_lora_formats_are_exported_in_the_chosen_dtype(lora_run, family_models, 
     derived = load_file(str(export_model(lone, "lora-kohya", tmp_path / "k2.safetensors")))
     assert derived.keys() == kohya.keys()
     assert all(torch.equal(derived[k], kohya[k]) for k in kohya)
-    with pytest.raises(ExportError, match="kohya-layout LoRA"):
+    with pytest.raises(LoraFileError, match="kohya-layout LoRA"):
         export_model(lora_run / KOHYA_LORA_FILE, "lora-diffusers", tmp_path / "no.safetensors")
 
 
@@ -638,14 +661,14 @@ def test_merge_lora_adds_exactly_the_lora_delta(lora_run, family_models, tmp_pat
 def test_lora_of_another_family_is_refused(family_models, tmp_path):
     sdxl_lora = write_lora(tmp_path / "sdxl-lora", tiny_sdxl(), "sdxl", text_encoder=False)
     out = tmp_path / "never.safetensors"
-    with pytest.raises(ExportError, match="made for SDXL.*model is SD1"):
+    with pytest.raises(LoraFileError, match="made for SDXL.*model is SD1"):
         export_model(family_models["sd1"], "single-file", out, merge_lora_path=sdxl_lora)
     # Without metadata, the width of the cross-attention keys gives it away.
     state = load_file(str(sdxl_lora / DIFFUSERS_LORA_FILE))
     bare = tmp_path / "bare.safetensors"
     save_file(state, str(bare))
     pipeline = StableDiffusionPipeline.from_pretrained(family_models["sd1"])
-    with pytest.raises(ExportError, match="80-wide text features.*take 32"):
+    with pytest.raises(LoraFileError, match="80-wide text features.*take 32"):
         merge_lora(pipeline, bare, "sd1")
     assert not out.exists()
 
@@ -655,5 +678,5 @@ def test_lora_export_refuses_merge_and_dora_keys(lora_run, tmp_path):
         export_model(lora_run, "lora-kohya", tmp_path / "x.safetensors", merge_lora_path=lora_run)
     with pytest.raises(ExportError, match="output of a LoRA run"):
         export_model(lora_run, "single-file", tmp_path / "y.safetensors")
-    with pytest.raises(ExportError, match="DoRA"):
+    with pytest.raises(LoraFileError, match="DoRA"):
         peft_to_kohya({"unet.a.lora_magnitude_vector": torch.ones(2)}, {}, sdxl=False)

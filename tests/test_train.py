@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import yaml
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreambooth.train.class_images import generate_class_images, missing_class_images
-from dreambooth.config import parse_train_config
-from dreambooth.generate import generate, load_pipeline
-from dreambooth.images import read_png_text
-from dreambooth.train.run import train
-
 from conftest import tiny_config
+from dreambooth.config import parse_train_config
+from dreambooth.generate import generate
+from dreambooth.images import read_png_text
+from dreambooth.models import load_pipeline
+from dreambooth.train.class_images import generate_class_images, missing_class_images
+from dreambooth.train.run import train
 
 
 def test_train_with_prior_preservation_end_to_end(tmp_path, tiny_model, instance_dir):
@@ -89,7 +87,8 @@ def test_prior_loss_weight_scales_the_class_term(tmp_path, tiny_model, instance_
                                       prior_loss_weight=weight, **common)))
     without_prior = train(tiny_config(tiny_model, instance_dir, tmp_path / "none",
                                       max_train_steps=2))
-    load = lambda d: load_file(d / "unet" / "diffusion_pytorch_model.safetensors")
+    def load(d):
+        return load_file(d / "unet" / "diffusion_pytorch_model.safetensors")
     zero, one, none = load(runs[0]), load(runs[1]), load(without_prior)
     base = load(tiny_model)
     def distance(a, b):  # L2 distance over all UNet weights

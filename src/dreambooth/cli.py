@@ -217,8 +217,8 @@ def parse_named_paths(values: list[str], flag: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------------- commands
 def _generate() -> Command:
-    from dreambooth.formats.export import DTYPES
     from dreambooth.generate import SCHEDULERS, generate
+    from dreambooth.models import DTYPES
 
     def show(result) -> None:
         for path in result.paths:
@@ -233,7 +233,7 @@ def _generate() -> Command:
 
 
 def _serve() -> Command:
-    from dreambooth.formats.export import DTYPES
+    from dreambooth.models import DTYPES
     from dreambooth.serve.app import API_KEY_ENV, create_app, run_server
 
     return Command(
@@ -248,8 +248,9 @@ def _serve() -> Command:
 
 
 def _export() -> Command:
-    from dreambooth.formats.export import DTYPES, FORMATS, export_model
+    from dreambooth.formats.export import FORMATS, export_model
     from dreambooth.formats.single_file import PREDICTION_TYPES
+    from dreambooth.models import DTYPES
 
     return Command(
         export_model,

@@ -1,7 +1,8 @@
-"""Atomic file writes: a crash mid-write never leaves a half-written file in place.
+"""Atomic writes: a crash mid-write never leaves a half-written file or folder in place.
 
-Every writer goes to a temporary file in the target's folder, flushes it to disk, then renames
-it over the target (`os.replace` is atomic on POSIX and Windows within one file system).
+Every writer goes to a temporary file (or folder) beside the target, then renames it over the
+target (`os.replace` is atomic on POSIX and Windows within one file system); files are flushed
+to disk first.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Iterator
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is
+    removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -41,16 +43,46 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def replace_folder(staging: str | Path, path: str | Path) -> None:
-    """Move the finished folder `staging` to `path`, replacing what is there. The old folder is
-    set aside by a rename first, so a crash leaves the old or the new folder under `path`'s
-    name or beside it, never a half-written one."""
-    staging, path = Path(staging), Path(path)
-    if not path.exists():
-        staging.replace(path)
-        return
-    previous = path.with_name(path.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    path.replace(previous)
-    staging.replace(path)
-    shutil.rmtree(previous)
+FOLDER_MODES = ("replace", "merge", "keep")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, *, existing: str = "replace") -> Iterator[Path]:
+    """Yield an empty staging folder beside `path`; on success it becomes `path`, on error it is
+    removed. `existing` says what happens to a folder already at `path`:
+
+    - "replace": it is set aside by a rename and deleted once the new folder is in place, so a
+      crash leaves the old or the new folder under `path`'s name or beside it, never a
+      half-written one;
+    - "merge": each entry of the new folder replaces the entry of that name in `path` and the
+      others stay (a training output_dir that also holds checkpoints and logs);
+    - "keep": unless empty it is kept and the new folder dropped (another process filled a
+      cache first).
+    """
+    if existing not in FOLDER_MODES:
+        raise ValueError(f"existing='{existing}' is not one of {', '.join(FOLDER_MODES)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield staging
+        if not path.exists() or existing == "keep":
+            try:
+                staging.rename(path)  # also over an empty folder
+            except OSError:
+                if existing != "keep" or not path.is_dir():
+                    raise
+        elif existing == "replace":
+            previous = path.with_name(path.name + ".previous")
+            shutil.rmtree(previous, ignore_errors=True)
+            path.replace(previous)
+            staging.replace(path)
+            shutil.rmtree(previous)
+        elif existing == "merge":
+            for entry in sorted(staging.iterdir()):
+                target = path / entry.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                entry.replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -11,7 +11,6 @@ per pipeline and switched on per call (`apply_lora`, `sampling_settings`).
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import re
@@ -37,11 +36,12 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
-from diffusers.utils import deprecation_utils
 from PIL import Image
 
+from dreambooth.formats.infotext import format_parameters
+from dreambooth.formats.lora_files import LoraFileError, lora_file
 from dreambooth.images import make_grid, save_png
-from dreambooth.models import default_guidance_scale, detect_family, resolve_model_path
+from dreambooth.models import default_guidance_scale, load_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -54,22 +54,12 @@ SCHEDULERS: dict[str, tuple[type, str]] = {
     "dpm++": (DPMSolverMultistepScheduler, "DPM++ 2M"),
 }
 _SCHEDULER_EXTRA: dict[str, dict] = {"dpm++": {"algorithm_type": "dpmsolver++"}}
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# diffusers renamed from_pretrained's `torch_dtype` to `dtype` (PR #14205); older releases
-# only know `torch_dtype`.
-_DTYPE_KEYWORD = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 _IMAGE_NAME = re.compile(r"^(\d+)-.*\.png$")
-# The file name diffusers' `save_lora_weights` writes (and training scripts upload).
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # edit_images' default strengths: img2img keeps some of the picture; inpainting regenerates the
 # masked area from noise (the rest comes from the picture either way).
 IMG2IMG_STRENGTH = 0.8
 INPAINT_STRENGTH = 1.0
 
-
-# The text-to-image pipeline class of each model family (models.detect_family).
-PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline,
-             "sdxl": StableDiffusionXLPipeline}
 TEXT_TO_IMAGE_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
 
 
@@ -85,30 +75,6 @@ class GenerationResult:
     seeds: list[int]
     paths: list[Path]
     grid_path: Path | None
-
-
-def load_pipeline(
-    model: str | Path, *, device: str | None = None, dtype: str = "auto"
-) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion pipeline from a local folder or cached hub id, on `device`.
-
-    `device` None picks cuda when available, else cpu; `dtype` "auto" is fp16 on cuda and fp32
-    elsewhere, otherwise one of "fp32", "fp16", "bf16".
-    """
-    if dtype != "auto" and dtype not in _DTYPES:
-        raise GenerationError(f"dtype='{dtype}' is not one of: auto, {', '.join(_DTYPES)}")
-    path = resolve_model_path(model)
-    pipeline_class = PIPELINES[detect_family(path)]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "fp16" if torch.device(device).type == "cuda" else "fp32"
-    logger.info("loading %s on %s as %s", path, device, dtype)
-    extra = {} if pipeline_class is StableDiffusionXLPipeline else {"safety_checker": None}
-    pipeline = pipeline_class.from_pretrained(
-        path, local_files_only=True, **extra, **{_DTYPE_KEYWORD: _DTYPES[dtype]}
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
 
 
 def set_scheduler(pipeline: StableDiffusionPipeline, name: str | None) -> str:
@@ -337,24 +303,6 @@ _LORA_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ADAPTER_IDS = itertools.count()
 
 
-def lora_file(lora: str | Path) -> Path:
-    """The LoRA weights file for a `.safetensors` path or a folder holding LORA_WEIGHT_NAME."""
-    path = Path(lora).expanduser()
-    if path.is_dir():
-        path = path / LORA_WEIGHT_NAME
-    if not path.is_file():
-        raise GenerationError(
-            f"lora '{lora}' not found: pass a LoRA .safetensors file (diffusers/peft or kohya "
-            f"format) or a folder holding {LORA_WEIGHT_NAME}"
-        )
-    if path.suffix != ".safetensors":
-        raise GenerationError(
-            f"lora '{lora}' is not a .safetensors file; pickled LoRA files can run code when "
-            "loaded and are not read"
-        )
-    return path.resolve()
-
-
 def apply_lora(
     pipeline: StableDiffusionPipeline, lora: str | Path | None, scale: float = 1.0
 ) -> None:
@@ -371,7 +319,10 @@ def apply_lora(
         return
     if not math.isfinite(scale):
         raise GenerationError(f"lora_scale={scale} must be a finite number")
-    path = lora_file(lora)
+    try:
+        path = lora_file(lora)
+    except LoraFileError as error:
+        raise GenerationError(str(error)) from None
     stat = path.stat()
     stamp = (stat.st_mtime_ns, stat.st_size)
     loaded = adapters.get(path)
@@ -427,49 +378,6 @@ def sampling_settings(
         pipeline.scheduler = original_scheduler
         if lora is not None:
             apply_lora(pipeline, None)
-
-
-def _quote(value: str) -> str:
-    # A1111 quotes values that would break the "key: value, ..." line.
-    return json.dumps(value) if any(c in value for c in ",:\n\"") else value
-
-
-def format_parameters(
-    *, prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int,
-    width: int, height: int, model_name: str, extra: dict[str, object] | None = None,
-) -> str:
-    """The AUTOMATIC1111 `parameters` text for one image; `extra` fields (e.g. "Lora",
-    "Denoising strength") follow the standard ones."""
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    fields = {
-        "Steps": steps, "Sampler": sampler, "CFG scale": float(cfg_scale), "Seed": seed,
-        "Size": f"{width}x{height}", "Model": model_name, **(extra or {}),
-    }
-    lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in fields.items()))
-    return "\n".join(lines)
-
-
-_FIELD = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-
-
-def parse_parameters(text: str) -> dict[str, str]:
-    """Read `format_parameters` (or A1111) text back: prompt, negative_prompt and every field."""
-    *head, last = text.strip("\n").split("\n")
-    prompt_lines: list[str] = []
-    negative_lines: list[str] = []
-    for line in head:
-        if negative_lines:
-            negative_lines.append(line)
-        elif line.startswith("Negative prompt:"):
-            negative_lines.append(line.removeprefix("Negative prompt:").lstrip())
-        else:
-            prompt_lines.append(line)
-    result = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines)}
-    for key, value in _FIELD.findall(last):
-        result[key] = json.loads(value) if value.startswith('"') else value.strip()
-    return result
 
 
 def _next_index(output_dir: Path) -> int:

@@ -11,8 +11,9 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+import torch
 import yaml
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -26,6 +27,8 @@ DEFAULT_GUIDANCE_SCALE = 7.5  # Stable Diffusion's
 WORLD_MODEL_GUIDANCE_SCALE = 3.0
 BUNDLED_GUIDANCE_SCALES = {"demo": WORLD_MODEL_GUIDANCE_SCALE}
 TRAINING_CONFIG_FILE = "training_config.yaml"  # what `dreambooth train` writes into its model
+# Weight dtypes by the names the CLI and the Python API take.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +133,6 @@ def _check_pipeline_folder(path: Path, shown_name: str) -> Path:
     return path
 
 
-FAMILY_NAMES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2",
-                "sdxl": "stable-diffusion-xl-v1-base"}
-
-
 @dataclass
 class DiffusionComponents:
     """The parts of a Stable Diffusion pipeline that training touches.
@@ -174,14 +173,109 @@ class DiffusionComponents:
         return modules
 
 
-def detect_family(path: Path) -> str:
-    """sdxl if the pipeline has a second text encoder; sd2 if its UNet uses linear projections
-    in the transformer blocks (SD 2.x does, SD 1.x does not); else sd1."""
-    index = json.loads((path / "model_index.json").read_text())
-    if "text_encoder_2" in index:
-        return "sdxl"
-    unet_config = json.loads((path / "unet" / "config.json").read_text())
-    return "sd2" if unet_config.get("use_linear_projection") else "sd1"
+# What sets each family apart, tried in this order: SDXL adds a second text encoder (OpenCLIP
+# ViT-bigG/14) to CLIP ViT-L/14; SD 2.x replaced CLIP with OpenCLIP ViT-H/14 (and its UNet
+# takes linear projections in the transformer blocks); SD 1.x has CLIP ViT-L/14 alone.
+FAMILY_PARTS = (("sdxl", {"unet", "text_encoder", "text_encoder_2"}),
+                ("sd2", {"unet", "text_encoder", "open_clip"}),
+                ("sd1", {"unet", "text_encoder"}))
+# The same parts in a single file's CompVis key names (formats/single_file.py). SDXL refiners
+# keep only the second, OpenCLIP, embedder, and keep it first.
+_KEY_PARTS = {
+    "unet": ("model.diffusion_model.input_blocks.",),
+    "text_encoder": ("cond_stage_model.transformer.", "cond_stage_model.model.",
+                     "conditioner.embedders.0.transformer."),
+    "text_encoder_2": ("conditioner.embedders.1.model.", "conditioner.embedders.0.model."),
+    "open_clip": ("cond_stage_model.model.", "conditioner.embedders.1.model.",
+                  "conditioner.embedders.0.model."),
+}
+
+
+def detect_family(model: str | Path | Iterable[str]) -> str:
+    """'sd1', 'sd2' or 'sdxl' (FAMILY_PARTS) for a diffusers pipeline folder or for the key
+    names of a single-file checkpoint.
+
+    A folder that is no SD 1.x, 2.x or SDXL base pipeline raises ModelLoadError; keys that are
+    none raise formats.single_file.UnknownArchitectureError with a description of the keys.
+    """
+    if isinstance(model, (str, Path)):
+        folder = Path(model)
+        parts = _folder_parts(folder)
+    else:
+        folder, keys = None, list(model)
+        parts = {part for part, prefixes in _KEY_PARTS.items()
+                 if any(key.startswith(prefixes) for key in keys)}
+    for family, needed in FAMILY_PARTS:
+        if needed <= parts:
+            return family
+    if folder is not None:
+        if "unet" not in parts:
+            raise ModelLoadError(f"'{folder}' has no UNet (its model_index.json names none)")
+        if "text_encoder_2" in parts:
+            raise ModelLoadError(f"'{folder}' has only an OpenCLIP text encoder (an SDXL "
+                                 "refiner?); only SDXL base pipelines are supported")
+        raise ModelLoadError(f"'{folder}' has no text encoder (its model_index.json names none)")
+    from dreambooth.formats.single_file import UnknownArchitectureError, describe_keys
+
+    if "unet" not in parts:
+        reason = f"not a Stable Diffusion checkpoint: no UNet under '{_KEY_PARTS['unet'][0]}*'"
+    elif "text_encoder_2" in parts:
+        reason = ("an SDXL refiner checkpoint (one OpenCLIP embedder, "
+                  "'conditioner.embedders.0.model.*'), which this tool does not train")
+    else:
+        reason = ("a UNet without a text encoder this tool knows (no 'cond_stage_model.*' or "
+                  "'conditioner.embedders.*')")
+    raise UnknownArchitectureError(
+        f"{reason}; {describe_keys(keys)}. Supported are Stable Diffusion 1.x, 2.x and SDXL "
+        "base checkpoints with CompVis key names.")
+
+
+def _folder_parts(folder: Path) -> set[str]:
+    index = json.loads((folder / "model_index.json").read_text())
+    parts = {name for name in ("unet", "text_encoder", "text_encoder_2")
+             if (index.get(name) or [None])[0]}
+    if "unet" in parts:
+        # A folder does not say which CLIP its text encoder is; the UNet of an OpenCLIP model
+        # takes linear projections (SD 2.x and SDXL do, SD 1.x does not).
+        unet_config = json.loads((folder / "unet" / "config.json").read_text())
+        if unet_config.get("use_linear_projection"):
+            parts.add("open_clip")
+    return parts
+
+
+def pipeline_class(family: str):
+    """The diffusers text-to-image pipeline class of a family."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str = "auto"):
+    """The text-to-image pipeline of `model` (anything `resolve_model_path` takes) on `device`,
+    without safety checker or progress bars.
+
+    `device` None picks cuda when available, else cpu; `dtype` "auto" is fp16 on cuda and fp32
+    elsewhere, otherwise one of DTYPES' names.
+    """
+    from diffusers.utils import deprecation_utils
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ModelLoadError(f"dtype='{dtype}' is not one of: auto, {', '.join(DTYPES)}")
+    path = resolve_model_path(model)
+    family = detect_family(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "fp16" if torch.device(device).type == "cuda" else "fp32"
+    logger.info("loading %s on %s as %s", path, device, dtype)
+    extra = ({} if family == "sdxl"
+             else {"safety_checker": None, "requires_safety_checker": False})
+    # diffusers renamed from_pretrained's `torch_dtype` to `dtype` (PR #14205); older releases
+    # only know `torch_dtype`.
+    extra["dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"] = \
+        DTYPES[dtype]
+    pipeline = pipeline_class(family).from_pretrained(path, local_files_only=True, **extra)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
 
 
 def load_components(name_or_path: str | Path, revision: str | None = None, *,

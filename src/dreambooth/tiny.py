@@ -86,9 +86,14 @@ def build_tiny_pipeline(
       conditioned on pooled text + size/crop "time ids" (`addition_embed_type="text_time"`).
     `sample_size` is the image size in pixels; latents are `sample_size // 4` with this VAE.
     """
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler,
-                           StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is not one of {', '.join(FAMILIES)}")

@@ -27,7 +27,6 @@ import logging
 import os
 import pickle
 import shutil
-import tempfile
 import warnings
 import zipfile
 from collections import Counter
@@ -37,9 +36,11 @@ from typing import Iterable
 
 import torch
 
+from dreambooth.files import atomic_folder, atomic_write_text
+from dreambooth.models import detect_family
+
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -206,7 +207,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
-# Which family
+# What the keys look like (for errors; models.detect_family tells the family)
 # --------------------------------------------------------------------------------------------
 
 def _key_group(key: str) -> str:
@@ -241,40 +242,6 @@ def describe_keys(keys: Iterable[str], limit: int = 6) -> str:
         hints.append("this looks like a diffusion transformer (Flux / SD3), not a Stable "
                      "Diffusion UNet")
     return text + ("; " + "; ".join(hints) if hints else "")
-
-
-def detect_family(keys: Iterable[str]) -> str:
-    """'sd1', 'sd2' or 'sdxl' from a single file's key names (CompVis layout).
-
-    SD1: `cond_stage_model.transformer.*`; SD2: `cond_stage_model.model.*`; SDXL base:
-    `conditioner.embedders.0.*` and `conditioner.embedders.1.*`, each beside a UNet
-    (`model.diffusion_model.input_blocks.*`). Anything else raises UnknownArchitectureError with a
-    description of the keys.
-    """
-    keys = list(keys)
-
-    def has(prefix: str) -> bool:
-        return any(key.startswith(prefix) for key in keys)
-
-    def unknown(reason: str) -> UnknownArchitectureError:
-        return UnknownArchitectureError(
-            f"{reason}; {describe_keys(keys)}. Supported are Stable Diffusion 1.x, 2.x and SDXL "
-            "base checkpoints with CompVis key names.")
-
-    if not has(UNET_PREFIX + "input_blocks."):
-        raise unknown("not a Stable Diffusion checkpoint: no UNet under "
-                      f"'{UNET_PREFIX}input_blocks.*'")
-    if has("conditioner.embedders.1.model.") and has("conditioner.embedders.0.transformer."):
-        return "sdxl"
-    if has("conditioner.embedders.0.model."):
-        raise unknown("an SDXL refiner checkpoint (one OpenCLIP embedder, "
-                      "'conditioner.embedders.0.model.*'), which this tool does not train")
-    if has("cond_stage_model.model."):
-        return "sd2"
-    if has("cond_stage_model.transformer."):
-        return "sd1"
-    raise unknown("a UNet without a text encoder this tool knows (no 'cond_stage_model.*' or "
-                  "'conditioner.embedders.*')")
 
 
 def resolve_prediction_type(header: CheckpointHeader, family: str,
@@ -373,26 +340,12 @@ def config_folder(family: str, prediction_type: str | None = None) -> Path:
     target = cache_root() / "configs" / f"{family}-{digest[:12]}"
     if (target / "model_index.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
-    try:
+    with atomic_folder(target, existing="keep") as staging:  # another process may be first
         shutil.copytree(source, staging, dirs_exist_ok=True)
         for tokenizer in staging.glob("tokenizer*"):
             for name in ("vocab.json", "merges.txt"):
                 shutil.copyfile(vocabulary / name, tokenizer / name)
-        _publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Rename a finished folder into place; if another process got there first, keep theirs."""
-    try:
-        staging.rename(target)
-    except OSError:
-        if not (target / "model_index.json").is_file():
-            raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,8 +500,6 @@ def file_sha256(path: Path) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
-    from dreambooth.files import atomic_write_text
-
     atomic_write_text(memo, json.dumps({**stamp, "sha256": digest.hexdigest()}))
     return digest.hexdigest()
 
@@ -630,25 +581,21 @@ def load_single_file(path: str | Path, *, prediction_type: str | None = None,
         return target
     log.info("converting single file '%s' (%s, %s: %s) into '%s'", path, family.upper(),
              prediction, reason, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with atomic_folder(target, existing="keep") as staging:  # another process may be first
         source = path
         if renamed or not _is_safetensors(path):
             source = staging / "readable-copy.safetensors"
             _write_readable_copy(path, source)
         pipeline = _from_single_file(source, family, folder, torch_dtype)
         pipeline.scheduler.register_to_config(prediction_type=prediction)
-        output = staging / "pipeline"
-        pipeline.save_pretrained(output, safe_serialization=True)
+        pipeline.save_pretrained(staging, safe_serialization=True)
         del pipeline
-        (output / "single_file_source.json").write_text(json.dumps({
+        if source != path:
+            source.unlink()
+        (staging / "single_file_source.json").write_text(json.dumps({
             "source": str(path), "family": family, "prediction_type": prediction,
             "prediction_type_reason": reason, "config": str(folder), "dtype": dtype_name,
         }, indent=2) + "\n")
-        _publish(output, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

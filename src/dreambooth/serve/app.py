@@ -26,9 +26,17 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from dreambooth.generate import (TEXT_TO_IMAGE_PIPELINES, GenerationError, default_size, edit_images, load_pipeline, lora_file,
-                       sample_images, sampling_settings, set_scheduler)
-from dreambooth.models import default_guidance_scale, resolve_model_path
+from dreambooth.formats.lora_files import LoraFileError, lora_file
+from dreambooth.generate import (
+    TEXT_TO_IMAGE_PIPELINES,
+    GenerationError,
+    default_size,
+    edit_images,
+    sample_images,
+    sampling_settings,
+    set_scheduler,
+)
+from dreambooth.models import default_guidance_scale, load_pipeline, resolve_model_path
 from dreambooth.serve.batching import BatchKey, Job, ModelWorker
 
 try:
@@ -173,7 +181,7 @@ def _check_settings(models: Mapping, loras: Mapping, *, max_queue: int, max_batc
     for name, path in loras.items():
         try:
             lora_files[name] = lora_file(path)
-        except GenerationError as error:
+        except LoraFileError as error:
             problems.append(f"--lora {name}: {error}")
     if problems:
         raise ServeConfigError("cannot serve:\n  " + "\n  ".join(problems))

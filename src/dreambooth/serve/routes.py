@@ -29,7 +29,8 @@ from safetensors import SafetensorError, safe_open
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from dreambooth.generate import IMG2IMG_STRENGTH, INPAINT_STRENGTH, SCHEDULERS, format_parameters
+from dreambooth.formats.infotext import format_parameters
+from dreambooth.generate import IMG2IMG_STRENGTH, INPAINT_STRENGTH, SCHEDULERS
 from dreambooth.images import ImageFormatError, ImageReadError, ImageTooLargeError, read_image
 from dreambooth.models import DEFAULT_GUIDANCE_SCALE, read_training_config
 from dreambooth.serve.batching import BatchKey, Job, ModelWorker, QueueFull, WorkerStopped

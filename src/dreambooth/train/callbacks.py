@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from dreambooth import seeding
-from dreambooth.train.class_images import generate_class_images, missing_class_images
 from dreambooth.generate import sample_images
 from dreambooth.images import make_grid, save_png
 from dreambooth.models import DiffusionComponents, assemble_pipeline
+from dreambooth.train.class_images import generate_class_images, missing_class_images
 
 log = logging.getLogger(__name__)
 

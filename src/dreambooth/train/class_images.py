@@ -13,7 +13,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dreambooth import seeding
-from dreambooth.generate import format_parameters, sample_images, set_scheduler
+from dreambooth.formats.infotext import format_parameters
+from dreambooth.generate import sample_images, set_scheduler
 from dreambooth.images import list_image_files, save_png
 
 log = logging.getLogger(__name__)

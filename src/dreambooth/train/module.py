@@ -1,7 +1,8 @@
 """The DreamBooth LightningModule: what is trained, the loss, the optimizer.
 
 Loss (Ruiz et al. 2023, eq. 2), with instance and class samples in one UNet forward:
-    L = E ||eps - eps_hat(z_t^inst, t, c_inst)||^2 + lambda * E ||eps - eps_hat(z_t^cls, t, c_cls)||^2
+    L = E ||eps - eps_hat(z_t^inst, t, c_inst)||^2
+        + lambda * E ||eps - eps_hat(z_t^cls, t, c_cls)||^2
 where the target is the noise eps for epsilon-prediction models and the velocity
 v = alpha_t * eps - sigma_t * z_0 for v-prediction models (SD 2.x 768 px).
 """
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 
 from dreambooth import seeding
 from dreambooth.config import OptimizationConfig
-from dreambooth.train.lora import LoraSettings, add_lora_adapters
 from dreambooth.models import DiffusionComponents
+from dreambooth.train.lora import LoraSettings, add_lora_adapters
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def draw_noise_and_timesteps(seeds: torch.Tensor, shape: tuple[int, ...], *,
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v."""
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for
+    v-prediction."""
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = alphas_cumprod / (1 - alphas_cumprod)
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
@@ -216,7 +218,8 @@ class DreamBoothModule(L.LightningModule):
         if self.optim.train_text_encoder:
             groups.append({"params": [p for encoder in self.text_encoders
                                       for p in encoder.parameters() if p.requires_grad],
-                           "lr": text_lr, "weight_decay": decay if text_decay is None else text_decay})
+                           "lr": text_lr,
+                           "weight_decay": decay if text_decay is None else text_decay})
         optimizer = optimizer_class(self.optim)(
             groups, betas=(self.optim.adam_beta1, self.optim.adam_beta2),
             weight_decay=decay, eps=self.optim.adam_epsilon)

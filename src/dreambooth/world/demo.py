@@ -17,9 +17,9 @@ from pathlib import Path
 
 from dreambooth.config import parse_train_config
 from dreambooth.files import atomic_write_text
-from dreambooth.generate import load_pipeline, sample_images
+from dreambooth.generate import sample_images
 from dreambooth.images import make_grid, save_png
-from dreambooth.models import WORLD_MODEL_GUIDANCE_SCALE
+from dreambooth.models import WORLD_MODEL_GUIDANCE_SCALE, load_pipeline
 from dreambooth.train.run import train
 from dreambooth.world import DEMO_SUBJECT, IMAGE_SIZE, class_prompt, dreambench_prompts, photos
 from dreambooth.world.dreambench import evaluate_model

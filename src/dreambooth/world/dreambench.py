@@ -20,9 +20,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dreambooth.files import atomic_write_text
-from dreambooth.generate import load_pipeline, sample_images
+from dreambooth.generate import sample_images
 from dreambooth.images import load_image_folder, make_grid, pil_to_tensor, save_png, tensor_to_pil
-from dreambooth.models import WORLD_MODEL_GUIDANCE_SCALE, default_guidance_scale
+from dreambooth.models import WORLD_MODEL_GUIDANCE_SCALE, default_guidance_scale, load_pipeline
 from dreambooth.world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS, held_out_captions, metrics
 from dreambooth.world.evaluator import load_evaluator
 from dreambooth.world.render import article

@@ -42,15 +42,21 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dreambooth import seeding
-from dreambooth.train import checkpointing
 from dreambooth.config import option
+from dreambooth.files import atomic_folder
+from dreambooth.formats.export import VERSIONS_FILE, library_versions
+from dreambooth.train import checkpointing
 from dreambooth.train.data import ResumableLoader, ResumingSampler
-from dreambooth.formats.run_files import VERSIONS_FILE, library_versions
-from dreambooth.files import atomic_write_text, replace_folder
-from dreambooth.world.callbacks import EMA, HeldOutSamples, ProgressLog
 from dreambooth.train.module import draw_noise_and_timesteps, min_snr_weights
-from dreambooth.world import (LOOK_PROBABILITY, TRAIN_COMBINATIONS, VOCABULARY, caption, render,
-                    training_scene)
+from dreambooth.world import (
+    LOOK_PROBABILITY,
+    TRAIN_COMBINATIONS,
+    VOCABULARY,
+    caption,
+    render,
+    training_scene,
+)
+from dreambooth.world.callbacks import EMA, HeldOutSamples, ProgressLog
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +70,8 @@ class PretrainConfig:
     output_dir: str = option("runs/world-model", "Run folder: stages, checkpoints, logs, model/.")
     seed: int = option(0, "Seed of weights, data stream, noise and caption dropout.")
     # architecture
-    vae_channels: tuple[int, ...] = option((16, 32, 64), "AutoencoderKL block channels (3 blocks: 4x down).")
+    vae_channels: tuple[int, ...] = option((16, 32, 64),
+                                           "AutoencoderKL block channels (3 blocks: 4x down).")
     unet_channels: tuple[int, ...] = option((64, 128, 128), "UNet block channels.")
     unet_layers_per_block: int = option(1, "ResNet layers per UNet block.")
     text_hidden_size: int = option(128, "CLIP text encoder width (= UNet cross-attention dim).")
@@ -90,7 +97,8 @@ class PretrainConfig:
                                      "background or both, in equal parts (\"a star on the "
                                      "beach\", \"a red star\", \"a star\"): the prompts "
                                      "DreamBooth's class images and DreamBench use.")
-    identifier_captions: float = option(0.1, "Share of stage-2 captions with a meaningless rare word "
+    identifier_captions: float = option(0.1, "Share of stage-2 captions with a meaningless rare "
+                                        "word "
                                         "before the class noun (\"sks\" or 3 random letters), "
                                         "as web captions have, so a DreamBooth identifier starts "
                                         "with the weak prior the paper picks rare tokens for.")
@@ -103,7 +111,8 @@ class PretrainConfig:
     checkpoint_every: int = option(500, "Write a resumable checkpoint every N steps.")
     keep_checkpoints: int = option(2, "Keep the newest N checkpoints of each stage.")
     log_every: int = option(50, "Log loss and speed every N steps.")
-    sample_every: int = option(2000, "Stage 2: sample held-out prompts and score them every N steps (0: never).")
+    sample_every: int = option(2000, "Stage 2: sample held-out prompts and score them every N "
+                               "steps (0: never).")
     num_workers: int = option(1, "Render in N background processes (0: in the training process).")
     threads: int = option(2, "torch CPU threads (set by the script, the entry point).")
 
@@ -542,11 +551,9 @@ def finetune_decoder(config: PretrainConfig, vae_dir: Path) -> Path:
 
 def _save_vae(vae, vae_dir: Path, report: dict[str, Any]) -> None:
     """Write the VAE and its report.json together (a stopped write leaves the old VAE)."""
-    staging = vae_dir.with_name(vae_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    vae.save_pretrained(staging, safe_serialization=True)
-    atomic_write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
-    replace_folder(staging, vae_dir)
+    with atomic_folder(vae_dir) as staging:
+        vae.save_pretrained(staging, safe_serialization=True)
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def pretrain(config: PretrainConfig) -> Path:
@@ -576,7 +583,7 @@ def pretrain(config: PretrainConfig) -> Path:
     module.to("cpu")
     if ema.shadow is not None:
         ema.copy_to(module)
-    return export_model(module, tokenizer, output_dir / "model", config)
+    return save_world_model(module, tokenizer, output_dir / "model", config)
 
 
 def _diffusion_module(config: PretrainConfig, vae_dir: Path
@@ -616,36 +623,37 @@ def export_checkpoint(config: PretrainConfig, checkpoint: str = "latest",
     step = state["global_step"]
     log.info("exporting %s (step %d, %s weights)", checkpoint_path, step,
              "EMA" if ema_state is not None else "raw")
-    return export_model(module, tokenizer, path or output_dir / f"model-step-{step}", config)
+    return save_world_model(module, tokenizer, path or output_dir / f"model-step-{step}",
+                            config)
 
 
-def export_model(module: DiffusionModule, tokenizer, path: Path, config: PretrainConfig) -> Path:
-    """Save the pipeline with fp16 weights (safetensors), its config and library versions."""
+def save_world_model(module: DiffusionModule, tokenizer, path: Path,
+                     config: PretrainConfig) -> Path:
+    """Write the world model as a diffusers pipeline folder at `path` (replacing one there):
+    fp16 weights (safetensors), its pretraining config and library versions."""
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
         vae=module.vae, text_encoder=module.text_encoder, tokenizer=tokenizer, unet=module.unet,
         scheduler=noise_schedulers()[1], safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
-    pipeline.to(torch.float16)
-    staging = path.with_name(path.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipeline.save_pretrained(staging, safe_serialization=True)
-    pipeline.to(torch.float32)
-    # transformers 5 loads a model in the dtype its config names ("auto"), while diffusers loads
-    # fp32 unless asked: name fp32 so every loader (and DreamBooth's text-encoder training on a
-    # CPU) gets the same fp32 model by default; the files stay fp16 to be small.
-    text_config = staging / "text_encoder" / "config.json"
-    values = json.loads(text_config.read_text())
-    values.update({key: "float32" for key in ("dtype", "torch_dtype") if key in values})
-    atomic_write_text(text_config, json.dumps(values, indent=2) + "\n")
-    atomic_write_text(staging / "pretrain_config.json",
-                      json.dumps(_config_dict(config), indent=2) + "\n")
-    vae_report_path = Path(config.output_dir) / "vae" / "report.json"  # stage 1's PSNR
-    if vae_report_path.is_file():
-        shutil.copyfile(vae_report_path, staging / "vae" / "report.json")
-    atomic_write_text(staging / VERSIONS_FILE, json.dumps(library_versions(), indent=2) + "\n")
-    replace_folder(staging, path)
+    with atomic_folder(path) as staging:
+        pipeline.to(torch.float16)
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        pipeline.to(torch.float32)
+        # transformers 5 loads a model in the dtype its config names ("auto"), while diffusers
+        # loads fp32 unless asked: name fp32 so every loader (and DreamBooth's text-encoder
+        # training on a CPU) gets the same fp32 model by default; the files stay fp16 to be small.
+        text_config = staging / "text_encoder" / "config.json"
+        values = json.loads(text_config.read_text())
+        values.update({key: "float32" for key in ("dtype", "torch_dtype") if key in values})
+        text_config.write_text(json.dumps(values, indent=2) + "\n")
+        (staging / "pretrain_config.json").write_text(
+            json.dumps(_config_dict(config), indent=2) + "\n")
+        vae_report_path = Path(config.output_dir) / "vae" / "report.json"  # stage 1's PSNR
+        if vae_report_path.is_file():
+            shutil.copyfile(vae_report_path, staging / "vae" / "report.json")
+        (staging / VERSIONS_FILE).write_text(json.dumps(library_versions(), indent=2) + "\n")
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
     log.info("saved the base model in %s (%.1f MB)", path, size)
     return path

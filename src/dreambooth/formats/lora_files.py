@@ -1,0 +1,259 @@
+"""LoRA files: the two layouts, their metadata, finding, checking, merging and exporting them.
+
+Two files come out of a LoRA run, both safetensors with string metadata:
+- `pytorch_lora_weights.safetensors`: diffusers/peft layout (`unet.<module>.lora_A.weight` ...),
+  with each adapter's LoraConfig in the metadata so `pipe.load_lora_weights(dir)` restores the
+  scale alpha / rank exactly;
+- `pytorch_lora_weights_kohya.safetensors`: kohya layout (`lora_unet_<module_path>.lora_down
+  .weight`, `.lora_up.weight`, `.alpha`; `lora_te_` for the text encoder) that AUTOMATIC1111
+  and ComfyUI load, with kohya `ss_*` and ModelSpec metadata. It is derived from the first by
+  `peft_to_kohya`, as `dreambooth export --format lora-kohya` derives it; DoRA runs, which
+  this layout cannot hold, write only the first.
+
+`merge_lora` fuses a LoRA into the base weights (diffusers `load_lora_weights` + `fuse_lora` +
+`unload_lora_weights`): W <- W + scale * (alpha / rank) * B A.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import save_file
+
+from dreambooth.files import atomic_path
+from dreambooth.formats.export import modelspec
+from dreambooth.formats.single_file import read_header
+
+if TYPE_CHECKING:
+    from dreambooth.train.lora import LoraSettings
+
+log = logging.getLogger(__name__)
+
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' loaders look for
+KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"
+_KOHYA_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+class LoraFileError(ValueError):
+    """A LoRA file that cannot be found, read, converted or applied; the message names it."""
+
+
+def lora_file(lora: str | Path, *, kohya: bool = False) -> Path:
+    """The LoRA weights file (resolved) for a `.safetensors` path or a folder holding one (a LoRA
+    run's output_dir): the folder's DIFFUSERS_LORA_FILE, or with `kohya` its KOHYA_LORA_FILE
+    when it has one. Generation, serving and export all find their LoRA files here."""
+    path = Path(lora).expanduser()
+    if path.is_dir():
+        kohya_path = path / KOHYA_LORA_FILE
+        path = kohya_path if kohya and kohya_path.is_file() else path / DIFFUSERS_LORA_FILE
+    if not path.is_file():
+        raise LoraFileError(
+            f"lora '{lora}' not found: pass a LoRA .safetensors file (diffusers/peft or kohya "
+            f"format) or a folder holding {DIFFUSERS_LORA_FILE} (a LoRA run's output_dir)")
+    if path.suffix.lower() != ".safetensors":
+        raise LoraFileError(
+            f"lora '{lora}' is not a .safetensors file; pickled LoRA files can run code when "
+            "loaded and are not read")
+    return path.resolve()
+
+
+# --------------------------------------------------------------------------------------------
+# Which model a LoRA fits
+# --------------------------------------------------------------------------------------------
+
+def lora_family(keys: list[str], metadata: dict[str, str]) -> str | None:
+    """The family a LoRA was made for, from its metadata or SDXL-only key names; None if silent."""
+    architecture = metadata.get("modelspec.architecture", "")
+    version = metadata.get("ss_base_model_version", "")
+    if "-xl-" in architecture or version.startswith("sdxl"):
+        return "sdxl"
+    if architecture.startswith("stable-diffusion-v2") or version.startswith("sd_v2") \
+            or metadata.get("ss_v2") == "True":
+        return "sd2"
+    if architecture.startswith("stable-diffusion-v1") or version.startswith("sd_v1"):
+        return "sd1"
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
+        return "sdxl"
+    return None
+
+
+_FAMILY_WIDTH = {768: "SD1", 1024: "SD2", 2048: "SDXL"}
+
+
+def check_lora_fits(lora_path: Path, pipeline, family: str) -> None:
+    """Refuse a LoRA made for another family: by its metadata, by SDXL-only keys, and by the
+    width of the cross-attention keys it adapts (768 SD1, 1024 SD2, 2048 SDXL)."""
+    header = read_header(lora_path)
+    keys = header.keys
+    made_for = lora_family(keys, header.metadata)
+    if made_for is not None and made_for != family:
+        raise LoraFileError(f"LoRA '{lora_path}' was made for {made_for.upper()} (its metadata / "
+                            f"keys say so) but the model is {family.upper()}: use a LoRA trained "
+                            "on this model's family")
+    width = pipeline.unet.config.cross_attention_dim
+    for key, tensor in header.tensors.items():
+        is_down = key.endswith(("lora_A.weight", "lora_down.weight", "lora.down.weight"))
+        if is_down and re.search(r"attn2[._]to_[kv]", key) and "unet" in key:
+            if tensor.shape[-1] != width:
+                guess = _FAMILY_WIDTH.get(tensor.shape[-1], "another model")
+                raise LoraFileError(
+                    f"LoRA '{lora_path}' does not fit this {family.upper()} model: its "
+                    f"cross-attention weights take {tensor.shape[-1]}-wide text features "
+                    f"({guess}), the model's take {width} ('{key}')")
+            break
+
+
+def merge_lora(pipeline, lora: str | Path, family: str, scale: float = 1.0) -> None:
+    """Fuse a LoRA into the pipeline's weights in place: W <- W + scale * (alpha / r) * B A."""
+    lora_path = lora_file(lora)
+    check_lora_fits(lora_path, pipeline, family)
+    try:
+        pipeline.load_lora_weights(str(lora_path), adapter_name="merged")
+        pipeline.fuse_lora(lora_scale=scale, adapter_names=["merged"])
+        pipeline.unload_lora_weights()
+    except (ValueError, RuntimeError, KeyError) as error:
+        raise LoraFileError(f"LoRA '{lora_path}' could not be merged into this {family.upper()} "
+                            f"model ({type(error).__name__}: {str(error)[:300]}); is it made for "
+                            "this base model?") from error
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers/peft -> kohya
+# --------------------------------------------------------------------------------------------
+
+def _adapter_configs(metadata: dict[str, str]) -> dict[str, dict]:
+    """{component: its LoraConfig fields} from a diffusers file's `lora_adapter_metadata`."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    result: dict[str, dict] = {}
+    for key, value in json.loads(raw).items():
+        component, field_name = key.split(".", 1)
+        result.setdefault(component, {})[field_name] = value
+    return result
+
+
+def peft_to_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], *,
+                  sdxl: bool) -> dict[str, torch.Tensor]:
+    """diffusers/peft LoRA (`unet.<module>.lora_A.weight`) -> kohya (`lora_unet_<module>.lora_down
+    .weight`, `.lora_up.weight`, `.alpha`; `lora_te_`, or SDXL's `lora_te1_`/`lora_te2_`, for
+    the text encoders). Alpha comes from the file's LoraConfig metadata (lora_alpha,
+    alpha_pattern); without it diffusers uses alpha = rank, and so does this."""
+    heads = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+             "text_encoder_2": "lora_te2_"}
+    configs = _adapter_configs(metadata)
+    result: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight", key)
+        if not m:
+            raise LoraFileError(f"LoRA key '{key}' is not in the diffusers/peft layout "
+                                "(<component>.<module>.lora_A/B.weight); DoRA and other adapters "
+                                "cannot be written in the kohya layout")
+        component, module, direction = m[1], m[2], m[3]
+        if component != "unet" and not module.startswith("text_model."):
+            module = "text_model." + module  # transformers 5 dropped this level from names
+        name = heads[component] + module.replace(".", "_")
+        if direction == "A":
+            result[f"{name}.lora_down.weight"] = tensor
+            config = configs.get(component, {})
+            alpha = config.get("lora_alpha", tensor.shape[0])
+            for pattern, value in (config.get("alpha_pattern") or {}).items():
+                if re.search(rf"(^|\.){pattern}$", m[2]):
+                    alpha = value
+            result[f"{name}.alpha"] = torch.tensor(float(alpha))
+        else:
+            result[f"{name}.lora_up.weight"] = tensor
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Writing the files of a LoRA run
+# --------------------------------------------------------------------------------------------
+
+def lora_metadata(*, settings: LoraSettings, base_model: str, trigger_phrase: str,
+                  resolution: int, prediction_type: str, training_steps: int,
+                  train_text_encoder: bool, family: str = "sd1") -> dict[str, str]:
+    """kohya `ss_*` and ModelSpec keys (all values strings, as safetensors requires)."""
+    return {
+        "ss_base_model_version": _KOHYA_BASE_MODEL_VERSION[family],
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(settings.rank),
+        "ss_network_alpha": str(settings.alpha),
+        "ss_network_dropout": str(settings.dropout),
+        "ss_output_name": Path(trigger_phrase).name.replace(" ", "_") or "dreambooth",
+        "ss_sd_model_name": base_model,
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_max_train_steps": str(training_steps),
+        "ss_v2": str(family == "sd2"),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "ss_text_encoder_lr": "trained" if train_text_encoder else "0",
+        **modelspec(family, prediction_type, title=f"DreamBooth LoRA: {trigger_phrase}",
+                    resolution=resolution, lora=True, trigger_phrase=trigger_phrase),
+        "training_steps": str(training_steps),
+    }
+
+
+def save_lora_files(output_dir: str | Path, unet, text_encoders: list, *,
+                    settings: LoraSettings, metadata: dict[str, str],
+                    family: str = "sd1") -> tuple[Path, ...]:
+    """Write the diffusers and (plain LoRA only) the kohya LoRA file atomically; return their
+    paths."""
+    from dreambooth.train.lora import lora_state_dicts
+
+    output_dir = Path(output_dir)
+    states = lora_state_dicts(unet, text_encoders)
+    diffusers_state = {f"{prefix}.{key}": value for prefix, state in states.items()
+                       for key, value in state.items()}
+    # diffusers reads each adapter's LoraConfig from these keys (alpha / rank scale).
+    text_config = settings.peft_config(settings.text_encoder_target_modules)
+    configs = {"unet": settings.peft_config(settings.unet_target_modules),
+               "text_encoder": text_config, "text_encoder_2": text_config}
+    adapter_metadata = {}
+    for prefix in states:
+        for key, value in configs[prefix].to_dict().items():
+            adapter_metadata[f"{prefix}.{key}"] = sorted(value) if isinstance(value, set) else value
+    diffusers_metadata = {"format": "pt", **metadata, "lora_adapter_metadata": json.dumps(
+        adapter_metadata, indent=2, sort_keys=True, default=str)}
+    diffusers_path = output_dir / DIFFUSERS_LORA_FILE
+    with atomic_path(diffusers_path) as tmp:
+        save_file(diffusers_state, str(tmp), metadata=diffusers_metadata)
+    if settings.use_dora:
+        log.warning("DoRA adapters have no kohya layout: only %s is written", diffusers_path)
+        return (diffusers_path,)
+    kohya_path = output_dir / KOHYA_LORA_FILE
+    kohya_state = peft_to_kohya(diffusers_state, diffusers_metadata, sdxl=family == "sdxl")
+    with atomic_path(kohya_path) as tmp:
+        save_file(kohya_state, str(tmp), metadata=metadata)
+    return diffusers_path, kohya_path
+
+
+def export_lora(source: str | Path, output: Path, *, kohya: bool,
+                dtype: torch.dtype | None = None) -> Path:
+    """Write the LoRA `source` (a LoRA run's output_dir or a LoRA file) to the `.safetensors`
+    file `output` in the kohya or the diffusers/peft layout, in `dtype` (None: as stored)."""
+    from safetensors import safe_open
+
+    path = lora_file(source, kohya=kohya)
+    header = read_header(path)  # clear errors for truncated / corrupted files
+    with safe_open(str(path), framework="pt") as handle:
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    metadata = dict(header.metadata)
+    is_kohya = all(key.startswith("lora_") for key in state)
+    if kohya and not is_kohya:
+        state = peft_to_kohya(state, metadata, sdxl=lora_family(list(state), metadata) == "sdxl")
+        metadata.pop("lora_adapter_metadata", None)
+    elif not kohya and is_kohya:
+        raise LoraFileError(f"'{path}' is a kohya-layout LoRA; writing the diffusers layout needs "
+                            f"the run's {DIFFUSERS_LORA_FILE} (a LoRA training output folder has "
+                            "both)")
+    if dtype is not None:
+        state = {key: value.to(dtype) if value.is_floating_point() else value
+                 for key, value in state.items()}
+    with atomic_path(output) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    return output
