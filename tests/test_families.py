@@ -12,8 +12,8 @@ from PIL import Image
 
 from conftest import tiny_config
 from dreambooth import seeding
+from dreambooth.families import detect_family
 from dreambooth.formats.lora_files import KOHYA_LORA_FILE
-from dreambooth.models import detect_family
 from dreambooth.train.run import train
 
 

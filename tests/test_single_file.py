@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from dreambooth.cli import main
-from dreambooth.formats import single_file
-from dreambooth.formats.export import ExportError, export_model
+from dreambooth.families import UnknownArchitectureError, detect_family
+from dreambooth.formats import ExportError, single_file
+from dreambooth.formats.export import export_model
 from dreambooth.formats.lora_files import (
     DIFFUSERS_LORA_FILE,
     KOHYA_LORA_FILE,
@@ -35,7 +36,6 @@ from dreambooth.formats.lora_files import (
 from dreambooth.formats.single_file import (
     MismatchedWeightsError,
     SingleFileError,
-    UnknownArchitectureError,
     UnreadableCheckpointError,
     check_checkpoint,
     config_folder,
@@ -44,7 +44,6 @@ from dreambooth.formats.single_file import (
     read_state_dict,
     resolve_prediction_type,
 )
-from dreambooth.models import detect_family
 from dreambooth.tiny import build_tiny_pipeline
 from dreambooth.train.lora import LoraSettings, add_lora_adapters
 
@@ -329,7 +328,7 @@ def test_full_size_exports_have_the_public_layout(name, model_type):
 
     from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, infer_diffusers_model_type
 
-    from dreambooth.formats.export import single_file_state_dict
+    from dreambooth.formats.ldm_keys import single_file_state_dict
 
     family = "sd2" if name == "sd2-v" else name
     models = single_file._meta_models(family, config_folder(name))
@@ -355,7 +354,7 @@ def test_sd15_size_single_file_round_trip_is_exact(tmp_path):
     from_single_file with the shipped config, every tensor bit for bit."""
     from diffusers import PNDMScheduler
 
-    from dreambooth.formats.export import single_file_state_dict
+    from dreambooth.formats.ldm_keys import single_file_state_dict
 
     folder = config_folder("sd1")
     torch.manual_seed(0)

@@ -11,10 +11,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import yaml
+
+from dreambooth.families import detect_family
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -171,76 +173,6 @@ class DiffusionComponents:
         if self.family == "sdxl":
             modules.update(text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
         return modules
-
-
-# What sets each family apart, tried in this order: SDXL adds a second text encoder (OpenCLIP
-# ViT-bigG/14) to CLIP ViT-L/14; SD 2.x replaced CLIP with OpenCLIP ViT-H/14 (and its UNet
-# takes linear projections in the transformer blocks); SD 1.x has CLIP ViT-L/14 alone.
-FAMILY_PARTS = (("sdxl", {"unet", "text_encoder", "text_encoder_2"}),
-                ("sd2", {"unet", "text_encoder", "open_clip"}),
-                ("sd1", {"unet", "text_encoder"}))
-# The same parts in a single file's CompVis key names (formats/single_file.py). SDXL refiners
-# keep only the second, OpenCLIP, embedder, and keep it first.
-_KEY_PARTS = {
-    "unet": ("model.diffusion_model.input_blocks.",),
-    "text_encoder": ("cond_stage_model.transformer.", "cond_stage_model.model.",
-                     "conditioner.embedders.0.transformer."),
-    "text_encoder_2": ("conditioner.embedders.1.model.", "conditioner.embedders.0.model."),
-    "open_clip": ("cond_stage_model.model.", "conditioner.embedders.1.model.",
-                  "conditioner.embedders.0.model."),
-}
-
-
-def detect_family(model: str | Path | Iterable[str]) -> str:
-    """'sd1', 'sd2' or 'sdxl' (FAMILY_PARTS) for a diffusers pipeline folder or for the key
-    names of a single-file checkpoint.
-
-    A folder that is no SD 1.x, 2.x or SDXL base pipeline raises ModelLoadError; keys that are
-    none raise formats.single_file.UnknownArchitectureError with a description of the keys.
-    """
-    if isinstance(model, (str, Path)):
-        folder = Path(model)
-        parts = _folder_parts(folder)
-    else:
-        folder, keys = None, list(model)
-        parts = {part for part, prefixes in _KEY_PARTS.items()
-                 if any(key.startswith(prefixes) for key in keys)}
-    for family, needed in FAMILY_PARTS:
-        if needed <= parts:
-            return family
-    if folder is not None:
-        if "unet" not in parts:
-            raise ModelLoadError(f"'{folder}' has no UNet (its model_index.json names none)")
-        if "text_encoder_2" in parts:
-            raise ModelLoadError(f"'{folder}' has only an OpenCLIP text encoder (an SDXL "
-                                 "refiner?); only SDXL base pipelines are supported")
-        raise ModelLoadError(f"'{folder}' has no text encoder (its model_index.json names none)")
-    from dreambooth.formats.single_file import UnknownArchitectureError, describe_keys
-
-    if "unet" not in parts:
-        reason = f"not a Stable Diffusion checkpoint: no UNet under '{_KEY_PARTS['unet'][0]}*'"
-    elif "text_encoder_2" in parts:
-        reason = ("an SDXL refiner checkpoint (one OpenCLIP embedder, "
-                  "'conditioner.embedders.0.model.*'), which this tool does not train")
-    else:
-        reason = ("a UNet without a text encoder this tool knows (no 'cond_stage_model.*' or "
-                  "'conditioner.embedders.*')")
-    raise UnknownArchitectureError(
-        f"{reason}; {describe_keys(keys)}. Supported are Stable Diffusion 1.x, 2.x and SDXL "
-        "base checkpoints with CompVis key names.")
-
-
-def _folder_parts(folder: Path) -> set[str]:
-    index = json.loads((folder / "model_index.json").read_text())
-    parts = {name for name in ("unet", "text_encoder", "text_encoder_2")
-             if (index.get(name) or [None])[0]}
-    if "unet" in parts:
-        # A folder does not say which CLIP its text encoder is; the UNet of an OpenCLIP model
-        # takes linear projections (SD 2.x and SDXL do, SD 1.x does not).
-        unet_config = json.loads((folder / "unet" / "config.json").read_text())
-        if unet_config.get("use_linear_projection"):
-            parts.add("open_clip")
-    return parts
 
 
 def pipeline_class(family: str):

@@ -1,8 +1,13 @@
 """The files the ecosystem loads: reading single-file checkpoints, writing every format.
 
 - `single_file`: read A1111/ComfyUI single-file checkpoints into diffusers folders (offline);
-- `ldm_keys`: diffusers <-> CompVis (LDM) key names;
+- `ldm_keys`: diffusers -> CompVis (LDM) key names, checked against diffusers' reader;
+- `modelspec`: ModelSpec metadata of checkpoints and LoRAs;
 - `lora_files`: the LoRA files (diffusers/peft and kohya layouts), their metadata and resolver;
 - `export`: `dreambooth export` and the trained pipeline folder;
 - `infotext`: AUTOMATIC1111's `parameters` text in PNGs.
 """
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked; the message names the input and what to do."""

@@ -21,7 +21,6 @@ optimizer state), plus `training_config.yaml` (the resolved configuration, loada
 
 from __future__ import annotations
 
-import datetime
 import importlib.metadata
 import json
 import logging
@@ -31,14 +30,21 @@ from pathlib import Path
 
 import torch
 
+from dreambooth.families import detect_family
 from dreambooth.files import atomic_folder, atomic_path, atomic_write_text
+from dreambooth.formats import ExportError
+from dreambooth.formats.ldm_keys import single_file_state_dict
+from dreambooth.formats.lora_files import (
+    DIFFUSERS_LORA_FILE,
+    KOHYA_LORA_FILE,
+    export_lora,
+    merge_lora,
+)
+from dreambooth.formats.modelspec import modelspec
 from dreambooth.formats.single_file import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
-    TEXT_ENCODER_PREFIXES,
     V_PRED_KEY,
-    compare_with_models,
-    diffusers_view,
     load_single_file,
     read_header,
 )
@@ -46,7 +52,6 @@ from dreambooth.models import (
     DTYPES,
     TRAINING_CONFIG_FILE,
     DiffusionComponents,
-    detect_family,
     load_pipeline,
     resolve_model_path,
 )
@@ -59,72 +64,9 @@ VERSIONS_FILE = "versions.json"  # library versions, beside a trained model's we
 _LIBRARIES = ("dreambooth", "torch", "diffusers", "transformers", "lightning", "safetensors",
               "peft")
 
-# ModelSpec (github.com/Stability-AI/ModelSpec): architecture ids, and the code that implements
-# each family's checkpoints; LoRA files name diffusers, whose layout they use.
-MODELSPEC_ARCHITECTURE = {("sd1", "epsilon"): "stable-diffusion-v1",
-                          ("sd1", "v_prediction"): "stable-diffusion-v1",
-                          ("sd2", "epsilon"): "stable-diffusion-v2-512",
-                          ("sd2", "v_prediction"): "stable-diffusion-v2-768-v",
-                          ("sdxl", "epsilon"): "stable-diffusion-xl-v1-base",
-                          ("sdxl", "v_prediction"): "stable-diffusion-xl-v1-base"}
-IMPLEMENTATION = {"sd1": "https://github.com/CompVis/stable-diffusion",
-                  "sd2": "https://github.com/Stability-AI/stablediffusion",
-                  "sdxl": "https://github.com/Stability-AI/generative-models"}
-LORA_IMPLEMENTATION = "https://github.com/huggingface/diffusers"
-
-
-class ExportError(ValueError):
-    """An export that cannot be done as asked; the message names the input and what to do."""
-
-
-def modelspec(family: str, prediction_type: str, *, title: str, resolution: int,
-              lora: bool = False, trigger_phrase: str | None = None) -> dict[str, str]:
-    """ModelSpec metadata (all values strings) of a checkpoint, or with `lora` of a LoRA for
-    one; `prediction_type` is the scheduler's ('epsilon' or 'v_prediction')."""
-    architecture = MODELSPEC_ARCHITECTURE[(family, prediction_type)]
-    spec = {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{architecture}/lora" if lora else architecture,
-        "modelspec.implementation": LORA_IMPLEMENTATION if lora else IMPLEMENTATION[family],
-        "modelspec.title": title,
-    }
-    if trigger_phrase is not None:
-        spec["modelspec.trigger_phrase"] = trigger_phrase
-    spec.update({
-        "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
-        "modelspec.date": datetime.date.today().isoformat(),
-    })
-    return spec
-
-
 # --------------------------------------------------------------------------------------------
 # Single files
 # --------------------------------------------------------------------------------------------
-
-def single_file_state_dict(pipeline, family: str) -> dict[str, torch.Tensor]:
-    """A live SD/SDXL pipeline's weights under CompVis names, checked against diffusers' reader:
-    raises ExportError unless `from_single_file` would give back every tensor unchanged in name
-    and shape."""
-    from dreambooth.formats.ldm_keys import clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
-
-    components = {"unet": pipeline.unet, "vae": pipeline.vae, "text_encoder": pipeline.text_encoder}
-    if family == "sdxl":
-        components["text_encoder_2"] = pipeline.text_encoder_2
-    state = {**unet_to_ldm(pipeline.unet.state_dict(), pipeline.unet.config),
-             **vae_to_ldm(pipeline.vae.state_dict(), pipeline.vae.config)}
-    for name, prefix in TEXT_ENCODER_PREFIXES[family].items():
-        convert = clip_to_ldm if prefix.endswith("text_model.") else open_clip_to_ldm
-        state.update(convert(components[name].state_dict(), prefix))
-    meta = {key: torch.empty(value.shape, dtype=value.dtype, device="meta")
-            for key, value in state.items()}
-    problems = compare_with_models(diffusers_view(meta, family, components), components)
-    if problems:
-        raise ExportError(f"the {family.upper()} single-file export would not load back intact "
-                          "with diffusers' from_single_file: "
-                          + "; ".join(p.describe() for p in problems))
-    return state
-
 
 def _is_single_file(path: Path) -> bool:
     return path.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES and not path.is_dir()
@@ -132,8 +74,6 @@ def _is_single_file(path: Path) -> bool:
 
 def resolve_pipeline_folder(model: str | Path, prediction_type: str | None = None) -> Path:
     """A diffusers pipeline folder for a folder, a cached hub id or a single-file checkpoint."""
-    from dreambooth.formats.lora_files import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
-
     path = Path(model).expanduser()
     if _is_single_file(path):
         return load_single_file(path, prediction_type=prediction_type)
@@ -207,8 +147,6 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
         if merge_lora_path is not None:
             raise ExportError("--merge_lora fuses a LoRA into a full model; it does not apply "
                               f"to --format {fmt}")
-        from dreambooth.formats.lora_files import export_lora
-
         return export_lora(model, _single_output_path(output), kohya=fmt == "lora-kohya",
                            dtype=torch_dtype)
     if fmt == "single-file":
@@ -222,8 +160,6 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
     torch_dtype = torch_dtype or _stored_dtype(folder)
     pipeline = load_pipeline(folder, device="cpu", dtype="fp32")
     if merge_lora_path is not None:
-        from dreambooth.formats.lora_files import merge_lora
-
         merge_lora(pipeline, merge_lora_path, family, lora_scale)
     prediction = pipeline.scheduler.config.get("prediction_type", "epsilon")
     provenance = {"source": str(model), "format": fmt, "family": family,

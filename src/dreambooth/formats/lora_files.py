@@ -20,17 +20,14 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
 from dreambooth.files import atomic_path
-from dreambooth.formats.export import modelspec
+from dreambooth.formats.modelspec import modelspec
 from dreambooth.formats.single_file import read_header
-
-if TYPE_CHECKING:
-    from dreambooth.train.lora import LoraSettings
+from dreambooth.train.lora import LoraSettings, lora_state_dicts
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +200,6 @@ def save_lora_files(output_dir: str | Path, unet, text_encoders: list, *,
                     family: str = "sd1") -> tuple[Path, ...]:
     """Write the diffusers and (plain LoRA only) the kohya LoRA file atomically; return their
     paths."""
-    from dreambooth.train.lora import lora_state_dicts
-
     output_dir = Path(output_dir)
     states = lora_state_dicts(unet, text_encoders)
     diffusers_state = {f"{prefix}.{key}": value for prefix, state in states.items()

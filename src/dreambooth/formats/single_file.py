@@ -29,15 +29,13 @@ import pickle
 import shutil
 import warnings
 import zipfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
+from dreambooth.families import UNET_PREFIX, UnknownArchitectureError, detect_family
 from dreambooth.files import atomic_folder, atomic_write_text
-from dreambooth.models import detect_family
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +47,6 @@ CACHE_ENV = "DREAMBOOTH_CACHE"
 ASSETS = Path(__file__).parent.parent / "assets"
 CONFIG_NAMES = ("sd1", "sd2", "sd2-v", "sdxl")  # folders under assets/configs
 
-UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIXES = {  # family -> {diffusers component: key prefix in the single file}
     "sd1": {"text_encoder": "cond_stage_model.transformer.text_model."},
@@ -69,10 +66,6 @@ class SingleFileError(ValueError):
 
 class UnreadableCheckpointError(SingleFileError):
     """Truncated or corrupted file, or a pickle that needs code to load."""
-
-
-class UnknownArchitectureError(SingleFileError):
-    """Keys that belong to no supported family (SD 1.x, SD 2.x, SDXL base)."""
 
 
 class MismatchedWeightsError(SingleFileError):
@@ -209,40 +202,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # What the keys look like (for errors; models.detect_family tells the family)
 # --------------------------------------------------------------------------------------------
-
-def _key_group(key: str) -> str:
-    head = key.split(".", 1)[0]
-    if head.startswith("lora_"):  # kohya LoRA keys: lora_unet_down_blocks_0_...
-        return "_".join(head.split("_")[:2]) + "_*"
-    parts = key.split(".")
-    depth = 3 if parts[0] in ("model", "conditioner", "cond_stage_model") else 2
-    return ".".join(parts[:depth]) + ".*" if len(parts) > depth else key
-
-
-def describe_keys(keys: Iterable[str], limit: int = 6) -> str:
-    """A short description of what a set of state-dict keys looks like, for error messages."""
-    keys = list(keys)
-    if not keys:
-        return "it holds no tensors at all"
-    groups = Counter(_key_group(key) for key in keys)
-    shown = ", ".join(f"'{group}' ({count})" for group, count in groups.most_common(limit))
-    more = f" and {len(groups) - limit} more groups" if len(groups) > limit else ""
-    text = f"its {len(keys)} tensors are named like {shown}{more}"
-    hints = []
-    if any(".lora_" in k or k.startswith("lora_") or ".lora." in k for k in keys):
-        hints.append("this looks like a LoRA, not a full checkpoint: load it on top of a base "
-                     "model instead")
-    elif any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in keys):
-        hints.append("this looks like one diffusers component (a UNet's weights), not a whole "
-                     "pipeline: pass the diffusers folder that holds it")
-    elif any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.")) for k in keys):
-        hints.append("this looks like a standalone VAE")
-    elif any(k.startswith(UNET_PREFIX) and ("double_blocks" in k or "joint_blocks" in k)
-             for k in keys):
-        hints.append("this looks like a diffusion transformer (Flux / SD3), not a Stable "
-                     "Diffusion UNet")
-    return text + ("; " + "; ".join(hints) if hints else "")
-
 
 def resolve_prediction_type(header: CheckpointHeader, family: str,
                             prediction_type: str | None = None) -> tuple[str, str]:

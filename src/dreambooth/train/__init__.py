@@ -8,6 +8,14 @@
 - `lora`: peft LoRA/DoRA adapters on the UNet and text encoders.
 """
 
-from dreambooth.train.run import train
-
 __all__ = ["train"]
+
+
+def __getattr__(name: str):
+    # `from dreambooth.train import train` without importing the whole engine (and run.py's
+    # imports of this package's modules) whenever one of those modules is imported.
+    if name == "train":
+        from dreambooth.train.run import train
+
+        return train
+    raise AttributeError(f"module 'dreambooth.train' has no attribute {name!r}")

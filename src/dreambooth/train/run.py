@@ -17,13 +17,13 @@ from typing import Any
 import lightning as L
 import torch
 
+import dreambooth.train.checkpointing as checkpointing
 from dreambooth.config import TrainConfig, dump_yaml, instance_prompt_warnings, parse_train_config
 from dreambooth.files import atomic_write_text
 from dreambooth.formats.export import save_trained_pipeline, write_run_files
 from dreambooth.formats.lora_files import lora_metadata, save_lora_files
 from dreambooth.images import load_image_folder
 from dreambooth.models import TRAINING_CONFIG_FILE, load_components
-from dreambooth.train import checkpointing
 from dreambooth.train.callbacks import ClassImageGeneration, ValidationSamples
 from dreambooth.train.data import DreamBoothDataModule, steps_for_epochs
 from dreambooth.train.lora import LoraSettings

@@ -1,0 +1,124 @@
+"""Which Stable Diffusion family a model is: the one detector, for folders and single files.
+
+A diffusers pipeline folder and a single-file checkpoint (CompVis key names) are read into the
+same facts (which parts the model has), and FAMILY_PARTS decides the family from them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+UNET_PREFIX = "model.diffusion_model."  # the UNet's weights in a single-file checkpoint
+
+
+class UnknownArchitectureError(ValueError):
+    """A model that is no supported family (SD 1.x, SD 2.x, SDXL base); the message says what
+    it looks like instead."""
+
+
+# What sets each family apart, tried in this order: SDXL adds a second text encoder (OpenCLIP
+# ViT-bigG/14) to CLIP ViT-L/14; SD 2.x replaced CLIP with OpenCLIP ViT-H/14 (and its UNet
+# takes linear projections in the transformer blocks); SD 1.x has CLIP ViT-L/14 alone.
+FAMILY_PARTS = (("sdxl", {"unet", "text_encoder", "text_encoder_2"}),
+                ("sd2", {"unet", "text_encoder", "open_clip"}),
+                ("sd1", {"unet", "text_encoder"}))
+# The same parts in a single file's CompVis key names . SDXL refiners
+# keep only the second, OpenCLIP, embedder, and keep it first.
+_KEY_PARTS = {
+    "unet": ("model.diffusion_model.input_blocks.",),
+    "text_encoder": ("cond_stage_model.transformer.", "cond_stage_model.model.",
+                     "conditioner.embedders.0.transformer."),
+    "text_encoder_2": ("conditioner.embedders.1.model.", "conditioner.embedders.0.model."),
+    "open_clip": ("cond_stage_model.model.", "conditioner.embedders.1.model.",
+                  "conditioner.embedders.0.model."),
+}
+
+
+def detect_family(model: str | Path | Iterable[str]) -> str:
+    """'sd1', 'sd2' or 'sdxl' (FAMILY_PARTS) for a diffusers pipeline folder or for the key
+    names of a single-file checkpoint.
+
+    A folder or keys of no SD 1.x, 2.x or SDXL base model raise UnknownArchitectureError (for
+    keys, with a description of what they look like).
+    """
+    if isinstance(model, (str, Path)):
+        folder = Path(model)
+        parts = _folder_parts(folder)
+    else:
+        folder, keys = None, list(model)
+        parts = {part for part, prefixes in _KEY_PARTS.items()
+                 if any(key.startswith(prefixes) for key in keys)}
+    for family, needed in FAMILY_PARTS:
+        if needed <= parts:
+            return family
+    if folder is not None:
+        if "unet" not in parts:
+            raise UnknownArchitectureError(
+                f"'{folder}' has no UNet (its model_index.json names none)")
+        if "text_encoder_2" in parts:
+            raise UnknownArchitectureError(
+                f"'{folder}' has only an OpenCLIP text encoder (an SDXL refiner?); only SDXL "
+                "base pipelines are supported")
+        raise UnknownArchitectureError(
+            f"'{folder}' has no text encoder (its model_index.json names none)")
+    if "unet" not in parts:
+        reason = f"not a Stable Diffusion checkpoint: no UNet under '{_KEY_PARTS['unet'][0]}*'"
+    elif "text_encoder_2" in parts:
+        reason = ("an SDXL refiner checkpoint (one OpenCLIP embedder, "
+                  "'conditioner.embedders.0.model.*'), which this tool does not train")
+    else:
+        reason = ("a UNet without a text encoder this tool knows (no 'cond_stage_model.*' or "
+                  "'conditioner.embedders.*')")
+    raise UnknownArchitectureError(
+        f"{reason}; {describe_keys(keys)}. Supported are Stable Diffusion 1.x, 2.x and SDXL "
+        "base checkpoints with CompVis key names.")
+
+
+def _folder_parts(folder: Path) -> set[str]:
+    index = json.loads((folder / "model_index.json").read_text())
+    parts = {name for name in ("unet", "text_encoder", "text_encoder_2")
+             if (index.get(name) or [None])[0]}
+    if "unet" in parts:
+        # A folder does not say which CLIP its text encoder is; the UNet of an OpenCLIP model
+        # takes linear projections (SD 2.x and SDXL do, SD 1.x does not).
+        unet_config = json.loads((folder / "unet" / "config.json").read_text())
+        if unet_config.get("use_linear_projection"):
+            parts.add("open_clip")
+    return parts
+
+
+def _key_group(key: str) -> str:
+    head = key.split(".", 1)[0]
+    if head.startswith("lora_"):  # kohya LoRA keys: lora_unet_down_blocks_0_...
+        return "_".join(head.split("_")[:2]) + "_*"
+    parts = key.split(".")
+    depth = 3 if parts[0] in ("model", "conditioner", "cond_stage_model") else 2
+    return ".".join(parts[:depth]) + ".*" if len(parts) > depth else key
+
+
+def describe_keys(keys: Iterable[str], limit: int = 6) -> str:
+    """A short description of what a set of state-dict keys looks like, for error messages."""
+    keys = list(keys)
+    if not keys:
+        return "it holds no tensors at all"
+    groups = Counter(_key_group(key) for key in keys)
+    shown = ", ".join(f"'{group}' ({count})" for group, count in groups.most_common(limit))
+    more = f" and {len(groups) - limit} more groups" if len(groups) > limit else ""
+    text = f"its {len(keys)} tensors are named like {shown}{more}"
+    hints = []
+    if any(".lora_" in k or k.startswith("lora_") or ".lora." in k for k in keys):
+        hints.append("this looks like a LoRA, not a full checkpoint: load it on top of a base "
+                     "model instead")
+    elif any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in keys):
+        hints.append("this looks like one diffusers component (a UNet's weights), not a whole "
+                     "pipeline: pass the diffusers folder that holds it")
+    elif any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.")) for k in keys):
+        hints.append("this looks like a standalone VAE")
+    elif any(k.startswith(UNET_PREFIX) and ("double_blocks" in k or "joint_blocks" in k)
+             for k in keys):
+        hints.append("this looks like a diffusion transformer (Flux / SD3), not a Stable "
+                     "Diffusion UNet")
+    return text + ("; " + "; ".join(hints) if hints else "")
