@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             command = COMMANDS[args.command]()  # an unavailable command raises its ImportError
             command.show(call(command, args))
-    except (ConfigError, ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
+    except (ConfigError, ValueError, OSError, ImportError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

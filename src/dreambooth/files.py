@@ -2,17 +2,68 @@
 
 Every writer goes to a temporary file (or folder) beside the target, then renames it over the
 target (`os.replace` is atomic on POSIX and Windows within one file system); files are flushed
-to disk first.
+to disk first. Files and folders get the modes any normal write would (0666 and 0777 less the
+umask), not the private 0600/0700 of temporary files, so a web UI running as another user can
+read a model. A full disk is reported as DiskFullError naming the target.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+class DiskFullError(OSError):
+    """The device of a target ran out of space; the message names the target."""
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (briefly racy with other threads)
+    os.umask(mask)
+    return mask
+
+
+def _is_disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC or its words, or any I/O error of a writer
+    (torch's zip writer says "unexpected pos" or "file write failed") on a device with (almost)
+    nothing left."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    text = str(error)
+    if "No space left on device" in text or "os error 28" in text:
+        return True
+    try:
+        nearly_full = shutil.disk_usage(folder).free < 16 * 2**20
+    except OSError:
+        return False
+    return nearly_full and isinstance(error, (OSError, RuntimeError))
+
+
+@contextlib.contextmanager
+def _reporting_full_disk(target: Path) -> Iterator[None]:
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:
+        if not _is_disk_full(error, target.parent):
+            raise
+        free = shutil.disk_usage(target.parent).free
+        raise DiskFullError(errno.ENOSPC, f"no space left on the device of '{target}' "
+                            f"({free / 2**20:.0f} MiB free); free some space and run again "
+                            "(nothing there was replaced)") from None
 
 
 @contextlib.contextmanager
@@ -25,9 +76,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp_name)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as handle:  # make the bytes durable before the rename
-            os.fsync(handle.fileno())
+        with _reporting_full_disk(path):
+            yield tmp_path
+            with open(tmp_path, "rb+") as handle:  # make the bytes durable before the rename
+                os.fsync(handle.fileno())
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp made it private (0600)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -65,7 +118,9 @@ def atomic_folder(path: str | Path, *, existing: str = "replace") -> Iterator[Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield staging
+        with _reporting_full_disk(path):
+            yield staging
+        _apply_umask(staging)
         if not path.exists() or existing == "keep":
             try:
                 staging.rename(path)  # also over an empty folder
@@ -86,3 +141,14 @@ def atomic_folder(path: str | Path, *, existing: str = "replace") -> Iterator[Pa
                 entry.replace(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give a staging folder (mkdtemp: 0700) and any file in it that a writer made private the
+    modes of a normal write."""
+    umask = current_umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for entry in folder.rglob("*"):
+        mode = 0o777 if entry.is_dir() else 0o666
+        if not entry.is_symlink():
+            os.chmod(entry, mode & ~umask)

@@ -8,11 +8,9 @@ files `checkpoint-{step}.ckpt` in `output_dir/checkpoints`.
 
 from __future__ import annotations
 
-import errno
 import logging
 import pickle
 import re
-import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from dreambooth.files import atomic_path
+from dreambooth.files import DiskFullError, atomic_path
 from dreambooth.train.module import NonFiniteError
 
 log = logging.getLogger(__name__)
@@ -38,20 +36,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        try:
-            with atomic_path(path) as tmp:
-                torch.save(checkpoint, tmp)
-        except (OSError, RuntimeError) as error:
-            # torch's zip writer reports a full disk as "[enforce fail at inline_container.cc]
-            # ... file write failed"; say what happened and where.
-            if isinstance(error, OSError) and error.errno != errno.ENOSPC:
-                raise
-            free = shutil.disk_usage(Path(path).parent).free
-            if isinstance(error, RuntimeError) and "write failed" not in str(error):
-                raise
-            raise OSError(errno.ENOSPC, f"no space left on the device of '{path}' while writing "
-                          f"a checkpoint ({free / 2**20:.0f} MiB free): free some space or set "
-                          "checkpoints_total_limit; the older checkpoints are intact") from None
+        with atomic_path(path) as tmp:  # a full disk: files.DiskFullError naming the path
+            torch.save(checkpoint, tmp)
 
 
 class CheckpointError(ValueError):
@@ -177,8 +163,8 @@ class InterruptCheckpoint(Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if trainer.global_step == 0 or trainer.state.fn != "fit":
             return
-        if isinstance(exception, NonFiniteError):
-            return  # the weights are NaN or infinite: nothing worth resuming
+        if isinstance(exception, (NonFiniteError, DiskFullError)):
+            return  # NaN weights are not worth resuming; a full disk cannot take them
         path = self.checkpoint_dir / checkpoint_name(trainer.global_step)
         self._saving = True
         try:

@@ -19,11 +19,10 @@ import torch
 
 import dreambooth.train.checkpointing as checkpointing
 from dreambooth.config import TrainConfig, dump_yaml, instance_prompt_warnings, parse_train_config
-from dreambooth.files import atomic_write_text
 from dreambooth.formats.export import save_trained_pipeline, write_run_files
 from dreambooth.formats.lora_files import lora_metadata, save_lora_files
 from dreambooth.images import load_image_folder
-from dreambooth.models import TRAINING_CONFIG_FILE, load_components
+from dreambooth.models import load_components
 from dreambooth.train.callbacks import ClassImageGeneration, ValidationSamples
 from dreambooth.train.data import DreamBoothDataModule, steps_for_epochs
 from dreambooth.train.lora import LoraSettings
@@ -125,6 +124,9 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
     """
     output_dir = Path(config.checkpoint.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir '{output_dir}' is a file; pass a folder (a new one, or a "
+                         "model folder this run may replace)")
     _compatibility_notes(config)
     optimizer_class(config.optim)  # fail before loading models if it cannot run
     resume_path = checkpointing.resolve_resume_path(config.checkpoint.resume_from_checkpoint,
@@ -146,6 +148,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
         config.model.pretrained_model_name_or_path, config.model.revision,
         vae_name_or_path=config.model.pretrained_vae_model_name_or_path,
         variant=config.model.variant, prediction_type=config.model.prediction_type)
+    check_resolution(config.data.resolution, components)
     with_prior = config.prior.with_prior_preservation
     lora = lora_settings(config)
     module = DreamBoothModule(
@@ -197,12 +200,13 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
         callbacks=run_callbacks, logger=_loggers(config, output_dir) or False,
         plugins=[checkpointing.AtomicCheckpointIO()], default_root_dir=output_dir,
         log_every_n_steps=1, enable_model_summary=False)
-    if trainer.is_global_zero:
-        atomic_write_text(output_dir / TRAINING_CONFIG_FILE, dump_yaml(config))
+    # Nothing is written into output_dir before the run has a model to put there: an existing
+    # model (and its training_config.yaml) stays as it was if this run fails.
     with warnings.catch_warnings():
         # The frozen VAE (and text encoder) stay in eval mode on purpose.
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    module.check_finite_weights()  # NonFiniteError: an existing model is never replaced by NaN
     if trainer.is_global_zero:
         if lora is None:
             save_trained_pipeline(components, output_dir, config_yaml=dump_yaml(config))
@@ -218,6 +222,16 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
             write_run_files(output_dir, dump_yaml(config))
             log.info("LoRA weights saved: %s", ", ".join(map(str, paths)))
     return output_dir
+
+
+def check_resolution(resolution: int, components) -> None:
+    """Refuse a resolution far beyond the model's own (memory grows with its square): at most
+    twice the size the model was trained at."""
+    native = components.unet.config.sample_size * components.vae_scale_factor
+    if resolution > 2 * native:
+        raise ValueError(f"resolution={resolution} is more than twice the {native} px this "
+                         f"{components.family.upper()} model was trained at; use at most "
+                         f"{2 * native} (usually {native})")
 
 
 def lora_settings(config: TrainConfig) -> LoraSettings | None:
