@@ -116,8 +116,18 @@ def test_folder_without_readable_images_says_what_was_skipped(tmp_path):
     with warnings.catch_warnings(record=True), pytest.raises(ImageFolderError) as info:
         warnings.simplefilter("always")
         load_image_folder(tmp_path)
-    assert "1 file(s) without an image extension" in str(info.value)
+    assert "1 file(s) that are no image or no readable file" in str(info.value)
     assert "1 unreadable" in str(info.value)
+
+
+def test_folder_of_symlink_loops_names_them(tmp_path):
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    with pytest.warns(UserWarning, match="a.png': not a readable file") as record, \
+            pytest.raises(ImageFolderError, match="skipped 3 file"):
+        load_image_folder(tmp_path)
+    assert sum("symbolic link" in str(w.message) for w in record) == 3
 
 
 def test_transparency_is_composited_on_white(tmp_path):

@@ -303,12 +303,17 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"Refused: {reason}.")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `dreambooth` parser. With `only` (a subcommand's name) the other subcommands are
+    left as bare names, so a command starts without importing what the others need."""
     parser = argparse.ArgumentParser(prog="dreambooth", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train_arguments(commands.add_parser(
         "train", help="Personalize a Stable Diffusion model on a few subject photos."))
     for name, load in COMMANDS.items():
+        if only is not None and name != only:
+            commands.add_parser(name, help=f"See `dreambooth {name} --help`.")
+            continue
         try:
             command = load()
         except ImportError as error:
@@ -331,22 +336,41 @@ def resolve_train_config(args: argparse.Namespace):
     return parse_train_config({**values, **overrides}, source=source)
 
 
+def quiet_libraries() -> None:
+    """Keep what the libraries print to what is the user's business: Lightning's hardware
+    summary and advertisements, the loading bars of every pretrained part, and deprecation
+    notices between libraries go; warnings and errors stay, as does the training bar."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*`torch_dtype` is deprecated.*")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((word for word in argv if not word.startswith("-")), None)
+    args = build_parser(only=chosen if chosen in COMMANDS else None).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
     try:
         if args.command == "train":
             config = resolve_train_config(args)
             if args.print_config:
                 print(dump_yaml(config), end="")
                 return 0
+            quiet_libraries()
             from dreambooth.train.run import train
 
             output_dir = train(config)
             print(f"trained pipeline: {output_dir}")
         else:
             command = COMMANDS[args.command]()  # an unavailable command raises its ImportError
+            quiet_libraries()
             command.show(call(command, args))
     except (ConfigError, ValueError, OSError, ImportError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -63,15 +63,25 @@ class ImageTooLargeError(ImageReadError):
 
 
 def _scan_folder(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Split the visible files directly in `folder` into (images, other files), sorted by name."""
+    """Split the visible files directly in `folder` into (images, other files), sorted by name;
+    each other file is warned about."""
     if not folder.is_dir():
         raise ImageFolderError(f"image folder '{folder}' does not exist or is not a folder")
     images: list[Path] = []
     others: list[Path] = []
     for path in sorted(folder.iterdir(), key=lambda p: p.name):
-        if path.name.startswith(".") or not path.is_file():
+        if path.name.startswith(".") or path.is_dir():
             continue  # .ipynb_checkpoints, .DS_Store and subfolders are never photos
-        (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+        if not path.is_file():  # a link to nothing, a link loop, a socket ...: say so
+            warnings.warn(f"skipping '{path}': not a readable file (a broken or looping "
+                          "symbolic link?)", UserWarning, stacklevel=3)
+            others.append(path)
+            continue
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            _warn_not_image(path)
+            others.append(path)
+            continue
+        images.append(path)
     return images, others
 
 
@@ -86,9 +96,7 @@ def _warn_not_image(path: Path) -> None:
 
 def list_image_files(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name; each other visible file is warned about."""
-    images, others = _scan_folder(Path(folder))
-    for path in others:
-        _warn_not_image(path)
+    images, _ = _scan_folder(Path(folder))
     return images
 
 
@@ -181,8 +189,6 @@ def load_image_folder(
             f"pass {flag} with a folder of photos"
         )
     paths, others = _scan_folder(folder)
-    for path in others:
-        _warn_not_image(path)
     loaded: list[tuple[Path, Image.Image]] = []
     unreadable = 0
     for path in paths:
@@ -203,7 +209,8 @@ def load_image_folder(
     if not loaded:
         raise ImageFolderError(
             f"{role} image folder '{folder}' has no readable image: skipped {len(others)} "
-            f"file(s) without an image extension and {unreadable} unreadable image file(s); "
+            f"file(s) that are no image or no readable file and {unreadable} unreadable image "
+            "file(s); "
             f"add photos ({', '.join(sorted(IMAGE_EXTENSIONS))}) or pass another {flag}"
         )
     return loaded
