@@ -13,17 +13,15 @@ renders of the same individual object in different poses, backgrounds and light,
 similarity measures for DreamBench. It is trained on random individuals (never the
 DreamBench-mini subjects), so it works for any reference images of the world.
 
-Train and ship the evaluator with `python -m dreambooth.world.evaluator --train-evaluator`
+Train and ship the evaluator with `scripts/train_world_evaluator.py --train`
 (a few minutes on 2 CPU threads); check it with
-`python -m dreambooth.world.evaluator --held-out-accuracy`.
+`scripts/train_world_evaluator.py --held_out_accuracy`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from dreambooth import seeding
+from dreambooth.config import option
 from dreambooth.files import atomic_path, atomic_write_text
 from dreambooth.world import (
     BACKGROUNDS,
@@ -210,7 +209,7 @@ def load_evaluator(path: str | Path = ASSET_DIR) -> WorldEvaluator:
     if not (path / WEIGHTS_FILE).is_file() or not (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(
             f"no world evaluator in '{path}' (needs {WEIGHTS_FILE} and {CONFIG_FILE}); train "
-            "one with `python -m dreambooth.world.evaluator --train-evaluator`")
+            "one with `scripts/train_world_evaluator.py --train`")
     saved = json.loads((path / CONFIG_FILE).read_text())
     return _evaluator_from_state(EvaluatorConfig.from_dict(saved["model"]),
                                  load_file(path / WEIGHTS_FILE))
@@ -266,15 +265,17 @@ def held_out_accuracy(evaluator: WorldEvaluator | None = None, n: int = 2000,
 class EvaluatorTrainConfig:
     """How the shipped evaluator is trained (saved beside its weights)."""
 
-    num_pairs: int = 6000  # objects rendered twice (different pose, background, light)
-    epochs: int = 8
-    batch_pairs: int = 32  # objects per batch (2 renders each)
-    learning_rate: float = 3e-3
-    weight_decay: float = 1e-4
-    temperature: float = 0.1  # SupCon temperature
-    plain_probability: float = 0.35  # share of plain objects (the rest get a random look)
-    class_loss_weight: float = 2.0  # shape is learned last (pale balls pass for boxes): favour it
-    seed: int = 0
+    num_pairs: int = option(6000, "Objects rendered twice (pose, background, light) to train on.")
+    epochs: int = option(8, "Passes over the rendered pairs.")
+    batch_pairs: int = option(32, "Objects per batch (2 renders each).")
+    learning_rate: float = option(3e-3, "AdamW learning rate.")
+    weight_decay: float = option(1e-4, "AdamW weight decay.")
+    temperature: float = option(0.1, "Temperature of the supervised contrastive loss.")
+    plain_probability: float = option(
+        0.35, "Share of plain objects (the rest get a random look).")
+    class_loss_weight: float = option(
+        2.0, "Weight of the class head (shape is learned last: pale balls pass for boxes).")
+    seed: int = option(0, "Seed of the renders and the initial weights.")
 
 
 def _training_pair(rng: np.random.Generator, plain_probability: float) -> tuple[Scene, Scene]:
@@ -391,34 +392,3 @@ def train_evaluator(output_dir: str | Path = ASSET_DIR,
 
 
 # ---------------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dreambooth.world.evaluator",
-                                     description=__doc__.splitlines()[0])
-    action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--train-evaluator", action="store_true",
-                        help="Train the world evaluator on fresh renders and save it.")
-    action.add_argument("--held-out-accuracy", action="store_true",
-                        help="Accuracy of a saved evaluator on a fresh held-out render set.")
-    parser.add_argument("--output-dir", default=str(ASSET_DIR),
-                        help="Evaluator folder (default: the package's shipped one).")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
-    defaults = EvaluatorTrainConfig()
-    parser.add_argument("--num-pairs", type=int, default=defaults.num_pairs,
-                        help="Objects rendered twice for training.")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.train_evaluator:
-        result = train_evaluator(args.output_dir, EvaluatorTrainConfig(
-            num_pairs=args.num_pairs, epochs=args.epochs, seed=args.seed))
-    else:
-        result = held_out_accuracy(load_evaluator(args.output_dir))
-    print(json.dumps({key: round(value, 4) for key, value in result.items()}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
