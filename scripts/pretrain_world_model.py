@@ -8,7 +8,7 @@ The bundled model `demo` is this script's default run, its stage-2 EMA weights a
 
 Stage 1 trains the VAE (AutoencoderKL, ~0.7M parameters, 64x64x3 -> 16x16x4), stage 1b its
 decoder alone on finely patterned objects, stage 2 the CLIP text encoder (~0.9M) and the UNet
-(~6.7M) on an endless stream of captioned renders (`dreambooth.pretrain`). Every stage
+(~6.7M) on an endless stream of captioned renders (`dreambooth.world.pretrain`). Every stage
 checkpoints every `--checkpoint_every` steps and on Ctrl-C; running the same command again
 resumes where the run stopped, with the same result as an uninterrupted run. Progress goes to
 `OUTPUT_DIR/pretrain.log` (loss, steps/s, time left; every `--sample_every` steps a grid of

@@ -4,8 +4,8 @@ Why not `dreambooth.train.train`: DreamBooth fine-tunes a finished pipeline on a
 photos with one instance prompt (and one class prompt), encoding each photo once. Pretraining
 starts from random weights, needs a VAE trained first, and sees a new captioned scene in every
 sample. So this module has its own two small LightningModules over the project's pieces
-(`training.draw_noise_and_timesteps` and `min_snr_weights`, `seeding`, the resumable sampler of
-`data`, the atomic checkpoints of `checkpointing`):
+(`train.module.draw_noise_and_timesteps` and `min_snr_weights`, `seeding`, the resumable
+sampler of `train.data`, the atomic checkpoints of `train.checkpointing`):
 
 - stage 1, `VAEModule`: AutoencoderKL (64x64x3 -> 16x16x4) with an L1 + MSE reconstruction loss
   and a small KL term; afterwards the latent scaling factor is set to 1 / std of the latents
