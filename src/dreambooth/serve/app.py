@@ -266,10 +266,10 @@ def create_app(
     most `max_batch` images, gathered for up to `batch_wait_ms`. Bodies over `max_upload_mb`
     get 413; image sides are multiples of 8 up to `max_image_size`; at most `max_steps` steps.
     A request's work (`dreambooth.serve.routes.work`: megapixels x images x (steps + 1) x an
-    attention factor) is at most `max_work`; a UNet batch holds at most `max_batch_megapixels` of images (fewer large
-    images per batch). Each client (API key, or address) has at most `max_client_requests`
-    POSTs in flight. On shutdown, queued requests get 503 and a running batch is interrupted;
-    `run_server` waits `shutdown_timeout_s` for answers to be sent.
+    attention factor) is at most `max_work`; a UNet batch holds at most `max_batch_megapixels`
+    of images (fewer large images per batch). Each client (API key, or address) has at most
+    `max_client_requests` POSTs in flight. On shutdown, queued requests get 503 and a running
+    batch is interrupted; `run_server` waits `shutdown_timeout_s` for answers to be sent.
     The pipelines are loaded here, before the app answers anything.
     """
     lora_files = _check_settings(
