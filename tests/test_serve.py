@@ -88,7 +88,8 @@ def server(folders):
     app = create_app({"sks-dog": folders["sks-dog"], "base": folders["base"]},
                      loras={"style": folders["lora"]}, api_key=KEY, device="cpu",
                      max_queue=32, max_batch=8, batch_wait_ms=150,
-                     max_upload_mb=UPLOAD_LIMIT_MB, max_image_size=256, max_steps=20)
+                     max_upload_mb=UPLOAD_LIMIT_MB, max_image_size=256, max_steps=20,
+                     max_client_requests=32)  # one key and address: all 16 clients below
     running = Server(app)
     yield running
     running.stop()

@@ -53,7 +53,11 @@ SCHEDULERS: dict[str, tuple[type, str]] = {
     "euler_a": (EulerAncestralDiscreteScheduler, "Euler a"),
     "dpm++": (DPMSolverMultistepScheduler, "DPM++ 2M"),
 }
-_SCHEDULER_EXTRA: dict[str, dict] = {"dpm++": {"algorithm_type": "dpmsolver++"}}
+# "pndm" is A1111's PLMS: linear multistep from the first step (crowsonkb's PLMS), without
+# PNDM's Runge-Kutta warm-up, which costs 3 extra UNet calls per step and cannot run fewer than
+# 4 steps; SD's own scheduler configs say skip_prk_steps true.
+_SCHEDULER_EXTRA: dict[str, dict] = {"dpm++": {"algorithm_type": "dpmsolver++"},
+                                     "pndm": {"skip_prk_steps": True}}
 _IMAGE_NAME = re.compile(r"^(\d+)-.*\.png$")
 # edit_images' default strengths: img2img keeps some of the picture; inpainting regenerates the
 # masked area from noise (the rest comes from the picture either way).
@@ -98,6 +102,23 @@ def set_scheduler(pipeline: StableDiffusionPipeline, name: str | None) -> str:
         extra["clip_sample"] = False
     pipeline.scheduler = cls.from_config(pipeline.scheduler.config, **extra)
     return sampler
+
+
+def min_steps(scheduler) -> int:
+    """The fewest denoising steps `scheduler` (an instance) can run: PNDM with its Runge-Kutta
+    warm-up (`skip_prk_steps` false) needs `pndm_order` (4); every other sampler here needs 1."""
+    if isinstance(scheduler, PNDMScheduler) and not scheduler.config.get("skip_prk_steps"):
+        return scheduler.pndm_order
+    return 1
+
+
+def _check_steps(pipeline: StableDiffusionPipeline, num_inference_steps: int) -> None:
+    needed = min_steps(pipeline.scheduler)
+    if num_inference_steps < needed:
+        raise GenerationError(
+            f"num_inference_steps={num_inference_steps} is too few for this model's scheduler "
+            f"({type(pipeline.scheduler).__name__} with Runge-Kutta warm-up needs at least "
+            f"{needed}); raise it or pass scheduler='pndm' (PLMS) or another sampler")
 
 
 def _check_arguments(
@@ -182,6 +203,7 @@ def sample_images(
     requests with different prompts can share a UNet batch.
     """
     _check_arguments(prompt, num_inference_steps, guidance_scale, height, width)
+    _check_steps(pipeline, num_inference_steps)
     batch_size = _check_batching(seeds, batch_size)
     per_image = _prompt_inputs(prompt, negative_prompt, seeds)
     return _run_in_chunks(
@@ -257,6 +279,7 @@ def edit_images(
             )
         width, height = width or images[0].width, height or images[0].height
     _check_arguments(prompt, num_inference_steps, guidance_scale, height, width)
+    _check_steps(pipeline, num_inference_steps)
     batch_size = _check_batching(seeds, batch_size)
     if masks is not None:
         for index, (picture, picture_mask) in enumerate(zip(images, masks)):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import re
 import secrets
 import time
@@ -32,12 +33,13 @@ from dreambooth.generate import (
     GenerationError,
     default_size,
     edit_images,
+    min_steps,
     sample_images,
     sampling_settings,
     set_scheduler,
 )
 from dreambooth.models import default_guidance_scale, load_pipeline, resolve_model_path
-from dreambooth.serve.batching import BatchKey, Job, ModelWorker
+from dreambooth.serve.batching import BatchInterrupted, BatchKey, Job, ModelWorker
 
 try:
     from fastapi import Depends, FastAPI, Request
@@ -48,6 +50,7 @@ try:
 
     from dreambooth.serve.metrics import RequestMetrics, ServeMetrics
     from dreambooth.serve.routes import (
+        DEFAULT_MAX_WORK,
         ServedModel,
         ServerState,
         public_router,
@@ -125,24 +128,66 @@ class BodySizeLimit:
             await _error_response(self._too_large())(scope, receive, send)
 
 
-def _batch_runner(pipeline: StableDiffusionPipeline, max_batch: int, loras: dict[str, Path]):
+class ClientLimit:
+    """ASGI middleware: at most `max_requests` POST requests in flight per client (its API key,
+    or its address without one); one more is answered 429 at once."""
+
+    def __init__(self, app, max_requests: int):
+        self.app, self.max_requests = app, max_requests
+        self.in_flight: dict[str, int] = {}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        client = headers.get(b"authorization", b"").decode("latin-1") or str(
+            (scope.get("client") or ("unknown",))[0])
+        if self.in_flight.get(client, 0) >= self.max_requests:
+            error = APIError(429, f"This client already has {self.max_requests} requests in "
+                                  "flight (the limit, --max_client_requests); wait for one to "
+                                  "finish.", type="rate_limit_error",
+                             code="too_many_requests", headers={"Retry-After": "1"})
+            return await _error_response(error)(scope, receive, send)
+        self.in_flight[client] = self.in_flight.get(client, 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight[client] -= 1
+            if not self.in_flight[client]:
+                del self.in_flight[client]
+
+
+def _batch_runner(pipeline: StableDiffusionPipeline, batch_limit, loras: dict[str, Path]):
     """Run one batch of jobs through the generation API (the functions the CLI calls)."""
 
-    def run(key: BatchKey, jobs: list[Job]) -> list[Image.Image]:
+    def run(key: BatchKey, jobs: list[Job], interrupted) -> list[Image.Image]:
         lora = loras[key.lora] if key.lora is not None else None
         per_image = dict(
             seeds=[seed for job in jobs for seed in job.seeds],
             negative_prompt=[text for job in jobs for text in job.negative_prompts],
             num_inference_steps=key.num_inference_steps, guidance_scale=key.guidance_scale,
-            height=key.height, width=key.width, batch_size=max_batch)
+            height=key.height, width=key.width, batch_size=batch_limit(key))
         prompts = [text for job in jobs for text in job.prompts]
-        with sampling_settings(pipeline, scheduler=key.scheduler, lora=lora,
-                               lora_scale=key.lora_scale):
-            if key.task == "txt2img":
-                return sample_images(pipeline, prompts, **per_image)
-            masks = [mask for job in jobs for mask in job.masks] if key.task == "inpaint" else None
-            return edit_images(pipeline, prompts, image=[i for job in jobs for i in job.images],
-                               mask=masks, strength=key.strength, **per_image)
+
+        def stop_if_interrupted(module, args):
+            # Before every UNet call (one per denoising step): nobody waits for this batch.
+            if interrupted():
+                raise BatchInterrupted
+
+        # A forward pre-hook reaches every pipeline built over this UNet (img2img, inpaint).
+        hook = pipeline.unet.register_forward_pre_hook(stop_if_interrupted)
+        try:
+            with sampling_settings(pipeline, scheduler=key.scheduler, lora=lora,
+                                   lora_scale=key.lora_scale):
+                if key.task == "txt2img":
+                    return sample_images(pipeline, prompts, **per_image)
+                masks = ([mask for job in jobs for mask in job.masks]
+                         if key.task == "inpaint" else None)
+                return edit_images(pipeline, prompts,
+                                   image=[i for job in jobs for i in job.images],
+                                   mask=masks, strength=key.strength, **per_image)
+        finally:
+            hook.remove()
 
     return run
 
@@ -158,12 +203,15 @@ def _load_model(name: str, source: str | Path | StableDiffusionPipeline, *,
     return ServedModel(name=name, pipeline=pipeline, trigger_phrase=read_trigger_phrase(folder),
                        created=int(time.time()), default_sampler=set_scheduler(pipeline, None),
                        native_size=default_size(pipeline),
-                       default_guidance_scale=default_guidance_scale(folder))
+                       default_guidance_scale=default_guidance_scale(folder),
+                       min_steps=min_steps(pipeline.scheduler),
+                       vae_scale_factor=pipeline.vae_scale_factor)
 
 
 def _check_settings(models: Mapping, loras: Mapping, *, max_queue: int, max_batch: int,
                     batch_wait_ms: float, max_upload_mb: float, max_image_size: int,
-                    max_steps: int) -> dict[str, Path]:
+                    max_steps: int, max_work: float, max_batch_megapixels: float,
+                    max_client_requests: int, shutdown_timeout_s: float) -> dict[str, Path]:
     """Every problem with the settings at once; returns the LoRA files by name."""
     problems = []
     if not models:
@@ -174,8 +222,12 @@ def _check_settings(models: Mapping, loras: Mapping, *, max_queue: int, max_batc
     for name, value, low in (("max_queue", max_queue, 1), ("max_batch", max_batch, 1),
                              ("batch_wait_ms", batch_wait_ms, 0),
                              ("max_upload_mb", max_upload_mb, 0.001),
-                             ("max_image_size", max_image_size, 8), ("max_steps", max_steps, 1)):
-        if not value >= low:
+                             ("max_image_size", max_image_size, 8), ("max_steps", max_steps, 1),
+                             ("max_work", max_work, 0.001),
+                             ("max_batch_megapixels", max_batch_megapixels, 0.001),
+                             ("max_client_requests", max_client_requests, 1),
+                             ("shutdown_timeout_s", shutdown_timeout_s, 0)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
             problems.append(f"{name}={value} must be at least {low}")
     lora_files = {}
     for name, path in loras.items():
@@ -201,6 +253,10 @@ def create_app(
     max_upload_mb: float = 20.0,
     max_image_size: int = 2048,
     max_steps: int = 150,
+    max_work: float = DEFAULT_MAX_WORK,
+    max_batch_megapixels: float = 4.2,
+    max_client_requests: int = 8,
+    shutdown_timeout_s: float = 2.0,
 ) -> FastAPI:
     """The app serving `models` (name -> pipeline folder, cached hub id or loaded pipeline).
 
@@ -209,24 +265,35 @@ def create_app(
     KEY`. Per model, at most `max_queue` requests wait (one more gets 429) and a batch holds at
     most `max_batch` images, gathered for up to `batch_wait_ms`. Bodies over `max_upload_mb`
     get 413; image sides are multiples of 8 up to `max_image_size`; at most `max_steps` steps.
+    A request's work (`dreambooth.serve.routes.work`: megapixels x images x (steps + 1) x an
+    attention factor) is at most `max_work`; a UNet batch holds at most `max_batch_megapixels`
+    of images (fewer large images per batch). Each client (API key, or address) has at most
+    `max_client_requests` POSTs in flight. On shutdown, queued requests get 503 and a running
+    batch is interrupted; `run_server` waits `shutdown_timeout_s` for answers to be sent.
     The pipelines are loaded here, before the app answers anything.
     """
     lora_files = _check_settings(
         models, loras or {}, max_queue=max_queue, max_batch=max_batch,
         batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb,
-        max_image_size=max_image_size, max_steps=max_steps)
+        max_image_size=max_image_size, max_steps=max_steps, max_work=max_work,
+        max_batch_megapixels=max_batch_megapixels, max_client_requests=max_client_requests,
+        shutdown_timeout_s=shutdown_timeout_s)
     metrics = ServeMetrics()
     served_models = {}
+    state = ServerState(served_models, lora_files, metrics, max_image_size=max_image_size,
+                        max_steps=max_steps, max_work=max_work, max_batch=max_batch,
+                        max_batch_megapixels=max_batch_megapixels,
+                        shutdown_timeout_s=shutdown_timeout_s)
     for name, source in models.items():
         served = _load_model(name, source, device=device, dtype=dtype)
         served.worker = ModelWorker(
-            name, _batch_runner(served.pipeline, max_batch, lora_files), max_queue=max_queue,
-            max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000,
+            name, _batch_runner(served.pipeline, state.batch_limit, lora_files),
+            max_queue=max_queue, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000,
+            batch_limit=state.batch_limit,
             on_queue_depth=metrics.queue_depth.labels(name).set,
-            on_batch=lambda images, seconds, name=name: metrics.batch_done(name, images, seconds))
+            on_batch=lambda images, seconds, name=name: metrics.batch_done(name, images, seconds),
+            on_cancelled=metrics.cancelled.labels(name).inc)
         served_models[name] = served
-    state = ServerState(served_models, lora_files, metrics, max_image_size=max_image_size,
-                        max_steps=max_steps)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -236,7 +303,7 @@ def create_app(
             yield
         finally:
             for served in served_models.values():
-                await run_in_threadpool(served.worker.stop)
+                await run_in_threadpool(served.worker.stop, shutdown_timeout_s)
 
     app = FastAPI(title="dreambooth serve", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -245,6 +312,7 @@ def create_app(
     app.include_router(router, dependencies=[Depends(_require_key(api_key))] if api_key else [])
     _add_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=int(max_upload_mb * 1024 * 1024))
+    app.add_middleware(ClientLimit, max_requests=max_client_requests)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees 413s too
     return app
 
@@ -325,6 +393,16 @@ def run_server(models: Mapping[str, str | Path], *, host: str = "127.0.0.1", por
         max_upload_mb: Largest request body (uploads); larger gets 413.
         max_image_size: Largest image side in pixels.
         max_steps: Most denoising steps a request may ask for.
+        max_work: Most work one request may ask for: megapixels x images x (steps + 1, the 1
+            for decoding) x (1 + latent pixels / 16384, for self-attention); more gets 400.
+            The default takes SD 1.5 512x512 x 4 images x 50 steps or SDXL 1024x1024 x 1 x 50,
+            and refuses 10 images of 2048x2048 even at 1 step.
+        max_batch_megapixels: Most pixels of images one UNet batch holds (memory grows with
+            them): large images run in smaller batches; an image larger than this gets 400.
+        max_client_requests: Requests one client (API key, or address) may have in flight;
+            one more gets 429.
+        shutdown_timeout_s: On SIGTERM/Ctrl-C, queued requests get 503 and the running batch
+            is interrupted; the server waits at most this long for answers to be sent.
     """
     import uvicorn
 
@@ -332,4 +410,24 @@ def run_server(models: Mapping[str, str | Path], *, host: str = "127.0.0.1", por
         logger.warning("listening on %s without an API key: anyone who can reach port %d can "
                        "generate; pass --api_key or set %s", host, port, API_KEY_ENV)
     app = create_app(models, **app_options)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    config = uvicorn.Config(app, host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=app.state.server.shutdown_timeout_s)
+    _graceful_server(config, app.state.server).run()
+
+
+def _graceful_server(config, state: ServerState):
+    """uvicorn's server, told to stop the model workers as soon as its shutdown begins.
+
+    uvicorn answers SIGTERM by waiting for every open request, and only then runs the app's
+    lifespan shutdown (where the workers stop): queued requests would wait for batches that
+    never come. Stopping the workers first answers them with 503 at once and interrupts the
+    running batch; `timeout_graceful_shutdown` bounds the rest.
+    """
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            state.stop_accepting()
+            await super().shutdown(sockets)
+
+    return GracefulServer(config)

@@ -4,11 +4,17 @@ Requests wait in their model's queue, which holds at most `max_queue` of them: o
 refused at once (the server answers 429) instead of growing an unbounded backlog. The model's
 worker thread takes the oldest request and every queued request with the same `BatchKey`
 (size, steps, guidance, scheduler, LoRA, task), up to `max_batch` images, waiting up to
-`batch_wait_s` for more to arrive, and runs them as one UNet batch. Prompts, negative prompts,
-seeds and input pictures may differ inside a batch: each image keeps its own generator, so an
-image depends only on its seed, whatever it was batched with. Inference runs in the worker
-thread, never on the event loop, and under the model's lock, so a pipeline never runs two
-batches at once.
+`batch_wait_s` for more to arrive, and runs them as one UNet batch (`max_batch` is per key:
+`batch_limit(key)`, so large images share a batch with fewer others and memory stays
+bounded). Prompts, negative prompts, seeds and input pictures may differ inside a batch: each
+image keeps its own generator, so an image depends only on its seed, whatever it was batched
+with. Inference runs in the worker thread, never on the event loop, and under the model's lock,
+so a pipeline never runs two batches at once.
+
+Work nobody waits for is not done: a job whose request was cancelled (its client went away) is
+dropped before its batch runs, and a running batch is interrupted between denoising steps once
+every job in it is cancelled or the server shuts down (`interrupted()`, checked by the runner).
+`stop_accepting` answers every queued job with `WorkerStopped` (the server says 503) at once.
 """
 
 from __future__ import annotations
@@ -58,6 +64,10 @@ class Job:
     def size(self) -> int:
         return len(self.seeds)
 
+    def cancelled(self) -> bool:
+        """The request was cancelled: its client disconnected."""
+        return self.future is not None and self.future.cancelled()
+
 
 class QueueFull(Exception):
     """The model's queue holds `max_queue` requests already."""
@@ -67,8 +77,13 @@ class WorkerStopped(Exception):
     """The server is shutting down; the request was not run."""
 
 
-# (key, jobs) -> one image per seed of every job, in job order.
-BatchRunner = Callable[[BatchKey, list[Job]], list[Image.Image]]
+class BatchInterrupted(Exception):
+    """Raised by a runner that saw `interrupted()`: nobody waits for the batch any more."""
+
+
+# (key, jobs, interrupted) -> one image per seed of every job, in job order. The runner checks
+# `interrupted()` between denoising steps and raises BatchInterrupted when it says True.
+BatchRunner = Callable[[BatchKey, list[Job], Callable[[], bool]], list[Image.Image]]
 
 
 class ModelWorker:
@@ -84,6 +99,8 @@ class ModelWorker:
         batch_wait_s: float,
         on_queue_depth: Callable[[int], None] = lambda depth: None,
         on_batch: Callable[[int, float], None] = lambda images, seconds: None,
+        on_cancelled: Callable[[int], None] = lambda jobs: None,
+        batch_limit: Callable[[BatchKey], int] | None = None,
     ):
         self.name = name
         self.max_queue = max_queue
@@ -94,6 +111,8 @@ class ModelWorker:
         self._run_batch = run_batch
         self._on_queue_depth = on_queue_depth
         self._on_batch = on_batch
+        self._on_cancelled = on_cancelled
+        self.batch_limit = batch_limit or (lambda key: max_batch)
         self._queue: deque[Job] = deque()
         self._changed = threading.Condition()
         self._stopping = False
@@ -102,15 +121,21 @@ class ModelWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the running batch, then fail every queued job with WorkerStopped."""
+    def stop_accepting(self) -> None:
+        """Refuse new jobs, fail every queued job with WorkerStopped and interrupt the running
+        batch; returns at once (`stop` also waits for the thread)."""
         with self._changed:
             self._stopping = True
             left = list(self._queue)
             self._queue.clear()
             self._changed.notify_all()
         for job in left:
-            _settle(job, error=WorkerStopped("the server is shutting down"))
+            _settle(job, error=WorkerStopped("the server is shutting down; retry on another "
+                                             "replica or later"))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """`stop_accepting`, then wait up to `timeout` seconds for the worker thread to end."""
+        self.stop_accepting()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -143,30 +168,53 @@ class ModelWorker:
                 self._changed.wait()
             first = self._queue.popleft()
             batch, images = [first], first.size
+            limit = self.batch_limit(first.key)
             deadline = time.monotonic() + self.batch_wait_s
-            while images < self.max_batch:
+            while images < limit:
                 for job in list(self._queue):
-                    if job.key == first.key and images + job.size <= self.max_batch:
+                    if job.key == first.key and images + job.size <= limit:
                         self._queue.remove(job)
                         batch.append(job)
                         images += job.size
                 remaining = deadline - time.monotonic()
-                if images >= self.max_batch or remaining <= 0 or self._stopping:
+                if images >= limit or remaining <= 0 or self._stopping:
                     break
                 self._changed.wait(remaining)  # woken by each submit
             depth = len(self._queue)
         self._on_queue_depth(depth)
-        # A client that went away cancelled its future: do not spend a UNet batch on it.
-        return [job for job in batch if not job.future.cancelled()]
+        return batch
+
+    def _live(self, batch: list[Job]) -> list[Job]:
+        """The jobs of `batch` somebody still waits for (a client that went away cancelled its
+        future: no UNet batch is spent on it)."""
+        live = [job for job in batch if not job.cancelled()]
+        if len(live) < len(batch):
+            self._on_cancelled(len(batch) - len(live))
+        return live
+
+    def _interrupted(self, batch: list[Job]) -> bool:
+        return self._stopping or all(job.cancelled() for job in batch)
 
     def _loop(self) -> None:
         while (batch := self._take_batch()) is not None:
-            if not batch:
-                continue
             started = time.perf_counter()
             try:
                 with self.lock:
-                    images = self._run_batch(batch[0].key, batch)
+                    # Checked again under the lock: a client may have left while we waited.
+                    batch = self._live(batch)
+                    if not batch:
+                        continue
+                    if self._stopping:
+                        raise WorkerStopped("the server is shutting down; retry later")
+                    images = self._run_batch(batch[0].key, batch,
+                                             lambda batch=batch: self._interrupted(batch))
+            except BatchInterrupted:
+                stopped = WorkerStopped("the server shut down while this request ran; retry "
+                                        "later")
+                self._on_cancelled(sum(job.cancelled() for job in batch))
+                for job in batch:
+                    _settle(job, error=stopped)
+                continue
             except Exception as error:  # noqa: BLE001 - each request gets it; the worker lives on
                 for job in batch:
                     _settle(job, error=error)

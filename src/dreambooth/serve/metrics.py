@@ -30,6 +30,9 @@ class ServeMetrics:
         self.batch_images = Histogram("dreambooth_batch_images", "Images per UNet batch.",
                                       ["model"], registry=self.registry,
                                       buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.cancelled = Counter("dreambooth_cancelled_jobs", "Requests dropped or interrupted "
+                                 "because their client went away.", ["model"],
+                                 registry=self.registry)
         self.batch_seconds = Histogram("dreambooth_batch_seconds", "Time to run one batch.",
                                        ["model"], registry=self.registry)
 

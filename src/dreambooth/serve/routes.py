@@ -9,6 +9,7 @@ WebP, as each API wants.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -53,6 +54,33 @@ logger = logging.getLogger(__name__)
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 _UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
 _A1111_SAMPLERS = {sampler: name for name, (_, sampler) in SCHEDULERS.items()}
+# create_app's default `max_work` (see `work`). SD 1.5: 512x512 x 4 images x 50 steps (67) or
+# x 10 images x 30 steps (102) fit; SDXL: 1024x1024 x 1 x 50 (107) fits; 10 images of 2048x2048
+# at 1 step (SD 1.5: 419) do not.
+DEFAULT_MAX_WORK = 128.0
+# Latent tokens at which self-attention (quadratic) costs about what the rest of a step
+# (linear in tokens) costs: SD's UNet at 128x128 latents.
+_ATTENTION_TOKENS = 16384
+
+
+def denoising_steps(key: BatchKey) -> int:
+    """The UNet steps a job of `key` runs: edits skip the first (1 - strength) of them."""
+    if key.strength is None:
+        return key.num_inference_steps
+    return int(key.num_inference_steps * key.strength)
+
+
+def work(key: BatchKey, images: int, vae_scale_factor: int) -> float:
+    """A request's cost: megapixels x images x (denoising steps + 1 decode) x attention factor.
+
+    Convolutions cost in proportion to pixels; the VAE decode about one guided UNet step (SD 1.5
+    at 512 px: ~1.2 vs 2 x 0.8 TFLOP); self-attention over the latent tokens (UNet and VAE
+    mid-block) grows with their square, hence the factor 1 + tokens / 16384 (1.25 for SD 1.5 at
+    512 px, 5 at 2048 px; a 2048 px image on a model with 4x latents: 17).
+    """
+    tokens = (key.width // vae_scale_factor) * (key.height // vae_scale_factor)
+    megapixels = key.width * key.height / 1e6
+    return megapixels * images * (denoising_steps(key) + 1) * (1 + tokens / _ATTENTION_TOKENS)
 
 
 @dataclass
@@ -66,6 +94,8 @@ class ServedModel:
     default_sampler: str  # A1111 name of the pipeline's own scheduler
     native_size: int
     default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # when a request names none
+    min_steps: int = 1  # the fewest steps the model's own scheduler can run
+    vae_scale_factor: int = 8  # pixels per latent pixel
     worker: ModelWorker | None = None
 
 
@@ -79,9 +109,24 @@ class ServerState:
     """Loaded models, registered LoRAs and limits; what the route handlers consult."""
 
     def __init__(self, models: dict[str, ServedModel], loras: dict[str, Path],
-                 metrics: ServeMetrics, *, max_image_size: int, max_steps: int):
+                 metrics: ServeMetrics, *, max_image_size: int, max_steps: int,
+                 max_work: float = DEFAULT_MAX_WORK, max_batch: int = 8,
+                 max_batch_megapixels: float = 4.2, shutdown_timeout_s: float = 2.0):
         self.models, self.loras, self.metrics = models, loras, metrics
         self.max_image_size, self.max_steps = max_image_size, max_steps
+        self.max_work, self.max_batch = max_work, max_batch
+        self.max_batch_pixels = max_batch_megapixels * 1e6
+        self.shutdown_timeout_s = shutdown_timeout_s
+
+    def batch_limit(self, key: BatchKey) -> int:
+        """Images of `key` one UNet batch may hold: `max_batch`, fewer when they are large
+        (memory grows with pixels x batch)."""
+        return max(1, min(self.max_batch, int(self.max_batch_pixels // (key.width * key.height))))
+
+    def stop_accepting(self) -> None:
+        """Shutdown begins: queued requests get 503, running batches are interrupted."""
+        for served in self.models.values():
+            served.worker.stop_accepting()
 
     def model(self, name: str | None, param: str = "model") -> ServedModel:
         if name is None:
@@ -127,25 +172,68 @@ class ServerState:
 
     def batch_key(self, served: ServedModel, task: str, size: tuple[int, int], steps: int, *,
                   guidance_scale: float | None, scheduler: str | None, lora: str | None,
-                  lora_scale: float, strength: float | None = None) -> BatchKey:
+                  lora_scale: float, strength: float | None = None,
+                  steps_param: str = "num_inference_steps") -> BatchKey:
         """What a request's images share with the others of their UNet batch.
 
         `guidance_scale` None is the model's own; `lora` must be registered (else 404).
         """
         if guidance_scale is None:
             guidance_scale = served.default_guidance_scale
+        # Every sampler we name runs from 1 step; a model's own PNDM with warm-up needs more.
+        needed = 1 if scheduler is not None else served.min_steps
+        if steps < needed:
+            raise APIError(400, f"Invalid value for '{steps_param}': {steps}; this model's own "
+                                f"sampler needs at least {needed} steps. Ask for more, or pass "
+                                "another scheduler (e.g. 'pndm', A1111 'PLMS').",
+                           param=steps_param, code="invalid_value")
         return BatchKey(task, *size, steps, guidance_scale, scheduler, self.lora(lora),
                         lora_scale, strength)
 
-    async def run(self, served: ServedModel, job: Job) -> list[Image.Image]:
+    def check_cost(self, served: ServedModel, job: Job) -> None:
+        """400 for a request over the work budget, or with an image over the batch memory."""
+        key = job.key
+        if key.width * key.height > self.max_batch_pixels:
+            raise APIError(400, f"A {key.width}x{key.height} image is more than this server's "
+                                f"{self.max_batch_pixels / 1e6:g} megapixels per batch "
+                                "(--max_batch_megapixels); ask for a smaller size.",
+                           param="size", code="over_budget")
+        cost = work(key, job.size, served.vae_scale_factor)
+        if cost > self.max_work:
+            raise APIError(400, f"This request asks for {cost:.0f} units of work ({job.size} "
+                                f"image(s) of {key.width}x{key.height}, {denoising_steps(key)} "
+                                f"denoising steps); this server's limit is "
+                                f"{self.max_work:g} (--max_work): ask for fewer or smaller "
+                                "images or fewer steps.", param="n", code="over_budget")
+
+    async def run(self, served: ServedModel, job: Job, request: Request) -> list[Image.Image]:
+        """The job's images from its model's worker; the job is cancelled (dropped from the
+        queue, or its batch interrupted) if the client disconnects first."""
+        self.check_cost(served, job)
+        answer = asyncio.ensure_future(served.worker.submit(job))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            return await served.worker.submit(job)
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not answer.done():
+                answer.cancel()  # also when this handler itself is cancelled
+        if not answer.done() or answer.cancelled():
+            raise APIError(499, "The client closed the request.", code="client_closed")
+        try:
+            return answer.result()
         except QueueFull as error:
             raise APIError(429, f"{error} (the limit, --max_queue); retry shortly.",
                            type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from error
         except WorkerStopped as error:
             raise APIError(503, str(error), type="server_error", code="shutting_down") from error
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (the body was read: what comes next is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _state(request: Request) -> ServerState:
@@ -201,12 +289,12 @@ async def _encode_all(served: ServedModel, job: Job, images: list[Image.Image],
 
 
 async def _images_answer(state: ServerState, served: ServedModel, job: Job,
-                         body: ImageGenerationRequest) -> dict:
+                         body: ImageGenerationRequest, request: Request) -> dict:
     output_format = body.output_format or "png"
     if output_format == "webp" and not features.check("webp"):
         raise APIError(400, "output_format 'webp' needs Pillow built with libwebp; ask for png "
                             "or jpeg.", param="output_format", code="unsupported_format")
-    images = await state.run(served, job)
+    images = await state.run(served, job, request)
     encoded = await _encode_all(served, job, images, output_format, body.output_compression)
     # response_format "url" is answered with data: URLs; this server hosts no files.
     if body.response_format == "url":
@@ -259,7 +347,7 @@ async def list_models(state: ServerState = Depends(_state)) -> dict:
 
 
 @router.post("/v1/images/generations")
-async def images_generations(body: ImageGenerationRequest,
+async def images_generations(body: ImageGenerationRequest, request: Request,
                              state: ServerState = Depends(_state)) -> dict:
     served = state.model(body.model)
     key = state.batch_key(served, "txt2img", state.size(body.size, served),
@@ -268,7 +356,7 @@ async def images_generations(body: ImageGenerationRequest,
                           lora=body.lora, lora_scale=body.lora_scale)
     job = Job(key, [body.prompt] * body.n, [body.negative_prompt] * body.n,
               _seeds(body.seed, body.n))
-    return await _images_answer(state, served, job, body)
+    return await _images_answer(state, served, job, body, request)
 
 
 def decode_upload(data: bytes, param: str, max_side: int, *, upright: bool) -> Image.Image:
@@ -368,7 +456,7 @@ async def images_edits(request: Request, state: ServerState = Depends(_state)) -
     job = Job(key, [body.prompt] * body.n, [body.negative_prompt] * body.n,
               _seeds(body.seed, body.n), images=[image] * body.n,
               masks=[mask] * body.n if mask else None)
-    return await _images_answer(state, served, job, body)
+    return await _images_answer(state, served, job, body, request)
 
 
 def _chat_prompt(body: ChatCompletionRequest) -> str:
@@ -394,7 +482,7 @@ def _chat_prompt(body: ChatCompletionRequest) -> str:
 
 @router.post("/v1/chat/completions")
 @router.post("/api/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest,
+async def chat_completions(body: ChatCompletionRequest, request: Request,
                            state: ServerState = Depends(_state)) -> dict:
     if body.modalities is None or "image" not in body.modalities:
         raise APIError(400, "This server generates images only: pass \"modalities\": "
@@ -409,7 +497,7 @@ async def chat_completions(body: ChatCompletionRequest,
                           guidance_scale=body.guidance_scale, scheduler=body.scheduler,
                           lora=body.lora, lora_scale=body.lora_scale)
     job = Job(key, [prompt] * body.n, [body.negative_prompt] * body.n, _seeds(body.seed, body.n))
-    images = await state.run(served, job)
+    images = await state.run(served, job, request)
     encoded = await _encode_all(served, job, images, "png", None)
     parts = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}
              for b64 in encoded]
@@ -421,8 +509,9 @@ async def chat_completions(body: ChatCompletionRequest,
 
 
 @router.post("/sdapi/v1/txt2img")
-async def a1111_txt2img(body: Txt2ImgRequest, state: ServerState = Depends(_state)) -> dict:
-    served = state.model(body.override_settings.get("sd_model_checkpoint"),
+async def a1111_txt2img(body: Txt2ImgRequest, request: Request,
+                        state: ServerState = Depends(_state)) -> dict:
+    served = state.model(body.override_settings.sd_model_checkpoint,
                          param="override_settings.sd_model_checkpoint")
     scheduler = None
     if body.sampler_name is not None:
@@ -441,10 +530,10 @@ async def a1111_txt2img(body: Txt2ImgRequest, state: ServerState = Depends(_stat
     key = state.batch_key(served, "txt2img", (width, height),
                           state.steps(body.steps, None, param="steps"),
                           guidance_scale=body.cfg_scale, scheduler=scheduler, lora=body.lora,
-                          lora_scale=body.lora_scale)
+                          lora_scale=body.lora_scale, steps_param="steps")
     job = Job(key, [body.prompt] * count, [body.negative_prompt] * count,
               _seeds(None if body.seed == -1 else body.seed, count))
-    images = await state.run(served, job)
+    images = await state.run(served, job, request)
     encoded = await _encode_all(served, job, images, "png", None)
     infotexts = [_parameters(served, job, index) for index in range(count)]
     info = {"prompt": body.prompt, "negative_prompt": body.negative_prompt,

@@ -8,6 +8,7 @@ AUTOMATIC1111's txt2img. Pydantic checks types and ranges; the server turns ever
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -39,12 +40,18 @@ SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
 Quality = Literal[tuple(QUALITY_STEPS)]  # type: ignore[valid-type]
 
 
+# A Python object's default repr, as some library messages carry it ("cannot identify image file
+# <_io.BytesIO object at 0x7f...>"): it tells the client nothing and leaks server internals.
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 class APIError(Exception):
     """An error answered as OpenAI does: HTTP `status` and `{"error": {...}}`."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str | None = None, type: str = "invalid_request_error",
                  headers: dict[str, str] | None = None):
+        message = _OBJECT_REPR.sub("", message)
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = (
             status, message, param, code, type)
@@ -178,6 +185,14 @@ class ChatCompletionRequest(Extras):
     size: str | None = None  # our extra: "WxH"
 
 
+class A1111Settings(BaseModel):
+    """AUTOMATIC1111's `override_settings`: the checkpoint is read, other settings ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    sd_model_checkpoint: str | None = None  # a model name this server serves
+
+
 class Txt2ImgRequest(BaseModel):
     """POST /sdapi/v1/txt2img (AUTOMATIC1111). A1111's many other fields are ignored."""
 
@@ -193,6 +208,6 @@ class Txt2ImgRequest(BaseModel):
     sampler_name: str | None = None  # an A1111 name such as "Euler a"; None: the model's own
     batch_size: Int = Field(1, ge=1, le=MAX_IMAGES)
     n_iter: Int = Field(1, ge=1, le=MAX_IMAGES)
-    override_settings: dict[str, Any] = Field(default_factory=dict)
+    override_settings: A1111Settings = Field(default_factory=A1111Settings)
     lora: str | None = None
     lora_scale: Float = Field(1.0, ge=-10, le=10, allow_inf_nan=False)
