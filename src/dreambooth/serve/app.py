@@ -129,19 +129,20 @@ class BodySizeLimit:
 
 
 class ClientLimit:
-    """ASGI middleware: at most `max_requests` POST requests in flight per client (its API key,
-    or its address without one); one more is answered 429 at once."""
+    """ASGI middleware: at most `max_requests` POST requests in flight per client (its API key
+    and address); one more is answered 429 at once."""
 
     def __init__(self, app, max_requests: int):
         self.app, self.max_requests = app, max_requests
-        self.in_flight: dict[str, int] = {}
+        self.in_flight: dict[tuple[str, str], int] = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        # The server has one API key, shared by its clients: a client is a key from an address.
         headers = dict(scope["headers"])
-        client = headers.get(b"authorization", b"").decode("latin-1") or str(
-            (scope.get("client") or ("unknown",))[0])
+        client = (headers.get(b"authorization", b"").decode("latin-1"),
+                  str((scope.get("client") or ("unknown",))[0]))
         if self.in_flight.get(client, 0) >= self.max_requests:
             error = APIError(429, f"This client already has {self.max_requests} requests in "
                                   "flight (the limit, --max_client_requests); wait for one to "
@@ -399,7 +400,7 @@ def run_server(models: Mapping[str, str | Path], *, host: str = "127.0.0.1", por
             and refuses 10 images of 2048x2048 even at 1 step.
         max_batch_megapixels: Most pixels of images one UNet batch holds (memory grows with
             them): large images run in smaller batches; an image larger than this gets 400.
-        max_client_requests: Requests one client (API key, or address) may have in flight;
+        max_client_requests: Requests one client (API key and address) may have in flight;
             one more gets 429.
         shutdown_timeout_s: On SIGTERM/Ctrl-C, queued requests get 503 and the running batch
             is interrupted; the server waits at most this long for answers to be sent.
