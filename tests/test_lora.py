@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from dreambooth import seeding
-from dreambooth.formats.lora_files import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE
+from dreambooth.formats.lora_files import DIFFUSERS_LORA_FILE, kohya_lora_file
 from dreambooth.train.run import train
 from test_resume import InterruptAt
 
@@ -33,7 +33,7 @@ def test_lora_run_writes_files_that_reproduce_the_trained_model(tmp_path, tiny_m
     output = train(tiny_config(tiny_model, instance_dir, tmp_path / "lora", max_train_steps=4,
                                checkpointing_steps=2, validation_prompt="a photo of sks dog",
                                validation_steps=100, num_validation_images=2, **LORA))
-    assert (output / DIFFUSERS_LORA_FILE).exists() and (output / KOHYA_LORA_FILE).exists()
+    assert (output / DIFFUSERS_LORA_FILE).exists() and (kohya_lora_file(output)).exists()
     assert not (output / "unet").exists()  # adapters only, no full copy of the model
 
     # Checkpoints hold only the adapters, and so does the optimizer.
@@ -44,7 +44,7 @@ def test_lora_run_writes_files_that_reproduce_the_trained_model(tmp_path, tiny_m
     assert optimizer_params == len(checkpoint["state_dict"])
 
     # kohya layout and metadata.
-    with safe_open(output / KOHYA_LORA_FILE, "pt") as handle:
+    with safe_open(kohya_lora_file(output), "pt") as handle:
         keys, metadata = set(handle.keys()), handle.metadata()
         alpha = handle.get_tensor(next(k for k in keys if k.endswith(".alpha")))
     assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in keys)
@@ -62,7 +62,7 @@ def test_lora_run_writes_files_that_reproduce_the_trained_model(tmp_path, tiny_m
     live = np.asarray(Image.open(output / "validation" / "step-000004.png"), dtype=np.float32)
     base = StableDiffusionPipeline.from_pretrained(tiny_model)
     base_images = _sample(base, seeds)
-    for lora_file in (output, output / KOHYA_LORA_FILE):
+    for lora_file in (output, kohya_lora_file(output)):
         pipeline = StableDiffusionPipeline.from_pretrained(tiny_model)
         pipeline.load_lora_weights(lora_file)
         images = _sample(pipeline, seeds)
