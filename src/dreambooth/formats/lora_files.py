@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import logging
 import re
@@ -30,6 +31,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from dreambooth.files import atomic_path
+from dreambooth.formats.infotext import tensor_data_sha256
 from dreambooth.formats.modelspec import modelspec
 from dreambooth.formats.single_file import read_header
 from dreambooth.models import read_training_config
@@ -224,8 +226,7 @@ def safetensors_hashes(tensors: dict[str, torch.Tensor],
     which AUTOMATIC1111's "addnet" LoRA hash also covers); the legacy hash is the first 8 hex
     digits of the sha256 of the 64 KiB at offset 1 MiB (empty for a smaller file)."""
     blob = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
-    header_size = int.from_bytes(blob[:8], "little")
-    model_hash = hashlib.sha256(blob[8 + header_size:]).hexdigest()
+    model_hash = tensor_data_sha256(io.BytesIO(blob))
     legacy_hash = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
     return model_hash, legacy_hash
 
