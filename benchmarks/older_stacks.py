@@ -50,12 +50,37 @@ CHILD = textwrap.dedent('''
                            "transformers": transformers.__version__, "peft": peft.__version__},
               "files": []}
 
+    notes = set()
+
+    def load(folder):
+        """The pipeline; a tokenizer folder the old slow CLIPTokenizer cannot read (transformers
+        5 writes only tokenizer.json) is noted, and the fast tokenizer used instead, so the
+        weights are still checked."""
+        try:
+            return StableDiffusionPipeline.from_pretrained(folder)
+        except Exception as error:
+            from transformers import CLIPTokenizerFast
+            tokenizer = CLIPTokenizerFast.from_pretrained(str(Path(folder) / "tokenizer"))
+            notes.add(f"{folder}/tokenizer: the slow CLIPTokenizer model_index.json names fails "
+                      f"({type(error).__name__}: {str(error).strip()[:80]}); CLIPTokenizerFast "
+                      "loads it")
+            # from_pretrained refuses a tokenizer of another class than model_index.json's.
+            from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+            from transformers import CLIPTextModel
+            folder = Path(folder)
+            return StableDiffusionPipeline(
+                vae=AutoencoderKL.from_pretrained(folder / "vae"),
+                text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
+                tokenizer=tokenizer, unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
+                scheduler=PNDMScheduler.from_pretrained(folder / "scheduler"),
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
     def image(pipe):
         return pipe("a photo of sks dog", num_inference_steps=2, height=32, width=32,
                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
 
     def check_pipeline(folder):
-        pipe = StableDiffusionPipeline.from_pretrained(folder)
+        pipe = load(folder)
         mismatched = []
         for name in ("text_encoder", "unet", "vae"):
             files = sorted((Path(folder) / name).glob("*.safetensors"))
@@ -76,7 +101,7 @@ CHILD = textwrap.dedent('''
 
     def check_lora(base, lora):
         path = Path(lora)
-        pipe = StableDiffusionPipeline.from_pretrained(base)
+        pipe = load(base)
         before = image(pipe)
         if path.is_dir():
             pipe.load_lora_weights(str(path), weight_name="pytorch_lora_weights.safetensors")
@@ -110,6 +135,7 @@ CHILD = textwrap.dedent('''
         except Exception as error:  # the report names whatever the old stack raised
             entry["ok"], entry["result"] = False, f"{type(error).__name__}: {str(error)[:400]}"
         report["files"].append(entry)
+    report["notes"] = sorted(notes)
     print("REPORT " + json.dumps(report))
 ''')
 
@@ -180,6 +206,8 @@ def main() -> int:
     for entry in report["files"]:
         print(f"{'ok  ' if entry['ok'] else 'FAIL'} {entry['kind']:8} {entry['path']}: "
               f"{entry['result']}")
+    for note in report["notes"]:
+        print("note:", note)
     if args.report:
         args.report.write_text(json.dumps(report, indent=2))
     return 0 if all(entry["ok"] for entry in report["files"]) else 1
