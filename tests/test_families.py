@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import tiny_config
 from dreambooth import seeding
 from dreambooth.families import detect_family
-from dreambooth.formats.lora_files import KOHYA_LORA_FILE
+from dreambooth.formats.lora_files import kohya_lora_file
 from dreambooth.train.run import train
 
 
@@ -51,13 +51,13 @@ def test_lora_of_each_family_loads_in_diffusers_from_both_files(tmp_path, family
                                learning_rate=1e-2, **_common(tmp_path)))
     seeds = seeding.validation_seeds(7, 2)
     live = np.asarray(Image.open(output / "validation" / "step-000003.png"), dtype=np.float32)
-    with open(output / KOHYA_LORA_FILE, "rb") as handle:
+    with open(kohya_lora_file(output), "rb") as handle:
         header = handle.read(200_000).decode("latin-1")
     if family == "sdxl":
         assert "lora_te1_text_model" in header and "lora_te2_text_model" in header
     else:
         assert "lora_te_text_model" in header
-    for lora in (output, output / KOHYA_LORA_FILE):
+    for lora in (output, kohya_lora_file(output)):
         pipeline = DiffusionPipeline.from_pretrained(model)
         pipeline.load_lora_weights(lora)
         assert np.abs(_validation_images(pipeline, seeds) - live).max() <= 2, lora

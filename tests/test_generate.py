@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dreambooth.cli import main
-from dreambooth.formats.infotext import format_parameters, parse_parameters
+from dreambooth.formats.infotext import format_parameters, model_hash, parse_parameters
 from dreambooth.generate import (
     SCHEDULERS,
     GenerationError,
@@ -59,6 +61,7 @@ def test_generate_writes_pngs_grid_and_parameters(model_dir, tmp_path):
         assert params["Seed"] == str(seed) and params["Steps"] == str(STEPS)
         assert params["Size"] == "32x32" and params["Sampler"] == "Euler a"
         assert params["CFG scale"] == "7.5" and params["Model"] == "tiny-sd"
+        assert params["Model hash"] == model_hash(model_dir)
 
 
 def test_single_image_writes_no_grid(pipeline, tmp_path):
@@ -230,6 +233,58 @@ def test_parameters_round_trip_and_a1111_layout():
     assert parse_parameters(with_negative)["negative_prompt"] == "blurry, dark"
 
 
+def test_parameters_use_a1111_sampler_names_model_hash_and_lora_syntax():
+    text = format_parameters(
+        prompt="sks dog", negative_prompt="", steps=4, sampler="DDPMScheduler", cfg_scale=7,
+        seed=1, width=32, height=32, model_name="m", model_hash="0123456789",
+        loras=[("sks_v1", 0.8, "abcdef012345"), ("style", 1.0, "fedcba987654")],
+    )
+    assert text.splitlines()[0] == "sks dog <lora:sks_v1:0.8> <lora:style:1>"
+    params = parse_parameters(text)
+    assert params["Sampler"] == "Euler a" and params["Model hash"] == "0123456789"
+    assert params["Lora hashes"] == "sks_v1: abcdef012345, style: fedcba987654"
+    assert "Lora:" not in text and "Lora scale" not in text
+    # A1111's field order: Model hash before Model.
+    assert text.index("Model hash: 0123456789, Model: m") > 0
+
+
+def test_model_hash_is_a1111s_for_a_file_and_stable_for_a_folder(model_dir, tmp_path):
+    import hashlib
+    import shutil
+
+    single = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(10.0)}, str(single))
+    assert model_hash(single) == hashlib.sha256(single.read_bytes()).hexdigest()[:10]
+    folder = shutil.copytree(model_dir, tmp_path / "copy")
+    first = model_hash(folder)
+    assert len(first) == 10 and first == model_hash(model_dir)  # the bytes, not the path
+    # A run's checkpoints and LoRA files are not the model; a changed weight file is.
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "checkpoint-1.ckpt").write_bytes(b"x")
+    save_file({"w": torch.zeros(1)}, str(folder / "pytorch_lora_weights.safetensors"))
+    assert model_hash(folder) == first
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    key = next(iter(state))
+    state[key] = state[key] + 1
+    save_file(state, str(weights))
+    assert model_hash(folder) != first
+    assert model_hash("some-org/not-on-disk") is None
+
+
+def test_a_scheduler_without_a_named_sampler_is_written_as_its_a1111_sampler(pipeline, tmp_path):
+    from diffusers import DDPMScheduler
+
+    original = pipeline.scheduler
+    pipeline.scheduler = DDPMScheduler.from_config(original.config)
+    try:
+        result = generate(pipeline, PROMPT, num_images=1, num_inference_steps=STEPS,
+                          output_dir=tmp_path)
+    finally:
+        pipeline.scheduler = original
+    assert parse_parameters(read_png_text(result.paths[0])["parameters"])["Sampler"] == "Euler a"
+
+
 def test_prompts_per_seed_give_the_images_each_prompt_gives_alone(pipeline):
     prompts = [PROMPT, "a blue star", "a red ring on the beach"]
     together = sample_images(pipeline, prompts, seeds=[4, 5, 6], num_inference_steps=STEPS,
@@ -398,7 +453,11 @@ def test_generate_and_cli_record_the_lora(model_dir, tmp_path):
     result = generate(pipeline, PROMPT, num_images=1, num_inference_steps=STEPS, lora=lora,
                       lora_scale=0.7, output_dir=tmp_path / "api")
     params = parse_parameters(read_png_text(result.paths[0])["parameters"])
-    assert params["Lora"] == "sks-style" and params["Lora scale"] == "0.7"
+    # As A1111 writes it: pasted into A1111, the prompt applies the LoRA again.
+    assert params["prompt"] == f"{PROMPT} <lora:sks-style:0.7>"
+    data = lora.read_bytes()
+    tensor_data = data[8 + int.from_bytes(data[:8], "little"):]
+    assert params["Lora hashes"] == f"sks-style: {hashlib.sha256(tensor_data).hexdigest()[:12]}"
     assert not np.array_equal(pixels(result.images[0]), pixels(base))
     after = generate(pipeline, PROMPT, num_images=1, num_inference_steps=STEPS).images[0]
     assert np.array_equal(pixels(after), pixels(base))  # LoRA off again after the call

@@ -26,8 +26,8 @@ from dreambooth.formats import ExportError, single_file
 from dreambooth.formats.export import export_model
 from dreambooth.formats.lora_files import (
     DIFFUSERS_LORA_FILE,
-    KOHYA_LORA_FILE,
     LoraFileError,
+    kohya_lora_file,
     lora_metadata,
     merge_lora,
     peft_to_kohya,
@@ -592,10 +592,12 @@ def write_lora(folder, pipeline, family: str, *, text_encoder: bool = True, seed
             if "lora_" in name:
                 parameter.data = torch.randn(parameter.shape, generator=generator) * 0.1
     metadata = lora_metadata(settings=settings, base_model="tiny", trigger_phrase="sks dog",
-                             resolution=32, prediction_type="epsilon", training_steps=1,
-                             train_text_encoder=text_encoder, family=family)
+                             output_name=folder.name, resolution=32, prediction_type="epsilon",
+                             training_steps=1, learning_rate=1e-4,
+                             text_encoder_lr=1e-4 if text_encoder else None, num_train_images=4,
+                             family=family)
     save_lora_files(folder, pipeline.unet, encoders, settings=settings, metadata=metadata,
-                    family=family)
+                    output_name=folder.name, family=family)
     return folder
 
 
@@ -616,7 +618,7 @@ def test_lora_formats_are_exported_in_the_chosen_dtype(lora_run, family_models, 
     pipeline = StableDiffusionPipeline.from_pretrained(family_models["sd1"])
     pipeline.load_lora_weights(str(out))  # diffusers accepts it
 
-    kohya = load_file(str(lora_run / KOHYA_LORA_FILE))
+    kohya = load_file(str(kohya_lora_file(lora_run)))
     out = export_model(lora_run, "lora-kohya", tmp_path / "k.safetensors")
     assert load_file(str(out)).keys() == kohya.keys()
     # From the diffusers file alone, the kohya file is derived exactly as training writes it.
@@ -626,7 +628,7 @@ def test_lora_formats_are_exported_in_the_chosen_dtype(lora_run, family_models, 
     assert derived.keys() == kohya.keys()
     assert all(torch.equal(derived[k], kohya[k]) for k in kohya)
     with pytest.raises(LoraFileError, match="kohya-layout LoRA"):
-        export_model(lora_run / KOHYA_LORA_FILE, "lora-diffusers", tmp_path / "no.safetensors")
+        export_model(kohya_lora_file(lora_run), "lora-diffusers", tmp_path / "no.safetensors")
 
 
 def test_merge_lora_adds_exactly_the_lora_delta(lora_run, family_models, tmp_path):
@@ -639,8 +641,10 @@ def test_merge_lora_adds_exactly_the_lora_delta(lora_run, family_models, tmp_pat
     module = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
     text_module = "encoder.layers.1.self_attn.q_proj"
     for component, name in (("unet", module), ("text_encoder", text_module)):
-        down = lora[f"{component}.{name}.lora_A.weight"]  # (r, in)
-        up = lora[f"{component}.{name}.lora_B.weight"]  # (out, r)
+        # The file keeps transformers 4's `text_model.` level (diffusers 0.3x, ComfyUI).
+        key = f"{component}.text_model.{name}" if component == "text_encoder" else f"unet.{name}"
+        down = lora[f"{key}.lora_A.weight"]  # (r, in)
+        up = lora[f"{key}.lora_B.weight"]  # (out, r)
         before = getattr(base, component).state_dict()[f"{name}.weight"]
         after = getattr(merged, component).state_dict()[f"{name}.weight"]
         torch.testing.assert_close(after, before + scale * (8.0 / 4) * up @ down,
@@ -672,10 +676,10 @@ def test_lora_of_another_family_is_refused(family_models, tmp_path):
     assert not out.exists()
 
 
-def test_lora_export_refuses_merge_and_dora_keys(lora_run, tmp_path):
+def test_lora_export_refuses_merge_and_other_adapters(lora_run, tmp_path):
     with pytest.raises(ExportError, match="does not apply"):
         export_model(lora_run, "lora-kohya", tmp_path / "x.safetensors", merge_lora_path=lora_run)
     with pytest.raises(ExportError, match="output of a LoRA run"):
         export_model(lora_run, "single-file", tmp_path / "y.safetensors")
-    with pytest.raises(LoraFileError, match="DoRA"):
-        peft_to_kohya({"unet.a.lora_magnitude_vector": torch.ones(2)}, {}, sdxl=False)
+    with pytest.raises(LoraFileError, match="other adapters"):
+        peft_to_kohya({"unet.a.lora_E": torch.ones(2)}, {}, sdxl=False)  # AdaLoRA

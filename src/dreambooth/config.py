@@ -143,6 +143,9 @@ class AdapterConfig:
 class CheckpointConfig:
     output_dir: str = option(
         "dreambooth-model", "Where the trained pipeline, checkpoints and logs go.")
+    output_name: str | None = option(
+        None, "LoRA runs: name of the kohya LoRA file (NAME.safetensors) and its ss_output_name, "
+        "the name AUTOMATIC1111 lists it under (default: output_dir's folder name).")
     checkpointing_steps: int = option(500, "Write a full-state checkpoint every N optimizer steps.")
     checkpoints_total_limit: int | None = option(None, "Keep only the newest N checkpoints.")
     resume_from_checkpoint: str | None = option(
@@ -410,6 +413,11 @@ def validate(config: TrainConfig) -> list[str]:
         if flat[key] is not None and flat[key] > limit:
             problems.append(f"{key}={flat[key]} is above {limit}, more than a DreamBooth run "
                             "can use")
+    name = flat["output_name"]
+    if name is not None and (not name.strip() or name in (".", "..")
+                             or any(c in name for c in '/\\:*?"<>|')):
+        problems.append(f"output_name={name!r} must be a plain file name (no folders, no "
+                        "/\\:*?\"<>|), e.g. 'sks_dog_v1'")
     if flat["resolution"] % 8:
         problems.append(f"resolution={flat['resolution']} is not a multiple of 8 "
                         "(the VAE downsamples by 8)")

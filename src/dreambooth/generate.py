@@ -38,7 +38,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from dreambooth.formats.infotext import format_parameters
+from dreambooth.formats.infotext import format_parameters, lora_hash, model_hash
 from dreambooth.formats.lora_files import LoraFileError, lora_file
 from dreambooth.images import make_grid, save_png
 from dreambooth.models import default_guidance_scale, load_pipeline
@@ -465,9 +465,11 @@ def generate(
     _check_arguments(prompt, num_inference_steps, guidance_scale, height, width)
     if isinstance(model, TEXT_TO_IMAGE_PIPELINES):
         pipeline = model
-        model_name = Path(pipeline.name_or_path or "unknown").name
+        model_path = pipeline.name_or_path or None
+        model_name = Path(model_path or "unknown").name
     else:
         pipeline = load_pipeline(model, device=device, dtype=dtype)
+        model_path = model
         model_name = Path(model).name  # a hub id 'org/name' gives 'name', not a snapshot hash
     if seed is None:
         seed = secrets.randbelow(2**32 - num_images)
@@ -491,17 +493,18 @@ def generate(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     first_index = _next_index(output_dir)
-    # A1111 names a LoRA by its file stem; a folder is named by itself.
-    lora_extra = None
+    loras = None
     if lora is not None:
-        lora_name = Path(lora).name if Path(lora).is_dir() else Path(lora).stem
-        lora_extra = {"Lora": lora_name, "Lora scale": float(lora_scale)}
+        # A1111 names a LoRA by its file's stem: a run's folder by its kohya file, the one
+        # A1111 loads.
+        a1111_file = lora_file(lora, kohya=True)
+        loras = [(a1111_file.stem, float(lora_scale), lora_hash(a1111_file))]
+    hash_of_model = model_hash(model_path) if model_path is not None else None
     texts = [
         format_parameters(
             prompt=prompt, negative_prompt=negative_prompt, steps=num_inference_steps,
             sampler=sampler, cfg_scale=guidance_scale, seed=image_seed, width=width,
-            height=height, model_name=model_name,
-            extra=lora_extra,
+            height=height, model_name=model_name, model_hash=hash_of_model, loras=loras,
         )
         for image_seed in seeds
     ]

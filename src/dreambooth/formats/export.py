@@ -36,8 +36,8 @@ from dreambooth.formats import ExportError
 from dreambooth.formats.ldm_keys import single_file_state_dict
 from dreambooth.formats.lora_files import (
     DIFFUSERS_LORA_FILE,
-    KOHYA_LORA_FILE,
     export_lora,
+    kohya_lora_file,
     merge_lora,
 )
 from dreambooth.formats.modelspec import modelspec
@@ -78,7 +78,7 @@ def resolve_pipeline_folder(model: str | Path, prediction_type: str | None = Non
     if _is_single_file(path):
         return load_single_file(path, prediction_type=prediction_type)
     if path.is_dir() and not (path / "model_index.json").exists() and (
-            (path / DIFFUSERS_LORA_FILE).exists() or (path / KOHYA_LORA_FILE).exists()):
+            (path / DIFFUSERS_LORA_FILE).exists() or kohya_lora_file(path) is not None):
         raise ExportError(
             f"'{path}' is the output of a LoRA run (it has {DIFFUSERS_LORA_FILE}), not a whole "
             "model: export it with --format lora-diffusers or lora-kohya, or fuse it into its "

@@ -4,11 +4,14 @@ Two files come out of a LoRA run, both safetensors with string metadata:
 - `pytorch_lora_weights.safetensors`: diffusers/peft layout (`unet.<module>.lora_A.weight` ...),
   with each adapter's LoraConfig in the metadata so `pipe.load_lora_weights(dir)` restores the
   scale alpha / rank exactly;
-- `pytorch_lora_weights_kohya.safetensors`: kohya layout (`lora_unet_<module_path>.lora_down
-  .weight`, `.lora_up.weight`, `.alpha`; `lora_te_` for the text encoder) that AUTOMATIC1111
-  and ComfyUI load, with kohya `ss_*` and ModelSpec metadata. It is derived from the first by
-  `peft_to_kohya`, as `dreambooth export --format lora-kohya` derives it; DoRA runs, which
-  this layout cannot hold, write only the first.
+  text-encoder keys as `text_encoder.text_model.encoder...` (the layout of transformers 4 that
+  diffusers 0.3x and ComfyUI expect; diffusers drops the level again for transformers 5);
+- `{output_name}.safetensors` (kohya's `--output_name`, default: the output_dir's name, since
+  AUTOMATIC1111 names a LoRA by its file's basename): kohya layout (`lora_unet_<module_path>
+  .lora_down.weight`, `.lora_up.weight`, `.alpha`; `lora_te_` for the text encoder; DoRA adds
+  LyCORIS' `.dora_scale`) that AUTOMATIC1111 and ComfyUI load, with the metadata kohya's own
+  trainer writes (`ss_*`, `sshs_*` hashes) and ModelSpec keys. It is derived from the first by
+  `peft_to_kohya`, as `dreambooth export --format lora-kohya` derives it.
 
 `merge_lora` fuses a LoRA into the base weights (diffusers `load_lora_weights` + `fuse_lora` +
 `unload_lora_weights`): W <- W + scale * (alpha / rank) * B A.
@@ -16,23 +19,29 @@ Two files come out of a LoRA run, both safetensors with string metadata:
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import io
 import json
 import logging
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from dreambooth.files import atomic_path
+from dreambooth.formats.infotext import tensor_data_sha256
 from dreambooth.formats.modelspec import modelspec
 from dreambooth.formats.single_file import read_header
+from dreambooth.models import read_training_config
 from dreambooth.train.lora import LoraSettings, lora_state_dicts
 
 log = logging.getLogger(__name__)
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' loaders look for
-KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"
+# The kohya file's fixed name before `output_name` existed; runs of that time are still found.
+LEGACY_KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"
 _KOHYA_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
@@ -40,14 +49,43 @@ class LoraFileError(ValueError):
     """A LoRA file that cannot be found, read, converted or applied; the message names it."""
 
 
+def default_output_name(output_dir: str | Path) -> str:
+    """kohya's `--output_name` when none is given: the output_dir's name."""
+    return Path(output_dir).expanduser().resolve().name or "dreambooth"
+
+
+def kohya_lora_file(folder: str | Path) -> Path | None:
+    """A LoRA run's kohya file: `{output_name}.safetensors` as its training_config.yaml records
+    (default: the folder's name); in a renamed folder, the one file whose `ss_output_name` is
+    its own name; the fixed name older runs used; None when it has none."""
+    folder = Path(folder)
+    name = read_training_config(folder).get("output_name") or default_output_name(folder)
+    candidates = [folder / f"{name}.safetensors"]
+    candidates += [path for path in sorted(folder.glob("*.safetensors"))
+                   if path.name != DIFFUSERS_LORA_FILE and _output_name(path) == path.stem]
+    candidates.append(folder / LEGACY_KOHYA_LORA_FILE)
+    for candidate in candidates:
+        if candidate.is_file() and candidate.name != DIFFUSERS_LORA_FILE:
+            return candidate
+    return None
+
+
+def _output_name(path: Path) -> str | None:
+    try:
+        return read_header(path).metadata.get("ss_output_name")
+    except (OSError, ValueError):
+        return None  # not a readable safetensors file: not a kohya LoRA of this run
+
+
 def lora_file(lora: str | Path, *, kohya: bool = False) -> Path:
     """The LoRA weights file (resolved) for a `.safetensors` path or a folder holding one (a LoRA
-    run's output_dir): the folder's DIFFUSERS_LORA_FILE, or with `kohya` its KOHYA_LORA_FILE
-    when it has one. Generation, serving and export all find their LoRA files here."""
+    run's output_dir): the folder's DIFFUSERS_LORA_FILE, or with `kohya` its kohya file
+    (`kohya_lora_file`) when it has one. Generation, serving and export all find their LoRA
+    files here."""
     path = Path(lora).expanduser()
     if path.is_dir():
-        kohya_path = path / KOHYA_LORA_FILE
-        path = kohya_path if kohya and kohya_path.is_file() else path / DIFFUSERS_LORA_FILE
+        kohya_path = kohya_lora_file(path) if kohya else None
+        path = kohya_path or path / DIFFUSERS_LORA_FILE
     if not path.is_file():
         raise LoraFileError(
             f"lora '{lora}' not found: pass a LoRA .safetensors file (diffusers/peft or kohya "
@@ -140,22 +178,28 @@ def peft_to_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], *,
     """diffusers/peft LoRA (`unet.<module>.lora_A.weight`) -> kohya (`lora_unet_<module>.lora_down
     .weight`, `.lora_up.weight`, `.alpha`; `lora_te_`, or SDXL's `lora_te1_`/`lora_te2_`, for
     the text encoders). Alpha comes from the file's LoraConfig metadata (lora_alpha,
-    alpha_pattern); without it diffusers uses alpha = rank, and so does this."""
+    alpha_pattern); without it diffusers uses alpha = rank, and so does this.
+
+    DoRA (Liu et al. 2024): W' = m * (W + (alpha/r) B A) / ||W + (alpha/r) B A||, the norm taken
+    per output row. peft keeps m as `lora_magnitude_vector` of shape (out,); the LyCORIS layout
+    that ComfyUI reads keeps it as `.dora_scale` of shape (out, 1), which ComfyUI recognises as
+    the output-axis decomposition by its first dimension matching the weight's."""
     heads = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
              "text_encoder_2": "lora_te2_"}
     configs = _adapter_configs(metadata)
     result: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight", key)
+        m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_[AB]\.weight|"
+                         r"lora_magnitude_vector)", key)
         if not m:
             raise LoraFileError(f"LoRA key '{key}' is not in the diffusers/peft layout "
-                                "(<component>.<module>.lora_A/B.weight); DoRA and other adapters "
-                                "cannot be written in the kohya layout")
-        component, module, direction = m[1], m[2], m[3]
+                                "(<component>.<module>.lora_A/B.weight, lora_magnitude_vector); "
+                                "other adapters cannot be written in the kohya layout")
+        component, module, kind = m[1], m[2], m[3]
         if component != "unet" and not module.startswith("text_model."):
             module = "text_model." + module  # transformers 5 dropped this level from names
         name = heads[component] + module.replace(".", "_")
-        if direction == "A":
+        if kind == "lora_A.weight":
             result[f"{name}.lora_down.weight"] = tensor
             config = configs.get(component, {})
             alpha = config.get("lora_alpha", tensor.shape[0])
@@ -163,8 +207,10 @@ def peft_to_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], *,
                 if re.search(rf"(^|\.){pattern}$", m[2]):
                     alpha = value
             result[f"{name}.alpha"] = torch.tensor(float(alpha))
-        else:
+        elif kind == "lora_B.weight":
             result[f"{name}.lora_up.weight"] = tensor
+        else:
+            result[f"{name}.dora_scale"] = tensor.reshape(-1, 1)  # (out,) -> (out, 1)
     return result
 
 
@@ -172,38 +218,79 @@ def peft_to_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], *,
 # Writing the files of a LoRA run
 # --------------------------------------------------------------------------------------------
 
+def safetensors_hashes(tensors: dict[str, torch.Tensor],
+                       metadata: dict[str, str]) -> tuple[str, str]:
+    """(`sshs_model_hash`, `sshs_legacy_hash`) as kohya's trainer precomputes them for the
+    additional-networks extension and AUTOMATIC1111: the file is serialised with only its `ss_*`
+    metadata; the model hash is the sha256 of everything after the header (the tensor data,
+    which AUTOMATIC1111's "addnet" LoRA hash also covers); the legacy hash is the first 8 hex
+    digits of the sha256 of the 64 KiB at offset 1 MiB (empty for a smaller file)."""
+    blob = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    model_hash = tensor_data_sha256(io.BytesIO(blob))
+    legacy_hash = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
 def lora_metadata(*, settings: LoraSettings, base_model: str, trigger_phrase: str,
-                  resolution: int, prediction_type: str, training_steps: int,
-                  train_text_encoder: bool, family: str = "sd1") -> dict[str, str]:
-    """kohya `ss_*` and ModelSpec keys (all values strings, as safetensors requires)."""
+                  output_name: str, resolution: int, prediction_type: str, training_steps: int,
+                  learning_rate: float, text_encoder_lr: float | None, num_train_images: int,
+                  tag_frequency: dict[str, dict[str, int]] | None = None,
+                  family: str = "sd1") -> dict[str, str]:
+    """kohya `ss_*` (as kohya's `train_network.py` writes them) and ModelSpec keys, all values
+    strings as safetensors requires. `text_encoder_lr` None: the text encoder was not trained.
+    `tag_frequency`: {dataset folder: {tag: count}}. The base model is named by its basename,
+    as kohya does, so the file does not reveal the user's directory layout."""
+    base_name = Path(str(base_model).rstrip("/\\")).name or str(base_model)
     return {
         "ss_base_model_version": _KOHYA_BASE_MODEL_VERSION[family],
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(settings.rank),
         "ss_network_alpha": str(settings.alpha),
         "ss_network_dropout": str(settings.dropout),
-        "ss_output_name": Path(trigger_phrase).name.replace(" ", "_") or "dreambooth",
-        "ss_sd_model_name": base_model,
+        **({"ss_network_args": json.dumps({"dora_wd": "True", "wd_on_output": "True"})}
+           if settings.use_dora else {}),
+        "ss_output_name": output_name,
+        "ss_sd_model_name": base_name,
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_max_train_steps": str(training_steps),
+        "ss_num_train_images": str(num_train_images),
+        "ss_learning_rate": str(learning_rate),
+        "ss_unet_lr": str(learning_rate),
+        "ss_text_encoder_lr": str(text_encoder_lr if text_encoder_lr is not None else 0.0),
+        "ss_tag_frequency": json.dumps(tag_frequency or {}),
         "ss_v2": str(family == "sd2"),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
-        "ss_text_encoder_lr": "trained" if train_text_encoder else "0",
-        **modelspec(family, prediction_type, title=f"DreamBooth LoRA: {trigger_phrase}",
-                    resolution=resolution, lora=True, trigger_phrase=trigger_phrase),
+        **modelspec(family, prediction_type, title=output_name, resolution=resolution,
+                    lora=True, trigger_phrase=trigger_phrase),
         "training_steps": str(training_steps),
     }
 
 
+def tag_frequency(captions: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+    """kohya's `ss_tag_frequency`: {dataset folder name: {tag: images whose caption has it}},
+    a caption's tags being its comma-separated parts."""
+    result = {}
+    for folder, texts in captions.items():
+        counts: collections.Counter[str] = collections.Counter()
+        for text in texts:
+            counts.update({tag.strip() for tag in text.split(",") if tag.strip()})
+        result[folder] = dict(counts)
+    return result
+
+
 def save_lora_files(output_dir: str | Path, unet, text_encoders: list, *,
-                    settings: LoraSettings, metadata: dict[str, str],
-                    family: str = "sd1") -> tuple[Path, ...]:
-    """Write the diffusers and (plain LoRA only) the kohya LoRA file atomically; return their
-    paths."""
+                    settings: LoraSettings, metadata: dict[str, str], output_name: str,
+                    family: str = "sd1") -> tuple[Path, Path]:
+    """Write the diffusers file and the kohya file `{output_name}.safetensors` atomically;
+    return their paths."""
     output_dir = Path(output_dir)
     states = lora_state_dicts(unet, text_encoders)
-    diffusers_state = {f"{prefix}.{key}": value for prefix, state in states.items()
-                       for key, value in state.items()}
+    diffusers_state = {}
+    for prefix, state in states.items():
+        for key, value in state.items():
+            if prefix != "unet" and not key.startswith("text_model."):
+                key = "text_model." + key  # transformers 5 dropped it; diffusers 0.3x needs it
+            diffusers_state[f"{prefix}.{key}"] = value
     # diffusers reads each adapter's LoraConfig from these keys (alpha / rank scale).
     text_config = settings.peft_config(settings.text_encoder_target_modules)
     configs = {"unet": settings.peft_config(settings.unet_target_modules),
@@ -217,13 +304,12 @@ def save_lora_files(output_dir: str | Path, unet, text_encoders: list, *,
     diffusers_path = output_dir / DIFFUSERS_LORA_FILE
     with atomic_path(diffusers_path) as tmp:
         save_file(diffusers_state, str(tmp), metadata=diffusers_metadata)
-    if settings.use_dora:
-        log.warning("DoRA adapters have no kohya layout: only %s is written", diffusers_path)
-        return (diffusers_path,)
-    kohya_path = output_dir / KOHYA_LORA_FILE
+    kohya_path = output_dir / f"{output_name}.safetensors"
     kohya_state = peft_to_kohya(diffusers_state, diffusers_metadata, sdxl=family == "sdxl")
+    model_hash, legacy_hash = safetensors_hashes(kohya_state, metadata)
+    kohya_metadata = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
     with atomic_path(kohya_path) as tmp:
-        save_file(kohya_state, str(tmp), metadata=metadata)
+        save_file(kohya_state, str(tmp), metadata=kohya_metadata)
     return diffusers_path, kohya_path
 
 

@@ -20,6 +20,7 @@ IMPLEMENTATION = {"sd1": "https://github.com/CompVis/stable-diffusion",
                   "sd2": "https://github.com/Stability-AI/stablediffusion",
                   "sdxl": "https://github.com/Stability-AI/generative-models"}
 LORA_IMPLEMENTATION = "https://github.com/huggingface/diffusers"
+MODELSPEC_VERSION = "1.0.1"  # the version kohya's sd-scripts write today
 
 
 def modelspec(family: str, prediction_type: str, *, title: str, resolution: int,
@@ -28,7 +29,7 @@ def modelspec(family: str, prediction_type: str, *, title: str, resolution: int,
     one; `prediction_type` is the scheduler's ('epsilon' or 'v_prediction')."""
     architecture = MODELSPEC_ARCHITECTURE[(family, prediction_type)]
     spec = {
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": f"{architecture}/lora" if lora else architecture,
         "modelspec.implementation": LORA_IMPLEMENTATION if lora else IMPLEMENTATION[family],
         "modelspec.title": title,

@@ -85,6 +85,11 @@ class DreamBoothModule(L.LightningModule):
         # Checkpoints hold only what training changes; the frozen rest comes from the base model.
         self.strict_loading = False
 
+        # Train and run in fp32 whatever dtype the folder stores (transformers 5 loads a fp16
+        # text encoder as fp16, diffusers the UNet as fp32): mixed precision on CUDA halves the
+        # frozen modules in `on_fit_start`; a trained fp16 weight would lose its updates.
+        for model in (self.unet, self.vae, *self.text_encoders):
+            model.to(dtype=torch.float32)
         self.vae.requires_grad_(False).eval()
         if lora is not None:
             add_lora_adapters(self.unet, self.text_encoders, lora,

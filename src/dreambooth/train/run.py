@@ -20,7 +20,12 @@ import torch
 import dreambooth.train.checkpointing as checkpointing
 from dreambooth.config import TrainConfig, dump_yaml, instance_prompt_warnings, parse_train_config
 from dreambooth.formats.export import save_trained_pipeline, write_run_files
-from dreambooth.formats.lora_files import lora_metadata, save_lora_files
+from dreambooth.formats.lora_files import (
+    default_output_name,
+    lora_metadata,
+    save_lora_files,
+    tag_frequency,
+)
 from dreambooth.images import load_image_folder
 from dreambooth.models import load_components
 from dreambooth.train.callbacks import ClassImageGeneration, ValidationSamples
@@ -141,7 +146,8 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
         torch.backends.cudnn.allow_tf32 = True
     seed, max_steps = config.optim.seed, config.optim.max_train_steps
 
-    load_image_folder(config.data.instance_data_dir, role="instance")  # fail before loading models
+    # Fail before loading models.
+    num_train_images = len(load_image_folder(config.data.instance_data_dir, role="instance"))
     # Seeded before the models exist: LoRA layers are initialised from the global RNG.
     L.seed_everything(seed, workers=True, verbose=False)
     components = load_components(
@@ -212,13 +218,22 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
             save_trained_pipeline(components, output_dir, config_yaml=dump_yaml(config))
             log.info("trained pipeline saved to %s", output_dir)
         else:
+            output_name = config.checkpoint.output_name or default_output_name(output_dir)
+            optim = config.optim
             metadata = lora_metadata(
                 settings=lora, base_model=str(config.model.pretrained_model_name_or_path),
-                trigger_phrase=config.data.instance_prompt, resolution=config.data.resolution,
-                prediction_type=components.prediction_type, training_steps=trainer.global_step,
-                train_text_encoder=config.optim.train_text_encoder, family=components.family)
+                trigger_phrase=config.data.instance_prompt, output_name=output_name,
+                resolution=config.data.resolution, prediction_type=components.prediction_type,
+                training_steps=trainer.global_step, learning_rate=optim.learning_rate,
+                text_encoder_lr=(optim.text_encoder_lr or optim.learning_rate)
+                if optim.train_text_encoder else None,
+                num_train_images=num_train_images,
+                tag_frequency=tag_frequency({Path(config.data.instance_data_dir).name: [
+                    config.data.instance_prompt] * num_train_images}),
+                family=components.family)
             paths = save_lora_files(output_dir, components.unet, components.text_encoders,
-                                    settings=lora, metadata=metadata, family=components.family)
+                                    settings=lora, metadata=metadata, output_name=output_name,
+                                    family=components.family)
             write_run_files(output_dir, dump_yaml(config))
             log.info("LoRA weights saved: %s", ", ".join(map(str, paths)))
     return output_dir
