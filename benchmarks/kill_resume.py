@@ -59,7 +59,6 @@ def main() -> int:
     started = time.monotonic()
     subprocess.run(train_command(model, photos, root / "reference", args.steps, False),
                    check=True, capture_output=True)
-    one_run = time.monotonic() - started
     output = root / "killed"
     kills, during_write, runs = 0, 0, 0
     while not (output / "model_index.json").exists():
@@ -67,15 +66,21 @@ def main() -> int:
         process = subprocess.Popen(train_command(model, photos, output, args.steps, runs > 1),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if kills < args.kills:
-            # Half the kills wait for a checkpoint write to be under way, half a random moment.
+            # Half the kills hit a checkpoint write under way, half a random moment (up to half
+            # a second) after a new checkpoint is complete: both before the run can finish.
             target_write = chooser.random() < 0.5
-            deadline = time.monotonic() + chooser.uniform(0.3, 1.0) * one_run
+            delay = chooser.uniform(0.0, 0.5)
             checkpoints = output / "checkpoints"
-            while process.poll() is None:
-                writing = checkpoints.is_dir() and any(
-                    p.suffix == ".tmp" for p in checkpoints.iterdir())
-                if (target_write and writing) or (not target_write and
-                                                  time.monotonic() > deadline):
+            done_before = {p.name for p in checkpoints.glob("checkpoint-*.ckpt")}
+            new_since = None
+            while process.poll() is None and not (output / "model_index.json").exists():
+                names = {p.name for p in checkpoints.iterdir()} if checkpoints.is_dir() else set()
+                writing = any(name.endswith(".tmp") for name in names)
+                if new_since is None and {n for n in names if n.endswith(".ckpt")} - done_before:
+                    new_since = time.monotonic()
+                if (target_write and writing) or (
+                        not target_write and new_since is not None
+                        and time.monotonic() - new_since > delay):
                     os.kill(process.pid, signal.SIGKILL)
                     kills += 1
                     during_write += writing

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -179,7 +180,8 @@ def test_lora_is_applied_on_request_and_off_without(client):
                                                 "lora_scale": 0.8})
     image = decode(styled.data[0].b64_json)
     params = parse_parameters(image.text["parameters"])
-    assert params["Lora"] == "style" and params["Lora scale"] == "0.8"
+    assert params["prompt"].endswith("<lora:style:0.8>")  # A1111 re-applies it when pasted
+    assert re.fullmatch(r'style: [0-9a-f]{12}', params["Lora hashes"])
     assert np.abs(pixels(image) - plain).max() > 10
     assert np.array_equal(generate_one(client, 5), plain)  # the next request has no LoRA
 

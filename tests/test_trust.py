@@ -210,3 +210,21 @@ def test_full_disk_message_without_a_real_disk(tmp_path, monkeypatch):
     with pytest.raises(DiskFullError, match="no space left"):
         checkpointing.AtomicCheckpointIO().save_checkpoint({}, tmp_path / "checkpoint-1.ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_trained_folder_loads_in_transformers_4(good_model):
+    """transformers 4.x finds a CLIP text model's weights only under `text_model.`; without it
+    it loads a random encoder with a mere warning (benchmarks/older_stacks.py shows it)."""
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    output, _ = good_model
+    with safe_open(str(output / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and all(key.startswith("text_model.") for key in keys)
+    reloaded = CLIPTextModel.from_pretrained(output / "text_encoder").state_dict()
+    with safe_open(str(output / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        for key, value in reloaded.items():
+            stored = key if key.startswith("text_model.") else "text_model." + key
+            if stored in f.keys():
+                assert torch.equal(f.get_tensor(stored), value), key

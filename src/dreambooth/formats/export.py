@@ -189,6 +189,7 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
     pipeline.to(dtype=torch_dtype)
     with atomic_folder(output) as staging:  # replaces an empty folder, checked above
         pipeline.save_pretrained(staging, safe_serialization=True)
+        for_older_stacks(staging, folder)
         (staging / EXPORT_INFO_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         if (folder / TRAINING_CONFIG_FILE).is_file():  # the run that made it, when there is one
             shutil.copyfile(folder / TRAINING_CONFIG_FILE, staging / TRAINING_CONFIG_FILE)
@@ -231,8 +232,48 @@ def save_trained_pipeline(components: DiffusionComponents, output_dir: str | Pat
                                                  local_files_only=True)
     with atomic_folder(output_dir, existing="merge") as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
-    write_run_files(output_dir, config_yaml)
+        for_older_stacks(staging, components.path)
+        write_run_files(staging, config_yaml)  # moved in with the weights they describe
     return output_dir
+
+
+def for_older_stacks(folder: Path, base: Path) -> None:
+    """Make a saved pipeline folder load in the transformers 4.x and diffusers 0.3x stacks
+    users still run, as well as in this one:
+
+    - transformers 5 writes CLIP text models without the `text_model.` level in their weight
+      names; 4.x then finds none of them and initialises the encoder at random (with only a
+      warning). Names are written with it, which 5 reads as well.
+    - A tokenizer saved by transformers 5 may hold only `tokenizer.json`; the slow
+      CLIPTokenizer that model_index.json names needs `vocab.json` and `merges.txt`, copied
+      from the base model when it has them.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for encoder in sorted(folder.glob("text_encoder*")):
+        for weights in sorted(encoder.glob("*.safetensors")):
+            with safe_open(str(weights), framework="pt") as handle:
+                metadata = handle.metadata() or {"format": "pt"}
+                state = {_with_text_model(key): handle.get_tensor(key) for key in handle.keys()}
+            save_file(state, str(weights), metadata=metadata)
+        for index in encoder.glob("*.safetensors.index.json"):
+            content = json.loads(index.read_text())
+            content["weight_map"] = {_with_text_model(key): file
+                                     for key, file in content["weight_map"].items()}
+            index.write_text(json.dumps(content, indent=2) + "\n")
+    for tokenizer in sorted(folder.glob("tokenizer*")):
+        for name in ("vocab.json", "merges.txt"):
+            source = base / tokenizer.name / name
+            if source.is_file() and not (tokenizer / name).exists():
+                shutil.copyfile(source, tokenizer / name)
+
+
+def _with_text_model(key: str) -> str:
+    """`encoder.layers.0...` -> `text_model.encoder.layers.0...` (CLIP's projection stays)."""
+    if key.startswith(("text_model.", "text_projection.")):
+        return key
+    return "text_model." + key
 
 
 def write_run_files(output_dir: Path, config_yaml: str) -> None:

@@ -17,6 +17,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from dreambooth.formats.infotext import format_parameters
+from dreambooth.formats.infotext import format_parameters, lora_hash
 from dreambooth.generate import IMG2IMG_STRENGTH, INPAINT_STRENGTH, SCHEDULERS
 from dreambooth.images import ImageFormatError, ImageReadError, ImageTooLargeError, read_image
 from dreambooth.models import DEFAULT_GUIDANCE_SCALE, read_training_config
@@ -113,6 +114,7 @@ class ServerState:
                  max_work: float = DEFAULT_MAX_WORK, max_batch: int = 8,
                  max_batch_megapixels: float = 4.2, shutdown_timeout_s: float = 2.0):
         self.models, self.loras, self.metrics = models, loras, metrics
+        self.lora_hashes = {name: lora_hash(path) for name, path in loras.items()}
         self.max_image_size, self.max_steps = max_image_size, max_steps
         self.max_work, self.max_batch = max_work, max_batch
         self.max_batch_pixels = max_batch_megapixels * 1e6
@@ -246,20 +248,23 @@ def _seeds(seed: int | None, n: int) -> list[int]:
     return [base + offset for offset in range(n)]
 
 
-def _parameters(served: ServedModel, job: Job, seed_index: int) -> str:
-    """The A1111 `parameters` text a PNG answer carries."""
+def _parameters(served: ServedModel, job: Job, seed_index: int,
+                lora_hashes: Mapping[str, str]) -> str:
+    """The A1111 `parameters` text a PNG answer carries: a LoRA as `<lora:NAME:W>` in the
+    prompt and its hash in `Lora hashes`, so pasting the text into A1111 applies it again."""
     key = job.key
     sampler = SCHEDULERS[key.scheduler][1] if key.scheduler else served.default_sampler
     extra: dict[str, object] = {}
-    if key.lora is not None:
-        extra.update({"Lora": key.lora, "Lora scale": key.lora_scale})
     if key.strength is not None:
         extra["Denoising strength"] = key.strength
+    loras = None
+    if key.lora is not None:
+        loras = [(key.lora, key.lora_scale, lora_hashes.get(key.lora))]
     return format_parameters(
         prompt=job.prompts[seed_index], negative_prompt=job.negative_prompts[seed_index],
         steps=key.num_inference_steps, sampler=sampler, cfg_scale=key.guidance_scale,
         seed=job.seeds[seed_index], width=key.width, height=key.height,
-        model_name=served.name, extra=extra)
+        model_name=served.name, extra=extra, loras=loras)
 
 
 def encode_image(image: Image.Image, output_format: str, quality: int | None,
@@ -276,14 +281,16 @@ def encode_image(image: Image.Image, output_format: str, quality: int | None,
     return buffer.getvalue()
 
 
-async def _encode_all(served: ServedModel, job: Job, images: list[Image.Image],
-                      output_format: str, quality: int | None) -> list[str]:
+async def _encode_all(state: ServerState, served: ServedModel, job: Job,
+                      images: list[Image.Image], output_format: str,
+                      quality: int | None) -> list[str]:
     """Base64 of every image, encoded off the event loop."""
 
     def encode() -> list[str]:
-        return [base64.b64encode(encode_image(image, output_format, quality,
-                                              _parameters(served, job, index))).decode("ascii")
-                for index, image in enumerate(images)]
+        return [base64.b64encode(encode_image(
+            image, output_format, quality,
+            _parameters(served, job, index, state.lora_hashes))).decode("ascii")
+            for index, image in enumerate(images)]
 
     return await run_in_threadpool(encode)
 
@@ -295,7 +302,7 @@ async def _images_answer(state: ServerState, served: ServedModel, job: Job,
         raise APIError(400, "output_format 'webp' needs Pillow built with libwebp; ask for png "
                             "or jpeg.", param="output_format", code="unsupported_format")
     images = await state.run(served, job, request)
-    encoded = await _encode_all(served, job, images, output_format, body.output_compression)
+    encoded = await _encode_all(state, served, job, images, output_format, body.output_compression)
     # response_format "url" is answered with data: URLs; this server hosts no files.
     if body.response_format == "url":
         data = [{"url": f"data:image/{output_format};base64,{b64}"} for b64 in encoded]
@@ -498,7 +505,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                           lora=body.lora, lora_scale=body.lora_scale)
     job = Job(key, [prompt] * body.n, [body.negative_prompt] * body.n, _seeds(body.seed, body.n))
     images = await state.run(served, job, request)
-    encoded = await _encode_all(served, job, images, "png", None)
+    encoded = await _encode_all(state, served, job, images, "png", None)
     parts = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}
              for b64 in encoded]
     message = {"role": "assistant", "content": "", "images": parts}
@@ -534,8 +541,9 @@ async def a1111_txt2img(body: Txt2ImgRequest, request: Request,
     job = Job(key, [body.prompt] * count, [body.negative_prompt] * count,
               _seeds(None if body.seed == -1 else body.seed, count))
     images = await state.run(served, job, request)
-    encoded = await _encode_all(served, job, images, "png", None)
-    infotexts = [_parameters(served, job, index) for index in range(count)]
+    encoded = await _encode_all(state, served, job, images, "png", None)
+    infotexts = [_parameters(served, job, index, state.lora_hashes)
+                 for index in range(count)]
     info = {"prompt": body.prompt, "negative_prompt": body.negative_prompt,
             "seed": job.seeds[0], "all_seeds": job.seeds, "steps": key.num_inference_steps,
             "cfg_scale": body.cfg_scale, "width": width, "height": height,
