@@ -20,7 +20,7 @@ import torch
 from conftest import tiny_config
 from dreambooth.cli import main
 from dreambooth.config import ConfigError, load_yaml_config
-from dreambooth.files import DiskFullError, atomic_path, atomic_write_bytes
+from dreambooth.files import DiskFullError, atomic_folder, atomic_path, atomic_write_bytes
 from dreambooth.train import checkpointing
 from dreambooth.train.module import NonFiniteError
 from dreambooth.train.run import train
@@ -193,8 +193,14 @@ def test_full_disk_is_one_line_naming_the_path_and_keeps_the_old_file(tiny_disk)
     with pytest.raises(DiskFullError, match="checkpoint-3.ckpt"):
         checkpointing.AtomicCheckpointIO().save_checkpoint(
             {"state_dict": {"w": torch.zeros(1_000_000)}}, tiny_disk / "checkpoint-3.ckpt")
+    folder = tiny_disk / "pipeline"
+    atomic_write_bytes(folder / "model_index.json", b"{}")
+    with pytest.raises(DiskFullError, match="pipeline"):  # a model folder's final save
+        with atomic_folder(folder, existing="merge") as staging:
+            save_file({"w": torch.zeros(1_000_000)}, str(staging / "weights.safetensors"))
     assert target.read_bytes() == b"the model the user had"
-    assert sorted(p.name for p in tiny_disk.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["model.safetensors", "pipeline"]
+    assert [p.name for p in folder.iterdir()] == ["model_index.json"]
 
 
 def test_full_disk_message_without_a_real_disk(tmp_path, monkeypatch):
