@@ -352,11 +352,17 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # The user's problem in one line, without the source line Python would print under it.
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((word for word in argv if not word.startswith("-")), None)
     args = build_parser(only=chosen if chosen in COMMANDS else None).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    warnings.formatwarning = _one_line_warning
     try:
         if args.command == "train":
             config = resolve_train_config(args)

@@ -89,7 +89,8 @@ class DreamBoothModule(L.LightningModule):
         # text encoder as fp16, diffusers the UNet as fp32): mixed precision on CUDA halves the
         # frozen modules in `on_fit_start`; a trained fp16 weight would lose its updates.
         for model in (self.unet, self.vae, *self.text_encoders):
-            model.to(dtype=torch.float32)
+            if model.dtype != torch.float32:  # (diffusers warns on every cast, needed or not)
+                model.to(dtype=torch.float32)
         self.vae.requires_grad_(False).eval()
         if lora is not None:
             add_lora_adapters(self.unet, self.text_encoders, lora,
