@@ -360,7 +360,7 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((word for word in argv if not word.startswith("-")), None)
-    args = build_parser(only=chosen if chosen in COMMANDS else None).parse_args(argv)
+    args = build_parser(only=chosen if chosen in ("train", *COMMANDS) else None).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     warnings.formatwarning = _one_line_warning
     try:

@@ -186,6 +186,9 @@ class HardwareConfig:
     allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere+ GPUs.")
     dataloader_num_workers: int = option(
         0, "Accepted for compatibility; batches come from cached latents.")
+    num_threads: int | None = option(
+        None, "torch threads on the CPU (default: one per core other processes leave idle, "
+        "measured as the run starts, or OMP_NUM_THREADS; a resumed run keeps its first count).")
 
 
 @dataclass
@@ -394,7 +397,7 @@ def validate(config: TrainConfig) -> list[str]:
     for key in positive:
         if flat[key] < 1:
             problems.append(f"{key}={flat[key]} must be at least 1")
-    for key in ("max_train_steps", "checkpoints_total_limit"):
+    for key in ("max_train_steps", "checkpoints_total_limit", "num_threads"):
         if flat[key] is not None and flat[key] < 1:
             problems.append(f"{key}={flat[key]} must be at least 1")
     for key in ("num_class_images", "lr_warmup_steps", "max_grad_norm", "prior_loss_weight"):

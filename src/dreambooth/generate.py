@@ -38,6 +38,7 @@ from diffusers import (
 )
 from PIL import Image
 
+from dreambooth import cpu
 from dreambooth.formats.infotext import format_parameters, lora_hash, model_hash
 from dreambooth.formats.lora_files import LoraFileError, lora_file
 from dreambooth.images import make_grid, save_png
@@ -172,7 +173,13 @@ def _run_in_chunks(
 ) -> list[Image.Image]:
     """Call `pipeline_call` on `batch_size` seeds at a time, slicing every per-image argument."""
     images: list[Image.Image] = []
-    with torch.inference_mode():
+    unet, scale = pipeline_call.unet, pipeline_call.vae_scale_factor
+    width, height = (per_image["image"][0].size if "image" in per_image
+                     else (shared["width"], shared["height"]))
+    # UNet batch positions per image; with guidance both CFG halves run in one batch.
+    latent_positions = (height // scale) * (width // scale) * (
+        2 if shared["guidance_scale"] > 1 else 1)
+    with torch.inference_mode(), cpu.adaptive_threads() as threads:
         for start in range(0, len(seeds), batch_size):
             stop = start + batch_size
             # One CPU generator per image: its initial latents, its VAE posterior sample (edits)
@@ -180,7 +187,10 @@ def _run_in_chunks(
             # its batch neighbours.
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[start:stop]]
             chunk = {name: values[start:stop] for name, values in per_image.items()}
-            output = pipeline_call(**chunk, **shared, generator=generators, output_type="pil")
+            threads.before_batch()
+            with cpu.conv_backend_for(len(generators) * latent_positions, unet.device,
+                                      unet.dtype):
+                output = pipeline_call(**chunk, **shared, generator=generators, output_type="pil")
             images.extend(output.images)
     return images
 

@@ -11,10 +11,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from dreambooth import seeding
-from dreambooth.generate import sample_images
 from dreambooth.images import make_grid, save_png
 from dreambooth.models import DiffusionComponents, assemble_pipeline
-from dreambooth.train.class_images import generate_class_images, missing_class_images
+from dreambooth.train.class_images import missing_class_images
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,8 @@ class ClassImageGeneration(Callback):
             log.info("generating %d class image(s) for %r into %s on %d process(es)",
                      len(missing), self.class_prompt, self.class_data_dir, trainer.world_size)
         if share:
+            from dreambooth.train.class_images import generate_class_images
+
             device = trainer.strategy.root_device
             for module in (pl_module.unet, pl_module.vae, *pl_module.text_encoders):
                 module.to(device)
@@ -106,6 +107,8 @@ class ValidationSamples(Callback):
     def sample(self, trainer, pl_module) -> list:
         if not trainer.is_global_zero:
             return []
+        from dreambooth.generate import sample_images  # (diffusers' pipelines: only when used)
+
         pipeline = assemble_pipeline(self.components)
         with _sampling_context(trainer, pl_module):
             images = sample_images(pipeline, self.prompt, seeds=self.seeds,

@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 
 from dreambooth import seeding
 from dreambooth.formats.infotext import format_parameters
-from dreambooth.generate import sample_images, set_scheduler
 from dreambooth.images import list_image_files, save_png
 
 log = logging.getLogger(__name__)
@@ -47,6 +46,8 @@ def generate_class_images(pipeline, class_data_dir: str | Path, indices: list[in
                           num_inference_steps: int = 50, guidance_scale: float = 7.5,
                           resolution: int | None = None, show_progress: bool = True) -> list[Path]:
     """Generate and atomically write the class images with the given indices; return their paths."""
+    from dreambooth.generate import sample_images, set_scheduler  # diffusers' pipelines: slow
+
     class_data_dir = Path(class_data_dir)
     class_data_dir.mkdir(parents=True, exist_ok=True)
     sampler = set_scheduler(pipeline, None)

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 
 import dreambooth.train.checkpointing as checkpointing
+from dreambooth import cpu
 from dreambooth.config import TrainConfig, dump_yaml, instance_prompt_warnings, parse_train_config
 from dreambooth.formats.export import save_trained_pipeline, write_run_files
 from dreambooth.formats.lora_files import (
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 CONFIG_KEY = "dreambooth_config"  # where a checkpoint holds its run's resolved configuration
+THREADS_KEY = "torch_threads"  # and the CPU thread count it trained with (see dreambooth.cpu)
 # Keys that must match between a checkpoint and the run resuming it for an exact resume.
 RESUME_INVARIANTS = ("pretrained_model_name_or_path", "train_text_encoder", "train_batch_size",
                      "gradient_accumulation_steps", "with_prior_preservation", "resolution",
@@ -45,13 +47,14 @@ RESUME_INVARIANTS = ("pretrained_model_name_or_path", "train_text_encoder", "tra
 
 
 class RunMetadata(L.Callback):
-    """Stores the resolved configuration in every checkpoint."""
+    """Stores the resolved configuration (and the torch thread count) in every checkpoint."""
 
     def __init__(self, config: TrainConfig):
         self.config = config
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         checkpoint[CONFIG_KEY] = self.config.to_flat_dict()
+        checkpoint[THREADS_KEY] = torch.get_num_threads()
 
 
 def resolve_config(config: TrainConfig, saved: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -127,6 +130,39 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
 
     `callbacks` are extra Lightning callbacks (tests use them to interrupt a run).
     """
+    threads = torch.get_num_threads()
+    try:
+        return _train(config, callbacks or [], cpu.LoadMeter())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _on_cpu(config: TrainConfig) -> bool:
+    accelerator = config.hardware.accelerator
+    if accelerator == "auto":
+        return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    return accelerator == "cpu"
+
+
+def _choose_threads(config: TrainConfig, meter: cpu.LoadMeter, resumed: int | None) -> None:
+    """Set torch's threads for a CPU run: `num_threads`, else the count of the checkpoint
+    resumed (the same float sums as before the interruption), else OMP_NUM_THREADS, else one
+    per core other processes leave idle (see dreambooth.cpu)."""
+    if not _on_cpu(config):
+        return
+    threads = config.hardware.num_threads or resumed
+    if threads is None and cpu.threads_chosen_by_user():
+        threads = torch.get_num_threads()
+    elif threads is None:
+        others, cores = meter.other_cores(), len(cpu.usable_cores())
+        threads = cpu.threads_beside(others, cores)
+        if threads < cores:
+            log.info("other processes keep %.1f of %d cores busy: training with %d torch "
+                     "thread(s) (num_threads sets the count)", others, cores, threads)
+    torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
     output_dir = Path(config.checkpoint.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     if output_dir.exists() and not output_dir.is_dir():
@@ -136,7 +172,11 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
     optimizer_class(config.optim)  # fail before loading models if it cannot run
     resume_path = checkpointing.resolve_resume_path(config.checkpoint.resume_from_checkpoint,
                                                     checkpoint_dir)
-    saved = None if resume_path is None else checkpointing.saved_config(resume_path, CONFIG_KEY)
+    saved, resumed_threads = None, None
+    if resume_path is not None:
+        stored = checkpointing.read_checkpoint(resume_path)
+        saved, resumed_threads = stored.get(CONFIG_KEY, {}), stored.get(THREADS_KEY)
+        del stored
     config = resolve_config(config, saved)
     if resume_path is not None:
         checkpointing.check_resume(resume_path, saved, config.to_flat_dict(), RESUME_INVARIANTS,
@@ -155,6 +195,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
         vae_name_or_path=config.model.pretrained_vae_model_name_or_path,
         variant=config.model.variant, prediction_type=config.model.prediction_type)
     check_resolution(config.data.resolution, components)
+    _choose_threads(config, meter, resumed_threads)  # the load measured while models loaded
     with_prior = config.prior.with_prior_preservation
     lora = lora_settings(config)
     module = DreamBoothModule(
@@ -193,7 +234,7 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
             num_inference_steps=config.validation.validation_inference_steps,
             guidance_scale=config.validation.validation_guidance_scale, seed=seed,
             resolution=config.data.resolution, output_dir=output_dir / "validation"))
-    run_callbacks += callbacks or []
+    run_callbacks += callbacks
 
     trainer = L.Trainer(
         accelerator=config.hardware.accelerator, devices=_devices(config.hardware.devices),
