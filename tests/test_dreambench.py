@@ -96,9 +96,10 @@ def _stand_in_model(*, follows_prompts: bool, overfit: bool):
     subject = SUBJECTS["polka_ball"]
 
     def sample_images(pipeline, prompt, seeds, **kwargs):
-        asked = parse_prompt(prompt) if follows_prompts else {}
+        prompts = [prompt] * len(seeds) if isinstance(prompt, str) else prompt
         images = []
-        for seed in seeds:
+        for prompt, seed in zip(prompts, seeds):  # one prompt a seed, as sample_images takes
+            asked = parse_prompt(prompt) if follows_prompts else {}
             pose = sample_pose(scene_rng(0 if overfit else seed))
             is_subject = overfit or "sks" in prompt
             default_color = subject.color if is_subject else ("red", "green", "purple")[seed % 3]
