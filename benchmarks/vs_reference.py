@@ -5,7 +5,8 @@ diffusers publishes the reference trainer with its examples (examples/dreambooth
 part of this repository. Give its path and a Python that can run it (it needs accelerate and
 torchvision, which this project does not depend on):
 
-    .venv/bin/python benchmarks/vs_reference.py --reference ~/diffusers/examples/dreambooth/train_dreambooth.py \\
+    .venv/bin/python benchmarks/vs_reference.py \\
+        --reference ~/diffusers/examples/dreambooth/train_dreambooth.py \\
         --reference-python ~/refvenv/bin/python --runs 3 --steps 150
 
 What runs: one random-weight SD-1.x-architecture model (UNet blocks 64/128/128, 64 px, CLIP
