@@ -39,7 +39,7 @@ def test_load_meter_counts_busy_processes_but_not_niced_ones(niceness, busy):
     child.wait()
     others = meter.other_cores()
     assert others is not None
-    if busy:
+    if busy or not cpu._nice_yields():  # under autogroups a niced process competes
         assert others >= 0.5, f"a busy child measured as {others:.2f} cores"
     else:
         assert others < 0.5, f"a niced child measured as {others:.2f} cores"

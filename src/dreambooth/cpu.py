@@ -7,7 +7,8 @@ and its siblings spin until it runs again: on 2 cores, sampling took 4x as long 
 process and 66x beside four (BENCHMARKS.md, "A busy machine"); with one thread it took 1.5x and
 4x. So where the user has not chosen a thread count (`--num_threads`, OMP_NUM_THREADS or
 MKL_NUM_THREADS), torch gets one thread per core that other processes leave idle, measured from
-/proc/stat on the cores this process may use (niced processes do not count: they yield):
+/proc/stat on the cores this process may use (niced processes count only where the scheduler
+lets them compete as equals: see `_nice_yields`):
 - a training run measures once, while its models load, and keeps that count for the whole run
   (recorded with its configuration, so a resumed run computes exactly as the first did: the
   thread count changes float sums in the last bits);
@@ -52,23 +53,34 @@ def _busy_seconds(cores: list[int]) -> float | None:
     except OSError:
         return None
     wanted = {f"cpu{core}" for core in cores}
+    nice_yields = _nice_yields()
     busy = 0
     found = 0
     for line in lines:
         fields = line.split()
         if fields and fields[0] in wanted:
             # user nice system idle iowait irq softirq steal: all but idle and iowait, and but
-            # nice: a niced process (nice -n 19) yields its core to ours within a time slice.
+            # nice where niced processes yield their core to ours (see _nice_yields).
             values = [int(value) for value in fields[1:9]]
-            busy += sum(values) - values[1] - values[3] - values[4]
+            busy += sum(values) - values[3] - values[4] - (values[1] if nice_yields else 0)
             found += 1
     if found != len(wanted):
         return None
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def _nice_yields() -> bool:
+    """Whether a niced process gives way to ours: not under the scheduler's autogroups (the
+    default of desktop Linux), where nice only ranks processes of one session, so a `nice -n
+    19` job started from another terminal competes as an equal."""
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "0"
+    except OSError:
+        return False
+
+
 def _own_seconds() -> float:
-    if os.getpriority(os.PRIO_PROCESS, 0) > 0:  # our own time is counted as nice time
+    if os.getpriority(os.PRIO_PROCESS, 0) > 0 and _nice_yields():  # counted as nice time
         return 0.0
     times = os.times()
     return times.user + times.system
