@@ -14,7 +14,7 @@ PACKAGE = Path(dreambooth.__file__).parent
 # The engine: everything a user of train/generate/export needs. serve/ and world/ build on it.
 ENGINE = ("dreambooth.train", "dreambooth.formats", "dreambooth.config", "dreambooth.models",
           "dreambooth.families", "dreambooth.generate", "dreambooth.images", "dreambooth.files",
-          "dreambooth.seeding", "dreambooth.tiny")
+          "dreambooth.seeding", "dreambooth.tiny", "dreambooth.prompts")
 
 
 def import_graph() -> dict[str, set[str]]:

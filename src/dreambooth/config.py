@@ -156,7 +156,14 @@ class CheckpointConfig:
 class ValidationConfig:
     validation_prompt: str | None = option(
         None, "Prompt sampled during training to watch progress.")
-    validation_steps: int = option(100, "Sample validation images every N optimizer steps.")
+    validation_prompts: str | None = option(
+        None, "Text file of validation prompts, one a line ('#' comments and blank lines "
+        "skipped; at most 64), sampled beside validation_prompt: one grid row per prompt.")
+    validation_data_dir: str | None = option(
+        None, "Held-out photos of the subject: every validation_steps, the loss on them at fixed "
+        "timesteps and noise is logged as val_loss (training is unchanged).")
+    validation_steps: int = option(
+        100, "Sample validation images (and compute val_loss) every N optimizer steps.")
     num_validation_images: int = option(4, "Validation images per prompt (fixed seeds).")
     validation_inference_steps: int = option(25, "Denoising steps for validation images.")
     validation_guidance_scale: float | None = option(

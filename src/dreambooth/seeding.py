@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 # --- DreamBooth training (train/): derive_seed(TrainConfig.seed, STREAM, index)
 INSTANCE_ORDER, CLASS_ORDER, SAMPLE, CROP, CLASS_IMAGE, VALIDATION = range(6)
+VALIDATION_LOSS = 6  # generator(seed, 6, i): the fixed noise of held-out image i's val_loss
 
 # --- World pretraining (world/pretrain.py, world/callbacks.py): keys of PretrainConfig.seed,
 # kept apart from DreamBooth's 0-5.

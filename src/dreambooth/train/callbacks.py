@@ -19,21 +19,28 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _sampling_context(trainer, pl_module):
-    """Eval mode, no grad, the run's autocast, and the text encoder on the device."""
+def sampling_context(trainer, pl_module, *, move_encoders: bool = True):
+    """Eval mode, no grad, the run's autocast, and (with `move_encoders`) the text encoders on
+    the device; afterwards every submodule's own mode and the encoders' devices come back.
+
+    Modes are restored module by module, not with `.train(flag)`: the UNet is loaded in eval
+    mode while peft's LoRA dropout layers are created in train mode, and one flag for the whole
+    tree would switch that dropout off for the rest of the run.
+    """
     encoders = pl_module.text_encoders
     encoder_devices = [encoder.device for encoder in encoders]
-    was_training = pl_module.unet.training
+    modes = [(module, module.training)
+             for root in (pl_module.unet, *encoders) for module in root.modules()]
     pl_module.unet.eval()
     for encoder in encoders:
-        encoder.to(pl_module.device).eval()
+        (encoder.to(pl_module.device) if move_encoders else encoder).eval()
     try:
         with torch.no_grad(), trainer.strategy.precision_plugin.forward_context():
             yield
     finally:
-        pl_module.unet.train(was_training)
+        for module, training in modes:
+            module.training = training
         for encoder, device in zip(encoders, encoder_devices):
-            encoder.train(was_training and pl_module.optim.train_text_encoder)
             encoder.to(device)
 
 
@@ -68,7 +75,7 @@ class ClassImageGeneration(Callback):
             for module in (pl_module.unet, pl_module.vae, *pl_module.text_encoders):
                 module.to(device)
             pipeline = assemble_pipeline(self.components)
-            with _sampling_context(trainer, pl_module):
+            with sampling_context(trainer, pl_module):
                 generate_class_images(
                     pipeline, self.class_data_dir, share, class_prompt=self.class_prompt,
                     seed=self.seed, batch_size=self.sample_batch_size,
@@ -79,14 +86,17 @@ class ClassImageGeneration(Callback):
 
 
 class ValidationSamples(Callback):
-    """Every `every_n_steps` optimizer steps (and at the end), sample `validation_prompt` with
-    fixed seeds and classifier-free guidance; save a grid and log it to the trackers."""
+    """Every `every_n_steps` optimizer steps (and at the end), sample each of `prompts` with the
+    same fixed seeds and classifier-free guidance; save a grid (one row per prompt when there
+    are several) and log the images to the trackers."""
 
-    def __init__(self, components: DiffusionComponents, *, prompt: str, every_n_steps: int,
+    def __init__(self, components: DiffusionComponents, *, prompts: list[str], every_n_steps: int,
                  num_images: int, num_inference_steps: int, guidance_scale: float, seed: int,
                  resolution: int, output_dir: str | Path):
+        if not prompts:
+            raise ValueError("ValidationSamples needs at least one prompt")
         self.components = components
-        self.prompt, self.every_n_steps, self.num_images = prompt, every_n_steps, num_images
+        self.prompts, self.every_n_steps, self.num_images = list(prompts), every_n_steps, num_images
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         self.seeds = seeding.validation_seeds(seed, num_images)
         self.resolution = resolution
@@ -105,34 +115,53 @@ class ValidationSamples(Callback):
             self.sample(trainer, pl_module)
 
     def sample(self, trainer, pl_module) -> list:
+        """The images of every prompt, prompt by prompt (each with the same seeds)."""
         if not trainer.is_global_zero:
             return []
         from dreambooth.generate import sample_images  # (diffusers' pipelines: only when used)
 
         pipeline = assemble_pipeline(self.components)
-        with _sampling_context(trainer, pl_module):
-            images = sample_images(pipeline, self.prompt, seeds=self.seeds,
-                                   num_inference_steps=self.num_inference_steps,
-                                   guidance_scale=self.guidance_scale,
-                                   height=self.resolution, width=self.resolution)
+        rows = []
+        with sampling_context(trainer, pl_module):
+            for prompt in self.prompts:
+                rows.append(sample_images(pipeline, prompt, seeds=self.seeds,
+                                          num_inference_steps=self.num_inference_steps,
+                                          guidance_scale=self.guidance_scale,
+                                          height=self.resolution, width=self.resolution))
+        images = [image for row in rows for image in row]
         step = trainer.global_step
         grid_path = self.output_dir / f"step-{step:06d}.png"
-        save_png(make_grid(images), grid_path, text={
-            "prompt": self.prompt, "seeds": ",".join(map(str, self.seeds)), "step": str(step)})
-        self._log_to_trackers(trainer, images, step)
-        log.info("validation samples for %r at step %d: %s", self.prompt, step, grid_path)
+        # One prompt keeps the square-ish grid it always had; several get one row each.
+        grid = make_grid(images, columns=self.num_images if len(rows) > 1 else None)
+        save_png(grid, grid_path, text={"prompt": "\n".join(self.prompts),
+                                        "seeds": ",".join(map(str, self.seeds)),
+                                        "step": str(step)})
+        self._log_to_trackers(trainer, rows, grid, step)
+        log.info("validation samples for %d prompt(s) at step %d: %s", len(rows), step, grid_path)
         return images
 
-    def _log_to_trackers(self, trainer, images, step: int) -> None:
+    def _tags(self) -> list[str]:
+        """Tracker keys: 'validation' for one prompt, 'validation/00' ... for several."""
+        if len(self.prompts) == 1:
+            return ["validation"]
+        return [f"validation/{index:02d}" for index in range(len(self.prompts))]
+
+    def _log_to_trackers(self, trainer, rows: list[list], grid, step: int) -> None:
         from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
-        arrays = np.stack([np.asarray(image) for image in images])  # (N, H, W, 3) uint8
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_images("validation", arrays, step, dataformats="NHWC")
+                if len(rows) > 1:  # which prompt each tag shows
+                    logger.experiment.add_text("validation_prompts", "\n\n".join(
+                        f"{tag}: {prompt}" for tag, prompt in zip(self._tags(), self.prompts)),
+                        step)
+                for tag, images in zip(self._tags(), rows):
+                    arrays = np.stack([np.asarray(image) for image in images])  # (N, H, W, 3)
+                    logger.experiment.add_images(tag, arrays, step, dataformats="NHWC")
             elif isinstance(logger, WandbLogger):
-                logger.log_image(key="validation", images=list(images), step=step,
-                                 caption=[self.prompt] * len(images))
+                for tag, prompt, images in zip(self._tags(), self.prompts, rows):
+                    logger.log_image(key=tag, images=list(images), step=step,
+                                     caption=[prompt] * len(images))
             elif isinstance(logger, MLFlowLogger):
-                logger.experiment.log_image(logger.run_id, make_grid(images),
+                logger.experiment.log_image(logger.run_id, grid,
                                             f"validation/step-{step:06d}.png")

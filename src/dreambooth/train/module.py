@@ -166,6 +166,13 @@ class DreamBoothModule(L.LightningModule):
                                                  "time_ids": time_ids.to(embeds.dtype)}  # (B, 6)
         return conditioning
 
+    def diffusion_target(self, latents: torch.Tensor, noise: torch.Tensor,
+                         timesteps: torch.Tensor) -> torch.Tensor:
+        """What the UNet regresses: the noise eps, or v = alpha_t * eps - sigma_t * z_0."""
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # The backend of this step's convolutions, forward and backward (Lightning runs both
         # between this hook and the next).
@@ -192,10 +199,7 @@ class DreamBoothModule(L.LightningModule):
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)  # z_t
         model_pred = self.unet(noisy_latents, timesteps,
                                **self.unet_conditioning(is_prior, batch["time_ids"])).sample
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        target = self.diffusion_target(latents, noise, timesteps)
         per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none")
         per_sample = per_sample.mean(dim=(1, 2, 3))  # (B,)
         if self.optim.snr_gamma is not None:

@@ -29,16 +29,19 @@ from dreambooth.formats.lora_files import (
 )
 from dreambooth.images import load_image_folder
 from dreambooth.models import load_components
+from dreambooth.prompts import read_prompt_file
 from dreambooth.train.callbacks import ClassImageGeneration, ValidationSamples
 from dreambooth.train.data import DreamBoothDataModule, steps_for_epochs
 from dreambooth.train.lora import LoraSettings
 from dreambooth.train.module import DreamBoothModule, optimizer_class
+from dreambooth.train.validation import ValidationLoss
 
 log = logging.getLogger(__name__)
 
 PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 CONFIG_KEY = "dreambooth_config"  # where a checkpoint holds its run's resolved configuration
 THREADS_KEY = "torch_threads"  # and the CPU thread count it trained with (see dreambooth.cpu)
+MAX_VALIDATION_PROMPTS = 64  # each prompt costs a sampling run at every validation
 # Keys that must match between a checkpoint and the run resuming it for an exact resume.
 RESUME_INVARIANTS = ("pretrained_model_name_or_path", "train_text_encoder", "train_batch_size",
                      "gradient_accumulation_steps", "with_prior_preservation", "resolution",
@@ -188,6 +191,15 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
 
     # Fail before loading models.
     num_train_images = len(load_image_folder(config.data.instance_data_dir, role="instance"))
+    validation_prompts = []
+    if config.validation.validation_prompt:
+        validation_prompts.append(config.validation.validation_prompt)
+    if config.validation.validation_prompts:
+        validation_prompts += read_prompt_file(config.validation.validation_prompts,
+                                               flag="--validation_prompts",
+                                               limit=MAX_VALIDATION_PROMPTS)
+    if config.validation.validation_data_dir:
+        load_image_folder(config.validation.validation_data_dir, role="validation")
     # Seeded before the models exist: LoRA layers are initialised from the global RNG.
     L.seed_everything(seed, workers=True, verbose=False)
     components = load_components(
@@ -226,14 +238,20 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
             seed=seed, sample_batch_size=config.prior.sample_batch_size,
             num_inference_steps=config.prior.class_inference_steps,
             guidance_scale=config.prior.class_guidance_scale, resolution=config.data.resolution))
-    if config.validation.validation_prompt:
+    if validation_prompts:
         run_callbacks.append(ValidationSamples(
-            components, prompt=config.validation.validation_prompt,
+            components, prompts=validation_prompts,
             every_n_steps=config.validation.validation_steps,
             num_images=config.validation.num_validation_images,
             num_inference_steps=config.validation.validation_inference_steps,
             guidance_scale=config.validation.validation_guidance_scale, seed=seed,
             resolution=config.data.resolution, output_dir=output_dir / "validation"))
+    if config.validation.validation_data_dir:
+        run_callbacks.append(ValidationLoss(
+            config.validation.validation_data_dir, instance_prompt=config.data.instance_prompt,
+            every_n_steps=config.validation.validation_steps, resolution=config.data.resolution,
+            center_crop=config.data.center_crop, seed=seed,
+            batch_size=2 * config.optim.train_batch_size))
     run_callbacks += callbacks
 
     trainer = L.Trainer(

@@ -23,6 +23,7 @@ from dreambooth.files import atomic_write_text
 from dreambooth.generate import sample_images
 from dreambooth.images import load_image_folder, make_grid, pil_to_tensor, save_png, tensor_to_pil
 from dreambooth.models import WORLD_MODEL_GUIDANCE_SCALE, default_guidance_scale, load_pipeline
+from dreambooth.prompts import read_prompt_file
 from dreambooth.world import BACKGROUND_PHRASES, BACKGROUNDS, COLORS, held_out_captions, metrics
 from dreambooth.world.evaluator import load_evaluator
 from dreambooth.world.render import article
@@ -107,14 +108,7 @@ def vae_round_trip(vae, images: list[Image.Image]) -> list[Image.Image]:
 
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt a line; blank lines and lines starting with '#' are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file '{path}' does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines()
-               if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise ValueError(f"prompts file '{path}' holds no prompt (one prompt a line)")
-    return prompts
+    return read_prompt_file(path, flag="--prompts")
 
 
 def evaluate_model(model, reference_dir: str | Path, *, identifier: str = "sks", class_noun: str,

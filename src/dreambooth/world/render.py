@@ -4,6 +4,8 @@ A scene is one object (a class such as "star", a color, a position, scale, rotat
 optional `Look`: a pattern, an accent color and a proportion that captions never mention) on a
 background (a plain color or a texture), under a lighting (brightness and a light direction).
 Images are drawn at 4x (256x256) and box-filtered down to 64x64, so edges are antialiased.
+`render(scene, size=(96, 64))` frames the same scene wider (or taller) around that square, and
+`render_mask` gives the object's mask in any frame.
 
 Everything is a pure function of its arguments: randomness comes from `numpy.random.Generator`
 objects built from explicit seeds, never from global state, so a scene renders to the same
@@ -93,8 +95,8 @@ class Look:
                              "needs an accent color and 'plain' takes none")
         if self.accent is not None and self.accent not in COLORS:
             raise ValueError(f"Look.accent='{self.accent}' is not one of {tuple(COLORS)}")
-        if not 0.4 <= self.aspect <= 2.5:
-            raise ValueError(f"Look.aspect={self.aspect} is outside [0.4, 2.5]")
+        if not 0.25 <= self.aspect <= 4.0:
+            raise ValueError(f"Look.aspect={self.aspect} is outside [0.25, 4.0]")
 
 
 PLAIN = Look()
@@ -329,10 +331,16 @@ def _draw_object(scene: Scene, size: int) -> tuple[Image.Image, Image.Image]:
     return sprite, coverage
 
 
-def _texture(name: str, rng: np.random.Generator) -> np.ndarray:
-    """A (256, 256, 3) float array for a textured background."""
+def _texture(name: str, rng: np.random.Generator, frame: _Frame | None = None) -> np.ndarray:
+    """A (4H, 4W, 3) float array for a textured background: (256, 256, 3) for the square photo.
+
+    Positions are measured from the square photo's corner in units of its side, so stripes,
+    checks, dots and the beach continue into a wider frame; grass is drawn anew for the frame.
+    """
     n = _CANVAS
-    yy, xx = np.mgrid[0:n, 0:n].astype(np.float64) / n  # (n, n) in [0, 1)
+    frame = frame or _Frame()
+    width, height, left, top = frame.canvas_width, frame.canvas_height, frame.left, frame.top
+    yy, xx = np.mgrid[-top:height - top, -left:width - left].astype(np.float64) / n  # (4H, 4W)
     if name in ("striped", "checkered"):
         angle = rng.uniform(0, math.pi)
         period = rng.uniform(0.12, 0.22)
@@ -346,34 +354,36 @@ def _texture(name: str, rng: np.random.Generator) -> np.ndarray:
             light, dark = np.array([212, 212, 212.0]), np.array([92, 92, 96.0])
         return np.where(on[..., None], light, dark)
     if name == "dotted":
-        image = Image.new("RGB", (n, n), (185, 218, 236))
+        image = Image.new("RGB", (width, height), (185, 218, 236))
         draw = ImageDraw.Draw(image)
         step = rng.uniform(0.16, 0.22) * n
         dot = rng.uniform(0.18, 0.26) * step
         ox, oy = rng.uniform(0, step, size=2)
-        for row in range(-1, int(n / step) + 2):
-            for col in range(-1, int(n / step) + 2):
-                px, py = ox + (col + 0.5 * (row % 2)) * step, oy + row * step
+        rows = range(-1 - math.ceil(top / step), int((height - top) / step) + 2)
+        cols = range(-1 - math.ceil(left / step), int((width - left) / step) + 2)
+        for row in rows:
+            for col in cols:
+                px, py = ox + (col + 0.5 * (row % 2)) * step + left, oy + row * step + top
                 draw.ellipse([px - dot, py - dot, px + dot, py + dot], fill=(85, 145, 190))
         return np.asarray(image, dtype=np.float64)
     if name == "grass":
-        coarse = rng.normal(0.0, 1.0, size=(8, 8))
-        low = np.asarray(Image.fromarray(coarse.astype(np.float32)).resize((n, n),
+        coarse = rng.normal(0.0, 1.0, size=(round(8 * height / n), round(8 * width / n)))
+        low = np.asarray(Image.fromarray(coarse.astype(np.float32)).resize((width, height),
                                                                            Image.BILINEAR))
-        fine = rng.normal(0.0, 1.0, size=(n, n))
+        fine = rng.normal(0.0, 1.0, size=(height, width))
         base = np.array([70, 135, 45.0])
         image = base + (10 * low + 12 * fine)[..., None] * np.array([0.5, 1.0, 0.4])
         blades = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(blades)
-        for _ in range(160):
-            px, py = rng.uniform(0, n, size=2)
+        for _ in range(round(160 * width * height / n**2)):
+            px, py = rng.uniform(0, (width, height))
             lean, length = rng.uniform(-6, 6), rng.uniform(10, 22)
             shade = tuple(int(c) for c in (rng.uniform(0.6, 1.3) * np.array([60, 150, 40])))
             draw.line([(px, py), (px + lean, py - length)], fill=shade, width=3)
         return np.asarray(blades, dtype=np.float64)
     if name == "beach":
         horizon = rng.uniform(0.22, 0.36)
-        sand = np.array([226, 202, 150.0]) + rng.normal(0, 7, size=(n, n, 1))
+        sand = np.array([226, 202, 150.0]) + rng.normal(0, 7, size=(height, width, 1))
         sea = np.array([55, 125, 190.0]) + 18 * np.sin(
             2 * math.pi * (yy * 9 + 0.3 * np.sin(2 * math.pi * xx * 2)))[..., None] * np.array(
                 [0.3, 0.5, 0.6])
@@ -383,16 +393,56 @@ def _texture(name: str, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(f"no texture named '{name}'")
 
 
-def _background(scene: Scene) -> np.ndarray:
+@dataclass(frozen=True)
+class _Frame:
+    """Where a photo of `width` x `height` pixels lies around the square 64x64 photo: centred on
+    it, at the same scale. `left`, `top`: the square's corner in the 4x canvas."""
+
+    width: int = IMAGE_SIZE
+    height: int = IMAGE_SIZE
+
+    @property
+    def canvas_width(self) -> int:
+        return self.width * SUPERSAMPLE
+
+    @property
+    def canvas_height(self) -> int:
+        return self.height * SUPERSAMPLE
+
+    @property
+    def left(self) -> int:  # 4 (W - 64) / 2, a whole canvas pixel for any W
+        return (self.width - IMAGE_SIZE) * SUPERSAMPLE // 2
+
+    @property
+    def top(self) -> int:
+        return (self.height - IMAGE_SIZE) * SUPERSAMPLE // 2
+
+
+MAX_PHOTO_SIZE = 1024
+
+
+def _frame(size: tuple[int, int] | None) -> _Frame:
+    if size is None:
+        return _Frame()
+    try:
+        width, height = (int(side) for side in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"size={size!r} must be (width, height) in pixels") from None
+    if not (8 <= width <= MAX_PHOTO_SIZE and 8 <= height <= MAX_PHOTO_SIZE):
+        raise ValueError(f"size={size!r}: width and height must be in [8, {MAX_PHOTO_SIZE}]")
+    return _Frame(width, height)
+
+
+def _background(scene: Scene, frame: _Frame) -> np.ndarray:
     if scene.background in PLAIN_BACKGROUNDS:
         return np.broadcast_to(np.array(PLAIN_BACKGROUNDS[scene.background], dtype=np.float64),
-                               (_CANVAS, _CANVAS, 3)).copy()
-    return _texture(scene.background, scene_rng(scene.texture_seed, seeding.TEXTURE))
+                               (frame.canvas_height, frame.canvas_width, 3)).copy()
+    return _texture(scene.background, scene_rng(scene.texture_seed, seeding.TEXTURE), frame)
 
 
-def render(scene: Scene) -> Image.Image:
-    """The scene as a 64x64 RGB image: drawn at 256x256, box-filtered down, then lit."""
-    canvas = Image.fromarray(np.clip(_background(scene), 0, 255).round().astype(np.uint8))
+def _placed_object(scene: Scene, frame: _Frame) -> tuple[Image.Image, Image.Image,
+                                                         tuple[int, int]]:
+    """The rotated sprite (RGB), its coverage (L) and where its corner goes in the canvas."""
     # A sprite box large enough for any rotation of a stretched object.
     reach = 0.5 * scene.scale * _CANVAS * math.sqrt(max(scene.look.aspect,
                                                         1 / scene.look.aspect))
@@ -400,17 +450,50 @@ def render(scene: Scene) -> Image.Image:
     sprite, coverage = _draw_object(scene, size)
     sprite = sprite.rotate(scene.rotation, resample=Image.NEAREST)
     coverage = coverage.rotate(scene.rotation, resample=Image.BILINEAR)
-    left = int(round(scene.x * _CANVAS - size / 2))
-    top = int(round(scene.y * _CANVAS - size / 2))
-    canvas.paste(sprite, (left, top), mask=coverage)
-    small = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float64)  # (64, 64, 3)
-    # Light: overall brightness times a gentle gradient from the light's side (+-8%); kept
-    # mild so a dim white background never looks like a bright gray one.
-    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] / (IMAGE_SIZE - 1) - 0.5
+    left = int(round(scene.x * _CANVAS - size / 2)) + frame.left
+    top = int(round(scene.y * _CANVAS - size / 2)) + frame.top
+    return sprite, coverage, (left, top)
+
+
+def render(scene: Scene, size: tuple[int, int] | None = None) -> Image.Image:
+    """The scene as a 64x64 RGB image: drawn at 256x256, box-filtered down, then lit.
+
+    `size` (width, height) frames the same scene wider or taller: the object keeps its size
+    and place in pixels, centred frames share the square photo's middle, and the background
+    fills the rest, e.g. (96, 64) for a landscape photo whose centre 64x64 crop is the square
+    photo (pixel for pixel on plain, striped and checkered backgrounds; dots and the beach
+    continue with other antialiasing and sand grain, grass is drawn anew).
+    """
+    frame = _frame(size)
+    canvas = Image.fromarray(np.clip(_background(scene, frame), 0, 255).round().astype(np.uint8))
+    sprite, coverage, corner = _placed_object(scene, frame)
+    canvas.paste(sprite, corner, mask=coverage)
+    small = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float64)  # (H, W, 3)
+    # Light: overall brightness times a gentle gradient from the light's side (+-8% over the
+    # square); kept mild so a dim white background never looks like a bright gray one.
+    rows = np.arange(frame.height) - (frame.height - IMAGE_SIZE) / 2
+    columns = np.arange(frame.width) - (frame.width - IMAGE_SIZE) / 2
+    yy, xx = np.meshgrid(rows, columns, indexing="ij")
+    yy, xx = yy / (IMAGE_SIZE - 1) - 0.5, xx / (IMAGE_SIZE - 1) - 0.5
     angle = math.radians(scene.light_angle)
     gradient = 1.0 - 0.16 * (xx * math.cos(angle) + yy * math.sin(angle))
     lit = small * (scene.lighting * gradient)[..., None]
     return Image.fromarray(np.clip(lit, 0, 255).round().astype(np.uint8), mode="RGB")
+
+
+def render_mask(scene: Scene, size: tuple[int, int] | None = None) -> Image.Image:
+    """The object's mask in `render(scene, size)`: an 'L' image of the same size, 255 where
+    the pixel is all object, 0 where it is all background, and in between the share of the
+    pixel the object covers (its antialiased edge; threshold at 128 for a binary mask).
+
+    It is the very coverage the renderer blends the object with (a ring's hole is background),
+    box-filtered the same way; lighting does not touch it.
+    """
+    frame = _frame(size)
+    mask = Image.new("L", (frame.canvas_width, frame.canvas_height), 0)
+    _, coverage, corner = _placed_object(scene, frame)
+    mask.paste(coverage, corner)
+    return mask.reduce(SUPERSAMPLE)
 
 
 def render_array(scenes: list[Scene]) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 from PIL import Image
@@ -27,7 +27,9 @@ from dreambooth.world.render import (
     Look,
     Scene,
     article,
+    caption,
     render,
+    render_mask,
     sample_pose,
     sample_scene,
     scene_rng,
@@ -63,6 +65,12 @@ SUBJECTS: dict[str, Subject] = {subject.name: subject for subject in (
 )}
 DEMO_SUBJECT = SUBJECTS["polka_ball"]
 
+# A subject far wider than tall (4:1, a car-like long box) for wide frames and crops. Kept out
+# of SUBJECTS, so DreamBench-mini, the training stream and every published figure stay as they
+# are; photograph it with `upright_scenes` (level, large) and `render(scene, size=(96, 64))`.
+WIDE_SUBJECT = Subject("taxi_box", "box", "yellow", Look("band", "black", aspect=4.0),
+                       "a long yellow box with a black band, like a toy car")
+
 # (class, color, look without proportion) of every subject: never drawn in the training stream.
 SUBJECT_LOOKS = frozenset((s.cls, s.color, Look(s.look.pattern, s.look.accent))
                           for s in SUBJECTS.values())
@@ -89,9 +97,38 @@ def subject_scenes(subject: Subject | str, n: int = 5, seed: int = 0) -> list[Sc
     return [subject.scene(backgrounds[int(i)], **sample_pose(rng)) for i in chosen]
 
 
-def photos(subject: Subject | str, n: int = 5, seed: int = 0) -> list[Image.Image]:
-    """`n` 64x64 "photos" of the subject: pose, scale, position, background and light vary."""
-    return [render(scene) for scene in subject_scenes(subject, n, seed)]
+def upright_scenes(subject: Subject | str, n: int = 5, seed: int = 0,
+                   scale: tuple[float, float] = (0.7, 0.8)) -> list[Scene]:
+    """`subject_scenes` level (rotation 0), centred left to right, at scales spread evenly over
+    `scale`: photos for wide frames. `WIDE_SUBJECT` is then 74-84 px wide and about 20 px tall, so
+    a (96, 64) frame holds it whole and the centre 64x64 crop cuts off both ends."""
+    low, high = scale
+    scenes = subject_scenes(subject, n, seed)
+    return [replace(scene, rotation=0.0, x=0.5, scale=low + (high - low) * (i + 0.5) / n)
+            for i, scene in enumerate(scenes)]
+
+
+def photos(subject: Subject | str, n: int = 5, seed: int = 0,
+           size: tuple[int, int] | None = None) -> list[Image.Image]:
+    """`n` 64x64 "photos" of the subject: pose, scale, position, background and light vary.
+    `size` (width, height) frames each wider or taller around the same 64x64 centre."""
+    return [render(scene, size) for scene in subject_scenes(subject, n, seed)]
+
+
+def photo_masks(subject: Subject | str, n: int = 5, seed: int = 0,
+                size: tuple[int, int] | None = None) -> list[Image.Image]:
+    """The subject's mask in each of `photos(subject, n, seed, size)` ('L': 255 subject, 0
+    background, antialiased edges; see `render_mask`)."""
+    return [render_mask(scene, size) for scene in subject_scenes(subject, n, seed)]
+
+
+def photo_captions(subject: Subject | str, n: int = 5, seed: int = 0,
+                   identifier: str = "sks") -> list[str]:
+    """A caption per photo in the words the world model knows: the identifier, the class and
+    the photo's background, e.g. "a sks ball on the grass", "a sks ball on a pink background"
+    (the background is `scene.background`, one of BACKGROUNDS, worded as BACKGROUND_PHRASES)."""
+    return [caption(scene, color=False, identifier=identifier)
+            for scene in subject_scenes(subject, n, seed)]
 
 
 def dreambench_prompts(subject: Subject | str, identifier: str = "sks") -> list[str]:
