@@ -119,6 +119,18 @@ def threads_beside(other_cores: float | None, cores: int | None = None) -> int:
     return max(1, min(cores, cores - int(other_cores + 2 / 3)))
 
 
+_PROCESS_METER: LoadMeter | None = None
+
+
+def process_meter() -> LoadMeter:
+    """One meter for the process, started when this module is imported: the first batch of
+    sampling is measured over the seconds the process spent loading (its own CPU excluded)."""
+    global _PROCESS_METER
+    if _PROCESS_METER is None:
+        _PROCESS_METER = LoadMeter()
+    return _PROCESS_METER
+
+
 class AdaptiveThreads:
     """Sets torch's intra-op threads before each sampling batch from the load measured over the
     previous one; restores the count it found on `close`. A no-op where the user chose threads."""
@@ -126,12 +138,14 @@ class AdaptiveThreads:
     def __init__(self):
         self.enabled = not threads_chosen_by_user() and _busy_seconds(usable_cores()) is not None
         self.initial = torch.get_num_threads()
-        self.meter = LoadMeter() if self.enabled else None
 
     def before_batch(self) -> None:
         if not self.enabled:
             return
-        threads = threads_beside(self.meter.other_cores(), cores=self.initial)
+        others = process_meter().other_cores()
+        if others is None:  # under 0.1 s since the last look: keep the count
+            return
+        threads = threads_beside(others, cores=self.initial)
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
 
@@ -164,3 +178,6 @@ def conv_backend_for(positions: int, device: torch.device | str, dtype: torch.dt
         return
     with torch.backends.mkldnn.flags(enabled=False):
         yield
+
+
+process_meter()  # start measuring now
