@@ -14,6 +14,7 @@ from dreambooth import seeding
 from dreambooth.images import make_grid, save_png
 from dreambooth.models import DiffusionComponents, assemble_pipeline
 from dreambooth.train.class_images import missing_class_images
+from dreambooth.train.ema import ema_weights
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class ValidationSamples(Callback):
         from dreambooth.generate import sample_images  # (diffusers' pipelines: only when used)
 
         pipeline = assemble_pipeline(self.components)
-        with _sampling_context(trainer, pl_module):
+        with ema_weights(trainer), _sampling_context(trainer, pl_module):  # EMA's, if kept
             images = sample_images(pipeline, self.prompt, seeds=self.seeds,
                                    num_inference_steps=self.num_inference_steps,
                                    guidance_scale=self.guidance_scale,
