@@ -248,3 +248,69 @@ def test_interrupted_and_resumed_run_ends_bit_identical_with_ema(tmp_path, tiny_
         assert _same(_lora_file_weights(reference), _lora_file_weights(resumed))
     else:
         assert _same(_saved_pipeline_weights(reference), _saved_pipeline_weights(resumed))
+
+
+def test_non_finite_average_is_never_checkpointed():
+    from types import SimpleNamespace
+
+    from dreambooth.train.module import NonFiniteError
+
+    keeper = EMAWeights(decay=0.9, warmup=True, on_cpu=False)
+    keeper.ema = ExponentialMovingAverage({"unet.w": torch.tensor([1.0, float("nan")])},
+                                          decay=0.9, warmup=True)
+    with pytest.raises(NonFiniteError, match="EMA of weight 'unet.w'"):
+        keeper.on_save_checkpoint(SimpleNamespace(global_step=3), None, {})
+
+
+# ---------------------------------------------------------------------------- two processes
+DDP_SCRIPT = '''
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path[:0] = [{src!r}, {tests!r}]  # the dreambooth under test, conftest
+from conftest import tiny_config
+from dreambooth.train.ema import EMAWeights
+from dreambooth.train.run import train
+
+
+class SaveEachRanksAverage(L.Callback):
+    def on_train_end(self, trainer, pl_module):
+        keeper = next(c for c in trainer.callbacks if isinstance(c, EMAWeights))
+        torch.save(keeper.ema.state_dict(), Path({out!r}) / f"ema-rank{{trainer.global_rank}}.pt")
+
+
+train(tiny_config(Path({model!r}), Path({photos!r}), Path({out!r}), use_ema=True,
+                  use_lora=True, strategy="ddp", devices="2", train_batch_size=1,
+                  max_train_steps=3, checkpointing_steps=3, validation_prompt="a sks dog",
+                  validation_steps=2, num_validation_images=1),
+      callbacks=[SaveEachRanksAverage()])
+'''
+
+
+@pytest.mark.slow  # two processes: ~45 s on a busy 2-core CPU
+def test_every_ddp_rank_holds_the_same_average_and_rank_zero_saves_it(tmp_path, tiny_model,
+                                                                        instance_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp"
+    script = tmp_path / "train_ddp.py"
+    import dreambooth
+
+    script.write_text(DDP_SCRIPT.format(src=str(Path(dreambooth.__file__).parents[1]),
+                                        tests=str(Path(__file__).parent), out=str(out),
+                                        model=str(tiny_model), photos=str(instance_dir)))
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank_0 = torch.load(out / "ema-rank0.pt", weights_only=True)
+    rank_1 = torch.load(out / "ema-rank1.pt", weights_only=True)
+    assert rank_0["num_updates"] == rank_1["num_updates"] == 3
+    assert _same(rank_0["shadow"], rank_1["shadow"])
+    saved = _lora_file_weights(out)
+    assert _same({_plain(key): value for key, value in rank_0["shadow"].items()}, saved)
