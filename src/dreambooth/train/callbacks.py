@@ -81,7 +81,8 @@ class ClassImageGeneration(Callback):
 
 class ValidationSamples(Callback):
     """Every `every_n_steps` optimizer steps (and at the end), sample `validation_prompt` with
-    fixed seeds and classifier-free guidance; save a grid and log it to the trackers."""
+    fixed seeds and classifier-free guidance; save a grid and log it to the trackers. With
+    use_ema the samples come from the EMA weights (train/ema.py)."""
 
     def __init__(self, components: DiffusionComponents, *, prompt: str, every_n_steps: int,
                  num_images: int, num_inference_steps: int, guidance_scale: float, seed: int,
