@@ -142,7 +142,9 @@ def test_full_finetune_saves_and_validates_the_ema_weights(tmp_path, tiny_model,
         return original(pipeline, *args, **kwargs)
 
     monkeypatch.setattr(dreambooth.generate, "sample_images", recording)
-    common = dict(use_ema=True, train_text_encoder=True, max_train_steps=4, checkpointing_steps=2)
+    # One thread in every run compared: the default follows the machine's load (other sums).
+    common = dict(use_ema=True, train_text_encoder=True, max_train_steps=4, checkpointing_steps=2,
+                  num_threads=1)
     run = train(tiny_config(tiny_model, instance_dir, tmp_path / "ema",
                             validation_prompt="a photo of sks dog", validation_steps=2,
                             num_validation_images=1, **common))
@@ -222,7 +224,7 @@ def test_interrupted_and_resumed_run_ends_bit_identical_with_ema(tmp_path, tiny_
     lora = case.startswith("lora")
     common = dict(use_ema=True, train_text_encoder=True, gradient_accumulation_steps=2,
                   max_train_steps=6, checkpointing_steps=2, use_lora=lora, ema_on_cpu=lora,
-                  lr_scheduler="cosine", lr_warmup_steps=2)
+                  lr_scheduler="cosine", lr_warmup_steps=2, num_threads=1)
     reference = train(tiny_config(tiny_model, instance_dir, tmp_path / "reference", **common))
 
     interrupted = tmp_path / "interrupted"
