@@ -140,6 +140,24 @@ class AdapterConfig:
 
 
 @dataclass
+class EMAConfig:
+    use_ema: bool = option(
+        False, "Keep an exponential moving average (EMA) of the trained weights; it is what "
+        "validation samples and the saved model (or LoRA files) use.")
+    ema_decay: float = option(
+        0.999, "Largest EMA decay, in (0, 1); with ema_warmup the average spans about the last "
+        "tenth of a run shorter than ~9,000 steps (see train/ema.py).")
+    ema_warmup: bool = option(
+        True, "Ramp the decay as min(ema_decay, (1+s)/(10+s)) (diffusers' EMAModel); "
+        "--no-ema_warmup: ema_decay from the first step (then lower it, e.g. 0.99).")
+    ema_on_cpu: bool = option(
+        False, "Keep the EMA copy in CPU memory, updated from the device weights (saves "
+        "accelerator memory, costs a copy per step).")
+    export_raw_weights: bool = option(
+        False, "With use_ema: save the last trained weights instead of their average.")
+
+
+@dataclass
 class CheckpointConfig:
     output_dir: str = option(
         "dreambooth-model", "Where the trained pipeline, checkpoints and logs go.")
@@ -205,6 +223,7 @@ class TrainConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     optim: OptimizationConfig = field(default_factory=OptimizationConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -444,6 +463,15 @@ def validate(config: TrainConfig) -> list[str]:
         problems.append(f"class_prompt equals instance_prompt ({flat['instance_prompt']!r}): the "
                         "instance prompt needs an identifier the class prompt lacks, "
                         "e.g. 'a sks dog'")
+    if not 0 < flat["ema_decay"] < 1:
+        problems.append(f"ema_decay={flat['ema_decay']} must be between 0 and 1 (exclusive), "
+                        "e.g. 0.999")
+    for key in ("ema_on_cpu", "export_raw_weights"):
+        if flat[key] and not flat["use_ema"]:
+            problems.append(f"{key} applies only with use_ema: add --use_ema or drop --{key}")
+    if flat["use_ema"] and any(name in flat["strategy"] for name in ("fsdp", "deepspeed")):
+        problems.append(f"use_ema with strategy={flat['strategy']!r}: the EMA follows whole "
+                        "weights, not shards; use ddp (or a single device)")
     if flat["pre_compute_text_embeddings"] and flat["train_text_encoder"]:
         problems.append("pre_compute_text_embeddings cannot be used with train_text_encoder "
                         "(a trained text encoder changes the embeddings)")

@@ -4,6 +4,7 @@
 - `module`: `DreamBoothModule`, the loss (paper, eq. 2) and what is trained;
 - `data`: instance and class images -> cached latents -> batches that depend on (seed, step);
 - `callbacks`: class-image generation and validation samples;
+- `ema`: the exponential moving average of the trained weights (`use_ema`);
 - `checkpointing`: atomic checkpoints, resume and its compatibility check;
 - `lora`: peft LoRA/DoRA adapters on the UNet and text encoders.
 """

@@ -14,6 +14,7 @@ from dreambooth import seeding
 from dreambooth.images import make_grid, save_png
 from dreambooth.models import DiffusionComponents, assemble_pipeline
 from dreambooth.train.class_images import missing_class_images
+from dreambooth.train.ema import ema_weights
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ class ClassImageGeneration(Callback):
 class ValidationSamples(Callback):
     """Every `every_n_steps` optimizer steps (and at the end), sample each of `prompts` with the
     same fixed seeds and classifier-free guidance; save a grid (one row per prompt when there
-    are several) and log the images to the trackers."""
+    are several) and log the images to the trackers. With use_ema the samples come from the EMA
+    weights (train/ema.py)."""
 
     def __init__(self, components: DiffusionComponents, *, prompts: list[str], every_n_steps: int,
                  num_images: int, num_inference_steps: int, guidance_scale: float, seed: int,
@@ -121,14 +123,17 @@ class ValidationSamples(Callback):
         from dreambooth.generate import sample_images  # (diffusers' pipelines: only when used)
 
         pipeline = assemble_pipeline(self.components)
-        rows = []
-        with sampling_context(trainer, pl_module):
-            for prompt in self.prompts:
-                rows.append(sample_images(pipeline, prompt, seeds=self.seeds,
-                                          num_inference_steps=self.num_inference_steps,
-                                          guidance_scale=self.guidance_scale,
-                                          height=self.resolution, width=self.resolution))
-        images = [image for row in rows for image in row]
+        count = len(self.seeds)
+        with ema_weights(trainer), sampling_context(trainer, pl_module):  # EMA's, if kept
+            # Every prompt with the same seeds, batches spanning prompts (each image depends
+            # only on its prompt and seed).
+            images = sample_images(pipeline, [p for p in self.prompts for _ in self.seeds],
+                                   seeds=self.seeds * len(self.prompts),
+                                   batch_size=min(len(self.prompts) * count, max(count, 8)),
+                                   num_inference_steps=self.num_inference_steps,
+                                   guidance_scale=self.guidance_scale,
+                                   height=self.resolution, width=self.resolution)
+        rows = [images[i:i + count] for i in range(0, len(images), count)]
         step = trainer.global_step
         grid_path = self.output_dir / f"step-{step:06d}.png"
         # One prompt keeps the square-ish grid it always had; several get one row each.

@@ -32,6 +32,7 @@ from dreambooth.models import load_components
 from dreambooth.prompts import read_prompt_file
 from dreambooth.train.callbacks import ClassImageGeneration, ValidationSamples
 from dreambooth.train.data import DreamBoothDataModule, steps_for_epochs
+from dreambooth.train.ema import EMAWeights
 from dreambooth.train.lora import LoraSettings
 from dreambooth.train.module import DreamBoothModule, optimizer_class
 from dreambooth.train.validation import ValidationLoss
@@ -46,7 +47,8 @@ MAX_VALIDATION_PROMPTS = 64  # each prompt costs a sampling run at every validat
 RESUME_INVARIANTS = ("pretrained_model_name_or_path", "train_text_encoder", "train_batch_size",
                      "gradient_accumulation_steps", "with_prior_preservation", "resolution",
                      "center_crop", "random_flip", "seed", "use_lora", "rank", "lora_alpha",
-                     "lora_unet_target_modules", "lora_text_encoder_target_modules")
+                     "lora_unet_target_modules", "lora_text_encoder_target_modules",
+                     "use_ema", "ema_decay", "ema_warmup")
 
 
 class RunMetadata(L.Callback):
@@ -133,11 +135,14 @@ def train(config: TrainConfig, *, callbacks: list | None = None) -> Path:
 
     `callbacks` are extra Lightning callbacks (tests use them to interrupt a run).
     """
-    threads = torch.get_num_threads()
+    threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     try:
         return _train(config, callbacks or [], cpu.LoadMeter())
     finally:
         torch.set_num_threads(threads)
+        # An interrupt between a step's start and end hooks skips the module's restore (Lightning
+        # calls no module hook on Ctrl-C): a later run in this process would convolve otherwise.
+        torch.backends.mkldnn.enabled = mkldnn
 
 
 def _on_cpu(config: TrainConfig) -> bool:
@@ -231,6 +236,10 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
                                            config.checkpoint.checkpoints_total_limit),
         checkpointing.InterruptCheckpoint(checkpoint_dir, config.optim.gradient_accumulation_steps),
     ]
+    # Before ValidationSamples and the checkpoints: a step's samples and checkpoint see its update.
+    ema = EMAWeights(decay=config.ema.ema_decay, warmup=config.ema.ema_warmup,
+                     on_cpu=config.ema.ema_on_cpu) if config.ema.use_ema else None
+    run_callbacks += [ema] if ema is not None else []
     if with_prior and config.prior.num_class_images > 0:
         run_callbacks.append(ClassImageGeneration(
             components, class_data_dir=config.data.class_data_dir,
@@ -271,6 +280,8 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
         # The frozen VAE (and text encoder) stay in eval mode on purpose.
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    if ema is not None and not config.ema.export_raw_weights:
+        ema.copy_to_module()  # the model (or LoRA) saved is the average
     module.check_finite_weights()  # NonFiniteError: an existing model is never replaced by NaN
     if trainer.is_global_zero:
         if lora is None:
