@@ -115,8 +115,8 @@ def test_training_beside_a_busy_machine_uses_fewer_threads_then_restores(
     monkeypatch.setattr(cpu.LoadMeter, "other_cores", lambda self, restart=True: 1.0)
     before = torch.get_num_threads()
     recorder = RecordThreads()
-    train(tiny_config(tiny_model, instance_dir, tmp_path / "out", max_train_steps=2),
-          callbacks=[recorder])
+    train(tiny_config(tiny_model, instance_dir, tmp_path / "out", max_train_steps=2,
+                      num_threads=None), callbacks=[recorder])
     assert recorder.seen == {1}
     assert recorder.mkldnn_in_step == {False}  # 2 x 8 x 8 latents: ATen's native convolution
     assert torch.get_num_threads() == before and torch.backends.mkldnn.enabled
@@ -139,5 +139,5 @@ def test_resumed_run_keeps_the_thread_count_of_its_checkpoint(tmp_path, tiny_mod
     assert read_checkpoint(checkpoint)[THREADS_KEY] == 1
     recorder = RecordThreads()
     train(tiny_config(tiny_model, instance_dir, output, resume_from_checkpoint="latest",
-                      **common), callbacks=[recorder])
+                      num_threads=None, **common), callbacks=[recorder])
     assert recorder.seen == {1}
