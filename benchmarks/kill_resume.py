@@ -31,7 +31,10 @@ def train_command(model: Path, photos: Path, output: Path, steps: int, resume: b
                "--output_dir", str(output), "--resolution", "32", "--train_batch_size", "2",
                "--max_train_steps", str(steps), "--learning_rate", "1e-3",
                "--lr_warmup_steps", "0", "--checkpointing_steps", "1", "--seed", "7",
-               "--accelerator", "cpu", "--report_to", "none"]
+               "--accelerator", "cpu", "--report_to", "none", "--use_ema",
+               # The count is kept on resume, but the uninterrupted run picks its own: fixed,
+               # so that the comparison measures resume, not the machine's load.
+               "--num_threads", "1"]
     return command + (["--resume_from_checkpoint", "latest"] if resume else [])
 
 
