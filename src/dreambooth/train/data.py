@@ -6,14 +6,17 @@ latent distribution (mean, std) is cached with its caption, concept and mask wei
 draws `mean + std * eps` from it.
 
 Micro-step i's batch is a pure function of (seed, i). The global batch of G = batch x world
-samples comes from one bucket; a "round" holds ceil(entries_b / G) batches of each bucket b
-(entries: each photo `repeats` times, its concept's), in a seeded order per round (one bucket:
-no order to draw). Batch j of bucket b takes slots j * G .. j * G + G - 1 of bucket b's sample
-stream, which walks through a fresh permutation of the bucket's entries every epoch; rank r
-takes slots [r * batch, (r + 1) * batch). So 1 process with batch 2 and 2 processes with batch
-1 see the same samples, and a resumed run picks up at micro-step `global_step * accumulation`
-with the same data an uninterrupted run would see. Sample number n = i * G + slot seeds the
-sample's view, posterior noise and caption (dropout, shuffle) and its training noise.
+samples comes from one bucket. Bucket b has E_b entries (each of its photos `repeats` times,
+its concept's) and so E_b / G batches per round: round r holds
+floor((r + 1) E_b / G) - floor(r E_b / G) batches of bucket b, in a seeded order per round (one
+bucket: no order to draw), so every bucket is drawn in proportion to its entries however they
+round. Batch j of bucket b takes slots j * G .. j * G + G - 1 of bucket b's sample stream,
+which walks through a fresh permutation of the bucket's entries every epoch; rank r takes
+slots [r * batch, (r + 1) * batch). So 1 process with batch 2 and 2 processes with batch 1 see
+the same samples, and a resumed run picks up at micro-step `global_step * accumulation` with
+the same data an uninterrupted run would see. Sample number n = i * G + slot seeds the
+sample's view, posterior noise and caption (dropout, shuffle) and its training noise. With
+one bucket, batch j is micro-step j: the plain DreamBooth stream.
 
 With prior preservation each instance sample brings a class sample of its concept's class
 from the same bucket: class images are bucketed like the photos, and where a bucket holds no
@@ -189,9 +192,7 @@ class MicroStepBatches(Dataset):
         self.entries = [[index for index, image in enumerate(instance) if image.bucket == bucket
                          for _ in range(concepts[image.concept].repeats)]
                         for bucket in self.buckets]
-        global_batch = batch_size * world_size
-        self.chunks = [math.ceil(len(entries) / global_batch) for entries in self.entries]
-        self.round_length = sum(self.chunks)
+        self.global_batch = batch_size * world_size
         self._orders = [_EpochOrder(len(entries), seed, seeding.INSTANCE_ORDER, b)
                         for b, entries in enumerate(self.entries)]
         pools = [(j, bucket) for j, class_set in enumerate(class_sets)
@@ -205,24 +206,38 @@ class MicroStepBatches(Dataset):
     def __len__(self) -> int:
         return self.num_micro_steps
 
+    def _batches_before(self, round_index: int) -> list[int]:
+        """Batches of each bucket in rounds 0 .. round_index - 1."""
+        return [round_index * len(entries) // self.global_batch for entries in self.entries]
+
     def batch_plan(self, micro_step: int) -> tuple[int, int]:
         """(bucket index, batch number within that bucket's stream) of a micro-step."""
-        round_index, position = divmod(micro_step, self.round_length)
+        # The round holding the micro-step: the last whose first batch is not after it
+        # (rounds may be empty when every bucket has fewer than G entries).
+        low, high = 0, (micro_step + 2) * self.global_batch
+        while low < high:
+            middle = (low + high + 1) // 2
+            if sum(self._batches_before(middle)) <= micro_step:
+                low = middle
+            else:
+                high = middle - 1
+        round_index = low
         if round_index not in self._rounds:
             if len(self._rounds) > 64:
                 self._rounds.clear()
-            labels = [b for b, count in enumerate(self.chunks) for _ in range(count)]
-            if len(self.chunks) > 1:
+            first, after = self._batches_before(round_index), self._batches_before(round_index + 1)
+            labels = [b for b in range(len(self.entries)) for _ in range(after[b] - first[b])]
+            if len(self.entries) > 1:
                 order = torch.randperm(len(labels), generator=seeding.generator(
                     self.seed, seeding.BUCKET_ORDER, round_index))
                 labels = [labels[i] for i in order.tolist()]
             seen: Counter[int] = Counter()
             plan = []
             for b in labels:
-                plan.append((b, round_index * self.chunks[b] + seen[b]))
+                plan.append((b, first[b] + seen[b]))
                 seen[b] += 1
             self._rounds[round_index] = plan
-        return self._rounds[round_index][position]
+        return self._rounds[round_index][micro_step - sum(self._batches_before(round_index))]
 
     def _sample(self, image: CachedImage, kind: int, n: int) -> dict:
         sample_generator = seeding.generator(self.seed, seeding.SAMPLE, kind, n)
@@ -236,7 +251,7 @@ class MicroStepBatches(Dataset):
                 "time_ids": image.time_ids[view], "weights": weights}
 
     def __getitem__(self, micro_step: int) -> dict:
-        global_batch = self.batch_size * self.world_size
+        global_batch = self.global_batch
         bucket_index, chunk = self.batch_plan(micro_step)
         bucket = self.buckets[bucket_index]
         samples, priors = [], []

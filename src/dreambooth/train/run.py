@@ -251,7 +251,8 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
     _choose_threads(config, meter, resumed_threads)  # the load measured while models loaded
     lora = lora_settings(config)
     module = DreamBoothModule(
-        components, prompts=[*captions.values(), *(prompt for _, prompt in class_counts)],
+        components, prompts=[*captions.values(), *(prompt for _, prompt in class_counts),
+                             *([""] if data.caption_dropout_rate else [])],
         prior_loss_weight=config.prior.prior_loss_weight, optim=config.optim,
         max_train_steps=max_steps,
         pre_compute_text_embeddings=config.hardware.pre_compute_text_embeddings, lora=lora)
