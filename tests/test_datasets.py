@@ -34,7 +34,7 @@ from dreambooth.train.concepts import Concept, read_concepts_file, resolve_conce
 from dreambooth.train.data import CachedImage, ClassSet, MicroStepBatches, crop_to_bucket
 from dreambooth.train.masks import MaskSettings, load_mask, mask_weights
 from dreambooth.train.run import train
-from test_resume import InterruptAt, assert_same_weights, trained_weights
+from test_resume import assert_same_weights, trained_weights
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -117,14 +117,17 @@ def test_captions_from_sidecars_and_metadata_with_trigger(tmp_path):
         photo(folder / f"{name}.png", (32, 32))
     (folder / "a.txt").write_text("[trigger] at the beach\n")
     (folder / "b.caption").write_text("a [trigger], painting")
+    (folder / "notes.txt").write_text("a caption of no photo")
     (folder / "metadata.jsonl").write_text(
         json.dumps({"file_name": "a.png", "text": "from metadata"}) + "\n\n"
         + json.dumps({"file_name": "c.png", "text": "[trigger] on a box"}) + "\n")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         captions = concept_captions(folder, "sks dog", ".txt")
-    # Caption files and metadata.jsonl are not "not images"; another extension's file is.
-    assert [Path(str(w.message).split("'")[1]).name for w in caught] == ["b.caption"]
+    # Caption files and metadata.jsonl are not "not images"; another extension's file and a
+    # caption file of no photo are.
+    assert [Path(str(w.message).split("'")[1]).name for w in caught] == ["b.caption",
+                                                                         "notes.txt"]
     names = {path.name: text for path, text in captions.items()}
     assert names == {"a.png": "sks dog at the beach",  # the sidecar wins over metadata.jsonl
                      "b.png": "sks dog",  # .caption is not the extension asked for

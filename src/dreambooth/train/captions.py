@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from dreambooth import seeding
-from dreambooth.images import list_image_files
+from dreambooth.images import IMAGE_EXTENSIONS, list_image_files
 
 TRIGGER = "[trigger]"
 METADATA_FILE = "metadata.jsonl"
@@ -40,10 +40,16 @@ class CaptionSettings:
 
 
 def is_companion(path: Path, caption_extension: str) -> bool:
-    """A file beside the photos that is not a photo: a caption, metadata.jsonl or a mask."""
+    """A file beside the photos that is not a photo: metadata.jsonl, a mask (`*.mask.png`), or
+    a caption of a photo that is there (an orphan `notes.txt` is still warned about)."""
     name = path.name.lower()
-    return (name == METADATA_FILE or name.endswith(caption_extension.lower())
-            or Path(name).stem.endswith(".mask"))
+    if name == METADATA_FILE or Path(name).stem.endswith(".mask"):
+        return True
+    if not name.endswith(caption_extension.lower()):
+        return False
+    stem = path.name[:-len(caption_extension)]
+    return any(path.with_name(stem + ext).exists() or path.with_name(stem + ext.upper()).exists()
+               for ext in IMAGE_EXTENSIONS)
 
 
 def read_metadata(folder: Path) -> dict[str, str]:
