@@ -7,10 +7,12 @@ arguments are filled in. Add a case here when a user finds a new way to feed us 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import write_subject_photos
 from dreambooth.cli import main
@@ -37,6 +39,20 @@ def _symlink_loops(tmp: Path) -> None:
     (tmp / "loops").mkdir()
     (tmp / "loops" / "a.png").symlink_to(tmp / "loops" / "b.png")
     (tmp / "loops" / "b.png").symlink_to(tmp / "loops" / "a.png")
+
+
+def _concepts(tmp: Path, **extra) -> None:
+    entry = {"instance_data_dir": str(tmp / "photos"), "instance_prompt": "a sks dog", **extra}
+    (tmp / "concepts.json").write_text(json.dumps([entry]))
+
+
+def _kohya_with_stray_folder(tmp: Path) -> None:
+    write_subject_photos(tmp / "kohya" / "10_sks dog", count=1)
+    (tmp / "kohya" / "extra").mkdir()
+
+
+def _wrong_size_mask(tmp: Path) -> None:
+    Image.new("L", (16, 16), 255).save(tmp / "photos" / "photo-0.mask.png")
 
 
 TRAIN = ["train", "--pretrained_model_name_or_path", "{model}", "--instance_data_dir",
@@ -97,6 +113,24 @@ CASES = {
     "generate lora missing": (None, ["generate", "--model", "{model}", "--prompt", "x",
                                      "--lora", "{tmp}/none.safetensors", "--output_dir",
                                      "{tmp}/g"], "none.safetensors"),
+    "concepts unknown key": (lambda t: _concepts(t, class_dir="x"),
+                             TRAIN[:3] + TRAIN[7:] + ["--concepts", "{tmp}/concepts.json"],
+                             "entry 1: unknown key 'class_dir'"),
+    "concepts folder missing": (lambda t: _concepts(t, instance_data_dir=str(t / "gone")),
+                                TRAIN[:3] + TRAIN[7:] + ["--concepts", "{tmp}/concepts.json"],
+                                "gone' does not exist"),
+    "concepts beside instance flags": (_concepts, TRAIN + ["--concepts", "{tmp}/concepts.json"],
+                                       "give them per concept"),
+    "kohya stray subfolder": (_kohya_with_stray_folder,
+                              TRAIN[:4] + ["{tmp}/kohya"] + TRAIN[5:], "'extra' is not named"),
+    "mask of another size": (_wrong_size_mask, TRAIN + ["--max_train_steps", "1"],
+                             "photo-0.mask.png' is 16x16"),
+    "metadata.jsonl not json": (lambda t: (t / "photos" / "metadata.jsonl").write_text("{x\n"),
+                                TRAIN, "metadata.jsonl' line 1 is not JSON"),
+    "buckets off the step grid": (None, TRAIN + ["--aspect_buckets"],
+                                  "pass bucket_reso_steps=32"),
+    "caption dropout above 1": (None, TRAIN + ["--caption_dropout_rate", "2"],
+                                "caption_dropout_rate=2.0"),
     "export pickle output": (None, ["export", "--model", "{model}", "--format", "single-file",
                                     "--output", "{tmp}/m.ckpt"], ".safetensors"),
     "export lora of a full model": (None, ["export", "--model", "{model}", "--format",

@@ -131,7 +131,7 @@ def test_resolve_config_fills_seed_steps_and_guidance_scales(tmp_path, tiny_mode
     resolved = resolve_config(config)
     assert isinstance(resolved.optim.seed, int)
     assert resolved.optim.max_train_steps == steps_for_epochs(
-        instance_dir, num_class_images=100, with_prior=False, num_train_epochs=3,
+        4, num_class_images=100, with_prior=False, num_train_epochs=3,
         train_batch_size=3, gradient_accumulation_steps=1) == 6  # 3 epochs of 2 batches of 4
     assert resolved.prior.class_guidance_scale == 7.5  # SD's, the tiny model records none
     assert resolved.validation.validation_guidance_scale == 7.5

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth.config import (
+    ALIASES,
     IGNORED_FLAGS,
     UNSUPPORTED_FLAGS,
     ConfigError,
@@ -295,6 +296,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Print the resolved configuration as YAML and exit.")
     add_dataclass_flags(parser, [(leaf, field_type(section, leaf)[0])
                                  for section, leaf in leaf_fields()], as_text=True)
+    for alias, key in ALIASES.items():  # (all of them booleans so far)
+        parser.add_argument(f"--{alias}", action=argparse.BooleanOptionalAction,
+                            default=argparse.SUPPRESS, help=f"Alias of --{key}.")
     for name, reason in IGNORED_FLAGS.items():
         parser.add_argument(f"--{name}", nargs="?", const=True, default=argparse.SUPPRESS,
                             help=f"Ignored: {reason}.")

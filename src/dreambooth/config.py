@@ -68,6 +68,39 @@ class DataConfig:
     center_crop: bool = option(
         False, "Center-crop images to the resolution (else a seeded random crop).")
     random_flip: bool = option(False, "Also train on horizontally flipped images (both cached).")
+    concepts: str | None = option(
+        None, "YAML or JSON list of concepts (instance_data_dir, instance_prompt, class_data_dir, "
+        "class_prompt, num_class_images, repeats, loss_weight), instead of the instance and "
+        "class flags; a concepts_list.json reads unchanged.")
+    caption_extension: str = option(
+        ".txt", "Extension of per-image caption files beside the photos (photo.jpg -> "
+        "photo.txt); metadata.jsonl (file_name, text) is read too. [trigger] in a caption "
+        "becomes the concept's instance prompt.")
+    caption_dropout_rate: float = option(
+        0.0, "Probability that an instance sample's caption is replaced by the empty string.")
+    shuffle_caption: bool = option(
+        False, "Shuffle the comma-separated tags of each caption at every step (kohya).")
+    keep_tokens: int = option(
+        0, "With shuffle_caption: the first N comma-separated tags stay in place.")
+    aspect_buckets: bool = option(
+        False, "Aspect-ratio buckets: whole photos at about resolution^2 pixels instead of "
+        "square crops (alias: enable_bucket).")
+    min_bucket_reso: int | None = option(
+        None, "Smallest bucket side in pixels (default: 256, or resolution / 2 if smaller).")
+    max_bucket_reso: int | None = option(
+        None, "Largest bucket side in pixels (default: 2 x resolution).")
+    bucket_reso_steps: int = option(
+        64, "Bucket sides are multiples of this; a multiple of the VAE factor x the UNet's "
+        "downsampling (64 suits SD 1.x, 2.x and SDXL).")
+    bucket_no_upscale: bool = option(
+        False, "Never enlarge a photo: a small photo gets a bucket of its own size.")
+    mask_dir: str | None = option(
+        None, "Folder of loss masks named like the photos (photo.png -> MASK_DIR/photo.png); "
+        "photo.mask.png beside a photo is used without it.")
+    alpha_mask: bool = option(
+        False, "Use each photo's alpha channel as its loss mask (no alpha: all opaque).")
+    unmasked_weight: float = option(
+        0.1, "Loss weight where a mask is 0 (1 where it is 1).")
 
 
 @dataclass
@@ -252,11 +285,16 @@ IGNORED_FLAGS = {
 }
 
 
+# Other tools' names for our keys: accepted on the command line and in YAML.
+ALIASES = {"enable_bucket": "aspect_buckets"}
+
+
 # diffusers flags whose feature this tool does not offer: refused, with what to do instead.
 UNSUPPORTED_FLAGS = {
     "dataset_name": "hub datasets are not downloaded; put the photos in a folder and pass "
                     "--instance_data_dir",
-    "caption_column": "per-image captions from a dataset are not supported; use --instance_prompt",
+    "caption_column": "hub datasets are not read; put caption files beside the photos "
+                      "(photo.txt, or metadata.jsonl) in --instance_data_dir",
     "image_column": "datasets are not supported; use --instance_data_dir",
     "train_text_encoder_ti": "pivotal tuning (textual inversion) is not implemented",
     "do_edm_style_training": "EDM-style training is not implemented",
@@ -368,6 +406,7 @@ def parse_train_config(values: dict[str, Any], source: str = "configuration") ->
         if key in UNSUPPORTED_FLAGS:
             problems.append(f"{key} is not supported: {UNSUPPORTED_FLAGS[key]}")
             continue
+        key = ALIASES.get(key, key)
         if key in IGNORED_FLAGS:
             warnings.warn(f"'{key}' is ignored: {IGNORED_FLAGS[key]}", UserWarning, stacklevel=2)
             continue
@@ -408,9 +447,16 @@ def validate(config: TrainConfig) -> list[str]:
     """Semantic checks across keys; returns one line per problem (empty when valid)."""
     flat = config.to_flat_dict()
     problems: list[str] = []
-    for key in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"):
-        if not flat[key]:
-            problems.append(f"{key} is required")
+    if not flat["pretrained_model_name_or_path"]:
+        problems.append("pretrained_model_name_or_path is required")
+    if flat["concepts"]:
+        given = [key for key in ("instance_data_dir", "instance_prompt", "class_data_dir",
+                                 "class_prompt") if flat[key]]
+        if given:
+            problems.append(f"concepts={flat['concepts']!r} replaces {', '.join(given)}: give "
+                            "them per concept in that file")
+    elif not flat["instance_data_dir"]:
+        problems.append("instance_data_dir is required (or concepts)")
     for section, leaf in leaf_fields():
         choices = leaf.metadata.get("choices")
         if choices and flat[leaf.name] not in choices:
@@ -454,7 +500,7 @@ def validate(config: TrainConfig) -> list[str]:
     if bad_trackers:
         problems.append(f"report_to={flat['report_to']!r}: unknown tracker(s) "
                         f"{', '.join(bad_trackers)}; use {', '.join(TRACKERS)}, all or none")
-    if config.prior.with_prior_preservation:
+    if config.prior.with_prior_preservation and not flat["concepts"]:
         for key in ("class_data_dir", "class_prompt"):
             if not flat[key]:
                 problems.append(f"{key} is required with with_prior_preservation")
@@ -472,9 +518,45 @@ def validate(config: TrainConfig) -> list[str]:
     if flat["use_ema"] and any(name in flat["strategy"] for name in ("fsdp", "deepspeed")):
         problems.append(f"use_ema with strategy={flat['strategy']!r}: the EMA follows whole "
                         "weights, not shards; use ddp (or a single device)")
+    problems += _validate_data(flat)
     if flat["pre_compute_text_embeddings"] and flat["train_text_encoder"]:
         problems.append("pre_compute_text_embeddings cannot be used with train_text_encoder "
                         "(a trained text encoder changes the embeddings)")
+    return problems
+
+
+def _validate_data(flat: dict[str, Any]) -> list[str]:
+    """Checks of the caption, bucket and mask keys."""
+    problems = []
+    if not 0 <= flat["caption_dropout_rate"] <= 1:
+        problems.append(f"caption_dropout_rate={flat['caption_dropout_rate']} must be in [0, 1]")
+    if flat["keep_tokens"] < 0:
+        problems.append(f"keep_tokens={flat['keep_tokens']} must not be negative")
+    extension = flat["caption_extension"]
+    from dreambooth.images import IMAGE_EXTENSIONS
+
+    if not extension.startswith(".") or len(extension) < 2 or extension.lower() in (
+            IMAGE_EXTENSIONS) or any(c in extension for c in "/\\"):
+        problems.append(f"caption_extension={extension!r} must be a file extension such as "
+                        "'.txt' or '.caption' (not an image's)")
+    if not 0 <= flat["unmasked_weight"] <= 1:
+        problems.append(f"unmasked_weight={flat['unmasked_weight']} must be in [0, 1]")
+    steps = flat["bucket_reso_steps"]
+    if steps < 8 or steps % 8:
+        problems.append(f"bucket_reso_steps={steps} must be a positive multiple of 8 (64 suits "
+                        "SD 1.x, 2.x and SDXL)")
+    for key in ("min_bucket_reso", "max_bucket_reso"):
+        if flat[key] is not None and flat[key] < steps:
+            problems.append(f"{key}={flat[key]} must be at least bucket_reso_steps={steps}")
+    if (flat["min_bucket_reso"] is not None and flat["max_bucket_reso"] is not None
+            and flat["min_bucket_reso"] > flat["max_bucket_reso"]):
+        problems.append(f"min_bucket_reso={flat['min_bucket_reso']} is above "
+                        f"max_bucket_reso={flat['max_bucket_reso']}")
+    if flat["aspect_buckets"] and steps >= 8 and flat["resolution"] % steps:
+        divisor = math.gcd(flat["resolution"], steps)
+        problems.append(f"resolution={flat['resolution']} is not a multiple of "
+                        f"bucket_reso_steps={steps}: pass bucket_reso_steps={divisor} or a "
+                        f"resolution that is a multiple of {steps}")
     return problems
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +62,11 @@ class ImageTooLargeError(ImageReadError):
         self.size = size
 
 
-def _scan_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+def _scan_folder(folder: Path, companion: Callable[[Path], bool] | None = None
+                 ) -> tuple[list[Path], list[Path]]:
     """Split the visible files directly in `folder` into (images, other files), sorted by name;
-    each other file is warned about."""
+    each other file is warned about. Files `companion(path)` accepts (a photo's caption or
+    mask beside it) are neither: they are left to the caller, without a warning."""
     if not folder.is_dir():
         raise ImageFolderError(f"image folder '{folder}' does not exist or is not a folder")
     images: list[Path] = []
@@ -72,6 +74,8 @@ def _scan_folder(folder: Path) -> tuple[list[Path], list[Path]]:
     for path in sorted(folder.iterdir(), key=lambda p: p.name):
         if path.name.startswith(".") or path.is_dir():
             continue  # .ipynb_checkpoints, .DS_Store and subfolders are never photos
+        if companion is not None and companion(path):
+            continue
         if not path.is_file():  # a link to nothing, a link loop, a socket ...: say so
             warnings.warn(f"skipping '{path}': not a readable file (a broken or looping "
                           "symbolic link?)", UserWarning, stacklevel=3)
@@ -94,9 +98,11 @@ def _warn_not_image(path: Path) -> None:
     )
 
 
-def list_image_files(folder: Path) -> list[Path]:
-    """Image files directly in `folder`, sorted by name; each other visible file is warned about."""
-    images, _ = _scan_folder(Path(folder))
+def list_image_files(folder: Path, companion: Callable[[Path], bool] | None = None
+                     ) -> list[Path]:
+    """Image files directly in `folder`, sorted by name; each other visible file is warned about
+    (but companions, see `_scan_folder`)."""
+    images, _ = _scan_folder(Path(folder), companion)
     return images
 
 
@@ -170,7 +176,8 @@ def load_rgb_image(path: Path) -> Image.Image:
 
 
 def load_image_folder(
-    folder: Path, *, role: str = "instance", min_size: int | None = None
+    folder: Path, *, role: str = "instance", min_size: int | None = None,
+    companion: Callable[[Path], bool] | None = None,
 ) -> list[tuple[Path, Image.Image]]:
     """Load every readable photo in `folder` as RGB; skip the rest with one warning each.
 
@@ -188,7 +195,7 @@ def load_image_folder(
             f"{role} image folder '{folder}' is a file, not a folder: "
             f"pass {flag} with a folder of photos"
         )
-    paths, others = _scan_folder(folder)
+    paths, others = _scan_folder(folder, companion)
     loaded: list[tuple[Path, Image.Image]] = []
     unreadable = 0
     for path in paths:

@@ -25,7 +25,12 @@ if TYPE_CHECKING:
 
 # --- DreamBooth training (train/): derive_seed(TrainConfig.seed, STREAM, index)
 INSTANCE_ORDER, CLASS_ORDER, SAMPLE, CROP, CLASS_IMAGE, VALIDATION = range(6)
-VALIDATION_LOSS = 6  # generator(seed, 6, i): the fixed noise of held-out image i's val_loss
+# generator(seed, CAPTION, n): caption dropout and tag shuffle of instance sample n.
+CAPTION = 6
+# generator(seed, BUCKET_ORDER, r): the order of the aspect buckets' batches in round r
+# (8: 7 is the world's TEXTURE key, of other base seeds, but kept apart for the reader).
+BUCKET_ORDER = 8
+VALIDATION_LOSS = 9  # generator(seed, 9, i): the fixed noise of held-out image i's val_loss
 
 # --- World pretraining (world/pretrain.py, world/callbacks.py): keys of PretrainConfig.seed,
 # kept apart from DreamBooth's 0-5.

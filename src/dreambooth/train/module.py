@@ -1,15 +1,18 @@
 """The DreamBooth LightningModule: what is trained, the loss, the optimizer.
 
 Loss (Ruiz et al. 2023, eq. 2), with instance and class samples in one UNet forward:
-    L = E ||eps - eps_hat(z_t^inst, t, c_inst)||^2
+    L = E w_concept * mean_pixels(m * ||eps - eps_hat(z_t^inst, t, c_inst)||^2)
         + lambda * E ||eps - eps_hat(z_t^cls, t, c_cls)||^2
 where the target is the noise eps for epsilon-prediction models and the velocity
-v = alpha_t * eps - sigma_t * z_0 for v-prediction models (SD 2.x 768 px).
+v = alpha_t * eps - sigma_t * z_0 for v-prediction models (SD 2.x 768 px); c is each sample's
+own caption (or class prompt); m is the sample's mask weight per latent pixel (1 without a
+mask, masks.py) and w_concept its concept's `loss_weight` (1 for a single concept).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -23,6 +26,7 @@ from dreambooth.train.lora import LoraSettings, add_lora_adapters
 
 log = logging.getLogger(__name__)
 
+PROMPT_CHUNK = 64  # prompts per text-encoder call when the table is computed
 OFFSET_NOISE_SCALE = 0.1  # as in diffusers' --offset_noise (Guttenberg, 2023)
 
 
@@ -66,8 +70,8 @@ class DreamBoothModule(L.LightningModule):
     second text encoder and on each image's size/crop "time ids".
     """
 
-    def __init__(self, components: DiffusionComponents, *, instance_prompt: str,
-                 class_prompt: str | None, prior_loss_weight: float, optim: OptimizationConfig,
+    def __init__(self, components: DiffusionComponents, *, prompts: Sequence[str],
+                 prior_loss_weight: float, optim: OptimizationConfig,
                  max_train_steps: int, pre_compute_text_embeddings: bool = False,
                  lora: LoraSettings | None = None):
         super().__init__()
@@ -77,7 +81,9 @@ class DreamBoothModule(L.LightningModule):
         self.text_encoder_2 = components.text_encoder_2  # None outside SDXL
         self.vae = components.vae
         self.noise_scheduler = components.noise_scheduler
-        self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
+        # Every caption and class prompt the data holds (before dropout and shuffle): with
+        # frozen text encoders their embeddings are computed once, in `on_fit_start`.
+        self.prompts = list(dict.fromkeys(prompts))
         self.prior_loss_weight = prior_loss_weight
         self.optim = optim
         self.max_train_steps = max_train_steps
@@ -106,15 +112,10 @@ class DreamBoothModule(L.LightningModule):
                     # transformers 5 renamed it; 4.x only has the old name.
                     enable = getattr(encoder, "activation_checkpointing_enable", None)
                     (enable or encoder.gradient_checkpointing_enable)()
-        # Row 0: instance prompt, row 1: class prompt (or the instance prompt again).
-        prompts = [instance_prompt, class_prompt or instance_prompt]
-        tokenizers = [components.tokenizer, components.tokenizer_2][:len(self.text_encoders)]
-        for index, tokenizer in enumerate(tokenizers):
-            input_ids = tokenizer(prompts, padding="max_length", truncation=True,
-                                  max_length=tokenizer.model_max_length,
-                                  return_tensors="pt").input_ids
-            self.register_buffer(f"prompt_ids_{index}", input_ids, persistent=False)  # (2, 77)
-        # (2, 77, D) and, for SDXL, (2, P) pooled: computed once when the encoders are frozen.
+        self.tokenizers = [components.tokenizer, components.tokenizer_2][:len(self.text_encoders)]
+        # prompt -> row of `prompt_embeds`: (N, 77, D) and, for SDXL, (N, P) pooled; filled
+        # once in `on_fit_start` when the encoders are frozen.
+        self.prompt_rows: dict[str, int] = {}
         self.prompt_embeds: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property
@@ -134,35 +135,71 @@ class DreamBoothModule(L.LightningModule):
                 for encoder in self.text_encoders:
                     encoder.to(dtype=half)
         if not self.optim.train_text_encoder:
-            with torch.no_grad():
-                embeds, pooled = self.encode_prompts()
-            self.prompt_embeds = (embeds.float(), None if pooled is None else pooled.float())
+            embeds, pooled = [], []
+            with torch.no_grad():  # in fixed chunks: the same floats on every run and resume
+                for start in range(0, len(self.prompts), PROMPT_CHUNK):
+                    chunk = self.encode_prompts(self.prompts[start:start + PROMPT_CHUNK])
+                    embeds.append(chunk[0].float())
+                    pooled.append(None if chunk[1] is None else chunk[1].float())
+            self.prompt_rows = {prompt: row for row, prompt in enumerate(self.prompts)}
+            self.prompt_embeds = (torch.cat(embeds),
+                                  None if pooled[0] is None else torch.cat(pooled))
             if self.pre_compute_text_embeddings:
                 for encoder in self.text_encoders:
                     encoder.to("cpu")
                 log.info("text embeddings precomputed; text encoders moved off %s", self.device)
 
     # ------------------------------------------------------------------------ loss
-    def encode_prompts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Embeddings of [instance prompt, class prompt]: (2, 77, D) and SDXL's pooled (2, P).
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings of `prompts`, one text-encoder call: (N, 77, D) and SDXL's pooled (N, P).
 
         SD 1.x/2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate
         hidden states, concatenated on the feature axis, and the second one's projection.
+        Prompts longer than the tokenizer's limit are cut there (captions.warn_truncated).
         """
+        ids = [tokenizer(list(prompts), padding="max_length", truncation=True,
+                         max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+               for tokenizer in self.tokenizers]  # (N, 77) each
         if self.family != "sdxl":
-            return self.text_encoder(self.prompt_ids_0)[0], None
-        first = self.text_encoder(self.prompt_ids_0, output_hidden_states=True)
-        second = self.text_encoder_2(self.prompt_ids_1, output_hidden_states=True)
+            embeds = self.text_encoder(ids[0].to(self.text_encoder.device))[0]
+            return embeds.to(self.device), None
+        first = self.text_encoder(ids[0].to(self.text_encoder.device), output_hidden_states=True)
+        second = self.text_encoder_2(ids[1].to(self.text_encoder_2.device),
+                                     output_hidden_states=True)
         embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-        return embeds, second.text_embeds
+        return embeds.to(self.device), second.text_embeds.to(self.device)
 
-    def unet_conditioning(self, is_prior: torch.Tensor, time_ids: torch.Tensor) -> dict:
-        """Keyword arguments of the UNet call for a batch: the class prompt for prior samples."""
-        embeds, pooled = self.prompt_embeds or self.encode_prompts()
-        rows = is_prior.long()
-        conditioning = {"encoder_hidden_states": embeds[rows]}  # (B, 77, D)
+    def prompt_embeddings(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 77, D) and SDXL's pooled (B, P) for a batch's prompts.
+
+        Trained encoders: one call on the batch's distinct prompts. Frozen ones: rows of the
+        table computed at the start; prompts it lacks (shuffled tags) in one call, not kept, so
+        a step's floats never depend on the steps before it (exact resume).
+        """
+        distinct = list(dict.fromkeys(prompts))
+        if self.prompt_embeds is None:
+            embeds, pooled = self.encode_prompts(distinct)
+            rows = torch.tensor([distinct.index(p) for p in prompts], device=embeds.device)
+            return embeds[rows], None if pooled is None else pooled[rows]
+        table, table_pooled = self.prompt_embeds
+        missing = [p for p in distinct if p not in self.prompt_rows]
+        rows_of = dict(self.prompt_rows)
+        if missing:
+            with torch.no_grad():
+                extra, extra_pooled = self.encode_prompts(missing)
+            table = torch.cat([table, extra.float()])
+            if table_pooled is not None:
+                table_pooled = torch.cat([table_pooled, extra_pooled.float()])
+            rows_of.update({p: len(self.prompts) + i for i, p in enumerate(missing)})
+        rows = torch.tensor([rows_of[p] for p in prompts], device=table.device)
+        return table[rows], None if table_pooled is None else table_pooled[rows]
+
+    def unet_conditioning(self, prompts: Sequence[str], time_ids: torch.Tensor) -> dict:
+        """Keyword arguments of the UNet call for a batch: each sample's own prompt."""
+        embeds, pooled = self.prompt_embeddings(prompts)
+        conditioning = {"encoder_hidden_states": embeds}  # (B, 77, D)
         if self.family == "sdxl":
-            conditioning["added_cond_kwargs"] = {"text_embeds": pooled[rows],  # (B, P)
+            conditioning["added_cond_kwargs"] = {"text_embeds": pooled,  # (B, P)
                                                  "time_ids": time_ids.to(embeds.dtype)}  # (B, 6)
         return conditioning
 
@@ -198,13 +235,15 @@ class DreamBoothModule(L.LightningModule):
         noise, timesteps = noise.to(latents), timesteps.to(latents.device)
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)  # z_t
         model_pred = self.unet(noisy_latents, timesteps,
-                               **self.unet_conditioning(is_prior, batch["time_ids"])).sample
+                               **self.unet_conditioning(batch["prompts"], batch["time_ids"])).sample
         target = self.diffusion_target(latents, noise, timesteps)
-        per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-        per_sample = per_sample.mean(dim=(1, 2, 3))  # (B,)
+        per_pixel = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+        per_pixel = per_pixel * batch["weights"].float()  # masks: (B, 1, h, w), 1 without one
+        per_sample = per_pixel.mean(dim=(1, 2, 3))  # (B,)
         if self.optim.snr_gamma is not None:
             per_sample = per_sample * min_snr_weights(self.noise_scheduler, timesteps,
                                                       self.optim.snr_gamma)
+        per_sample = per_sample * batch["loss_weights"].float()  # concepts' loss_weight
         instance_loss = per_sample[~is_prior].mean()
         loss = instance_loss
         self.log("instance_loss", instance_loss.detach(), on_step=True)

@@ -11,6 +11,7 @@ import logging
 import secrets
 import warnings
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,22 @@ from dreambooth.formats.lora_files import (
     save_lora_files,
     tag_frequency,
 )
-from dreambooth.images import load_image_folder
+from dreambooth.images import list_image_files, load_image_folder
 from dreambooth.models import load_components
 from dreambooth.prompts import read_prompt_file
+from dreambooth.train.buckets import BucketSettings
 from dreambooth.train.callbacks import ClassImageGeneration, ValidationSamples
+from dreambooth.train.captions import (
+    CaptionSettings,
+    concept_captions,
+    is_companion,
+    warn_truncated,
+)
+from dreambooth.train.concepts import Concept, resolve_concepts
 from dreambooth.train.data import DreamBoothDataModule, steps_for_epochs
 from dreambooth.train.ema import EMAWeights
 from dreambooth.train.lora import LoraSettings
+from dreambooth.train.masks import MaskSettings
 from dreambooth.train.module import DreamBoothModule, optimizer_class
 from dreambooth.train.validation import ValidationLoss
 
@@ -48,7 +58,11 @@ RESUME_INVARIANTS = ("pretrained_model_name_or_path", "train_text_encoder", "tra
                      "gradient_accumulation_steps", "with_prior_preservation", "resolution",
                      "center_crop", "random_flip", "seed", "use_lora", "rank", "lora_alpha",
                      "lora_unet_target_modules", "lora_text_encoder_target_modules",
-                     "use_ema", "ema_decay", "ema_warmup")
+                     "use_ema", "ema_decay", "ema_warmup",
+                     "concepts", "caption_extension", "caption_dropout_rate", "shuffle_caption",
+                     "keep_tokens", "aspect_buckets", "min_bucket_reso", "max_bucket_reso",
+                     "bucket_reso_steps", "bucket_no_upscale", "mask_dir", "alpha_mask",
+                     "unmasked_weight")
 
 
 class RunMetadata(L.Callback):
@@ -76,14 +90,38 @@ def resolve_config(config: TrainConfig, saved: Mapping[str, Any] | None = None) 
     if values["seed"] is None:
         values["seed"] = secrets.randbelow(2**31)
     if values["max_train_steps"] is None:
+        concepts = run_concepts(config)
+        companion = partial(is_companion, caption_extension=config.data.caption_extension)
+        samples = sum(len(list_image_files(Path(c.instance_data_dir), companion)) * c.repeats
+                      for c in concepts) * config.optim.repeats
         values["max_train_steps"] = steps_for_epochs(
-            config.data.instance_data_dir, num_class_images=config.prior.num_class_images,
+            samples, num_class_images=sum(class_image_counts(
+                concepts, config.prior.num_class_images).values()),
             with_prior=config.prior.with_prior_preservation,
             num_train_epochs=config.optim.num_train_epochs,
             train_batch_size=config.optim.train_batch_size,
-            gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
-            repeats=config.optim.repeats)
+            gradient_accumulation_steps=config.optim.gradient_accumulation_steps)
     return parse_train_config(values)
+
+
+def run_concepts(config: TrainConfig) -> list[Concept]:
+    """The concepts of a run (concepts.py): from --concepts, kohya folders or the flags."""
+    data = config.data
+    return resolve_concepts(concepts_file=data.concepts, instance_data_dir=data.instance_data_dir,
+                            instance_prompt=data.instance_prompt,
+                            class_data_dir=data.class_data_dir, class_prompt=data.class_prompt,
+                            with_prior=config.prior.with_prior_preservation)
+
+
+def class_image_counts(concepts: list[Concept], default: int) -> dict[tuple[str, str], int]:
+    """{(class_data_dir, class_prompt): class images wanted}: the most any of its concepts
+    asks for; concepts of one class share its images."""
+    counts: dict[tuple[str, str], int] = {}
+    for concept in concepts:
+        if concept.class_key is not None:
+            wanted = default if concept.num_class_images is None else concept.num_class_images
+            counts[concept.class_key] = max(counts.get(concept.class_key, 0), wanted)
+    return counts
 
 
 def _loggers(config: TrainConfig, output_dir: Path) -> list:
@@ -195,7 +233,19 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
     seed, max_steps = config.optim.seed, config.optim.max_train_steps
 
     # Fail before loading models.
-    num_train_images = len(load_image_folder(config.data.instance_data_dir, role="instance"))
+    data = config.data
+    concepts = run_concepts(config)
+    companion = partial(is_companion, caption_extension=data.caption_extension)
+    captions: dict[Path, str] = {}
+    concept_texts: dict[str, list[str]] = {}
+    for concept in concepts:
+        load_image_folder(Path(concept.instance_data_dir), role="instance", companion=companion)
+        found = concept_captions(concept.instance_data_dir, concept.instance_prompt,
+                                 data.caption_extension)
+        captions.update(found)
+        concept_texts.setdefault(Path(concept.instance_data_dir).name, []).extend(found.values())
+    class_counts = class_image_counts(concepts, config.prior.num_class_images)
+    num_train_images = len(captions)
     validation_prompts = []
     if config.validation.validation_prompt:
         validation_prompts.append(config.validation.validation_prompt)
@@ -212,23 +262,33 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
         vae_name_or_path=config.model.pretrained_vae_model_name_or_path,
         variant=config.model.variant, prediction_type=config.model.prediction_type)
     check_resolution(config.data.resolution, components)
+    check_bucket_steps(config, components)
+    warn_truncated({str(path): text for path, text in captions.items()},
+                   components.tokenizer)
     _choose_threads(config, meter, resumed_threads)  # the load measured while models loaded
-    with_prior = config.prior.with_prior_preservation
     lora = lora_settings(config)
     module = DreamBoothModule(
-        components, instance_prompt=config.data.instance_prompt,
-        class_prompt=config.data.class_prompt if with_prior else None,
+        components, prompts=[*captions.values(), *(prompt for _, prompt in class_counts),
+                             *([""] if data.caption_dropout_rate else [])],
         prior_loss_weight=config.prior.prior_loss_weight, optim=config.optim,
         max_train_steps=max_steps,
         pre_compute_text_embeddings=config.hardware.pre_compute_text_embeddings, lora=lora)
     datamodule = DreamBoothDataModule(
-        instance_data_dir=config.data.instance_data_dir,
-        class_data_dir=config.data.class_data_dir if with_prior else None,
-        num_class_images=config.prior.num_class_images, resolution=config.data.resolution,
-        center_crop=config.data.center_crop, random_flip=config.data.random_flip,
+        concepts=concepts, captions=captions, num_class_images=config.prior.num_class_images,
+        buckets=BucketSettings(
+            resolution=data.resolution, enabled=data.aspect_buckets,
+            min_reso=data.min_bucket_reso, max_reso=data.max_bucket_reso,
+            reso_steps=data.bucket_reso_steps, no_upscale=data.bucket_no_upscale),
+        center_crop=data.center_crop, random_flip=data.random_flip,
         train_batch_size=config.optim.train_batch_size,
         gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
-        max_train_steps=max_steps, seed=seed, vae=components.vae)
+        max_train_steps=max_steps, seed=seed, vae=components.vae,
+        caption_extension=data.caption_extension,
+        caption_settings=CaptionSettings(dropout_rate=data.caption_dropout_rate,
+                                         shuffle=data.shuffle_caption,
+                                         keep_tokens=data.keep_tokens),
+        masks=MaskSettings(mask_dir=data.mask_dir, alpha_mask=data.alpha_mask,
+                           unmasked_weight=data.unmasked_weight))
 
     run_callbacks: list = [
         RunMetadata(config),
@@ -240,13 +300,15 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
     ema = EMAWeights(decay=config.ema.ema_decay, warmup=config.ema.ema_warmup,
                      on_cpu=config.ema.ema_on_cpu) if config.ema.use_ema else None
     run_callbacks += [ema] if ema is not None else []
-    if with_prior and config.prior.num_class_images > 0:
-        run_callbacks.append(ClassImageGeneration(
-            components, class_data_dir=config.data.class_data_dir,
-            class_prompt=config.data.class_prompt, num_class_images=config.prior.num_class_images,
-            seed=seed, sample_batch_size=config.prior.sample_batch_size,
-            num_inference_steps=config.prior.class_inference_steps,
-            guidance_scale=config.prior.class_guidance_scale, resolution=config.data.resolution))
+    for (class_data_dir, class_prompt), wanted in class_counts.items():
+        if wanted > 0:  # one generation per class, shared by the concepts of that class
+            run_callbacks.append(ClassImageGeneration(
+                components, class_data_dir=class_data_dir, class_prompt=class_prompt,
+                num_class_images=wanted, seed=seed,
+                sample_batch_size=config.prior.sample_batch_size,
+                num_inference_steps=config.prior.class_inference_steps,
+                guidance_scale=config.prior.class_guidance_scale,
+                resolution=config.data.resolution))
     if validation_prompts:
         run_callbacks.append(ValidationSamples(
             components, prompts=validation_prompts,
@@ -259,7 +321,7 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
         run_callbacks.append(ValidationLoss(
             config.validation.validation_data_dir, instance_prompt=config.data.instance_prompt,
             every_n_steps=config.validation.validation_steps, resolution=config.data.resolution,
-            center_crop=config.data.center_crop, seed=seed,
+            seed=seed, caption_extension=config.data.caption_extension,
             batch_size=2 * config.optim.train_batch_size))
     run_callbacks += callbacks
 
@@ -292,14 +354,14 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
             optim = config.optim
             metadata = lora_metadata(
                 settings=lora, base_model=str(config.model.pretrained_model_name_or_path),
-                trigger_phrase=config.data.instance_prompt, output_name=output_name,
+                trigger_phrase=", ".join(dict.fromkeys(c.instance_prompt for c in concepts)),
+                output_name=output_name,
                 resolution=config.data.resolution, prediction_type=components.prediction_type,
                 training_steps=trainer.global_step, learning_rate=optim.learning_rate,
                 text_encoder_lr=(optim.text_encoder_lr or optim.learning_rate)
                 if optim.train_text_encoder else None,
                 num_train_images=num_train_images,
-                tag_frequency=tag_frequency({Path(config.data.instance_data_dir).name: [
-                    config.data.instance_prompt] * num_train_images}),
+                tag_frequency=tag_frequency(concept_texts),
                 family=components.family)
             paths = save_lora_files(output_dir, components.unet, components.text_encoders,
                                     settings=lora, metadata=metadata, output_name=output_name,
@@ -317,6 +379,21 @@ def check_resolution(resolution: int, components) -> None:
         raise ValueError(f"resolution={resolution} is more than twice the {native} px this "
                          f"{components.family.upper()} model was trained at; use at most "
                          f"{2 * native} (usually {native})")
+
+
+def check_bucket_steps(config: TrainConfig, components) -> None:
+    """Bucket sides must keep latents divisible by the UNet's downsampling: a multiple of the
+    VAE factor x 2^(UNet down blocks - 1) (8 x 8 = 64 for SD 1.x/2.x, 8 x 4 = 32 for SDXL)."""
+    if not config.data.aspect_buckets:
+        return
+    unit = components.vae_scale_factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
+    steps = config.data.bucket_reso_steps
+    if steps % unit:
+        raise ValueError(f"bucket_reso_steps={steps} would give latents this "
+                         f"{components.family.upper()} UNet cannot downsample evenly: use a "
+                         f"multiple of {unit} (VAE factor {components.vae_scale_factor} x UNet "
+                         f"downsampling {unit // components.vae_scale_factor}), e.g. "
+                         f"bucket_reso_steps={unit * max(1, steps // unit)}")
 
 
 def lora_settings(config: TrainConfig) -> LoraSettings | None:

@@ -23,7 +23,9 @@ from lightning.pytorch.callbacks import Callback
 
 from dreambooth import seeding
 from dreambooth.train.callbacks import sampling_context
-from dreambooth.train.data import LatentCache
+from dreambooth.images import load_image_folder
+from dreambooth.train.captions import concept_captions, is_companion
+from dreambooth.train.data import crop_to_bucket, encode_crops
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +39,16 @@ def fixed_timesteps(num_train_timesteps: int, count: int = NUM_VALIDATION_TIMEST
             / count).long()
 
 
-def validation_captions(count: int, instance_prompt: str) -> list[str]:
-    """The caption of each of `count` held-out images (in `load_image_folder` order).
-
-    HOOK for per-image captions: held-out images take the caption training would give them.
-    Training gives every instance image `instance_prompt` today; when it reads per-image
-    captions, return them here by the same rule (and see `ValidationLoss.conditioning`).
-    """
-    return [instance_prompt] * count
-
-
 class ValidationLoss(Callback):
     """Logs `val_loss` (and `val_loss_t{t}` per fixed timestep) on `data_dir`'s images."""
 
     def __init__(self, data_dir: str | Path, *, instance_prompt: str, every_n_steps: int,
-                 resolution: int, center_crop: bool, seed: int, batch_size: int = 8,
-                 num_timesteps: int = NUM_VALIDATION_TIMESTEPS):
+                 resolution: int, seed: int, caption_extension: str = ".txt",
+                 batch_size: int = 8, num_timesteps: int = NUM_VALIDATION_TIMESTEPS):
         self.data_dir = Path(data_dir)
         self.instance_prompt, self.every_n_steps = instance_prompt, every_n_steps
-        self.resolution, self.center_crop, self.seed = resolution, center_crop, seed
+        self.resolution, self.seed = resolution, seed
+        self.caption_extension = caption_extension
         self.batch_size, self.num_timesteps = batch_size, num_timesteps
         self.latents: torch.Tensor | None = None  # (N, C, h, w), scaled like training latents
         self.time_ids: torch.Tensor | None = None  # (N, 6) SDXL size conditioning
@@ -69,29 +62,31 @@ class ValidationLoss(Callback):
         """Encode the held-out images once and draw their fixed noise (CPU tensors)."""
         if self.latents is not None:
             return
-        cache = LatentCache.encode(self.data_dir, role="validation", vae=pl_module.vae,
-                                   resolution=self.resolution, center_crop=self.center_crop,
-                                   random_flip=False, seed=self.seed)
-        self.latents = cache.means[:, 0] * pl_module.vae.config.scaling_factor
-        self.time_ids = cache.time_ids[:, 0]
-        self.captions = validation_captions(len(cache), self.instance_prompt)
+        # Held-out photos get the caption training would give them (sidecar files,
+        # metadata.jsonl, [trigger]; else the instance prompt) and a centered square crop.
+        companion = lambda path: is_companion(path, self.caption_extension)  # noqa: E731
+        images = load_image_folder(self.data_dir, role="validation", min_size=self.resolution,
+                                   companion=companion)
+        captions = concept_captions(self.data_dir, self.instance_prompt, self.caption_extension)
+        square = (self.resolution, self.resolution)
+        crops = [crop_to_bucket(image, square, generator=None, random_flip=False, mask=None,
+                                latent_factor=1, unmasked_weight=1.0) for _, image in images]
+        means = torch.stack([mean[0] for mean, _ in encode_crops(crops, pl_module.vae)])
+        self.latents = means * pl_module.vae.config.scaling_factor  # the posterior means
+        self.time_ids = torch.stack([crop.time_ids[0] for crop in crops])
+        self.captions = [captions.get(path, self.instance_prompt) for path, _ in images]
         self.timesteps = fixed_timesteps(
             pl_module.noise_scheduler.config.num_train_timesteps, self.num_timesteps)
         shape = (self.num_timesteps, *self.latents.shape[1:])
         self.noise = torch.stack([
             torch.randn(shape, generator=seeding.generator(self.seed, seeding.VALIDATION_LOSS,
                                                            index))
-            for index in range(len(cache))])
+            for index in range(len(images))])
 
     def conditioning(self, pl_module, rows: torch.Tensor, time_ids: torch.Tensor) -> dict:
         """UNet keyword arguments for held-out images `rows`, through the module's own
-        conditioning (SDXL's pooled embeddings and time ids included)."""
-        if any(self.captions[int(row)] != pl_module.instance_prompt for row in rows):
-            raise NotImplementedError(
-                "per-image validation captions need per-sample text conditioning in "
-                "DreamBoothModule; only the instance prompt is supported")
-        is_prior = torch.zeros(len(rows), dtype=torch.bool, device=time_ids.device)
-        return pl_module.unet_conditioning(is_prior, time_ids)
+        conditioning (each image's caption; SDXL's pooled embeddings and time ids included)."""
+        return pl_module.unet_conditioning([self.captions[int(row)] for row in rows], time_ids)
 
     # ---------------------------------------------------------------------- scoring
     def evaluate(self, trainer, pl_module) -> dict[str, float]:
