@@ -123,17 +123,16 @@ class ValidationSamples(Callback):
         from dreambooth.generate import sample_images  # (diffusers' pipelines: only when used)
 
         pipeline = assemble_pipeline(self.components)
-        count = len(self.seeds)
+        rows = []
         with ema_weights(trainer), sampling_context(trainer, pl_module):  # EMA's, if kept
-            # Every prompt with the same seeds, batches spanning prompts (each image depends
-            # only on its prompt and seed).
-            images = sample_images(pipeline, [p for p in self.prompts for _ in self.seeds],
-                                   seeds=self.seeds * len(self.prompts),
-                                   batch_size=min(len(self.prompts) * count, max(count, 8)),
-                                   num_inference_steps=self.num_inference_steps,
-                                   guidance_scale=self.guidance_scale,
-                                   height=self.resolution, width=self.resolution)
-        rows = [images[i:i + count] for i in range(0, len(images), count)]
+            # One batch per prompt (all its seeds): a prompt's images are the same bits
+            # whatever other prompts are validated beside it.
+            for prompt in self.prompts:
+                rows.append(sample_images(pipeline, prompt, seeds=self.seeds,
+                                          num_inference_steps=self.num_inference_steps,
+                                          guidance_scale=self.guidance_scale,
+                                          height=self.resolution, width=self.resolution))
+        images = [image for row in rows for image in row]
         step = trainer.global_step
         grid_path = self.output_dir / f"step-{step:06d}.png"
         # One prompt keeps the square-ish grid it always had; several get one row each.

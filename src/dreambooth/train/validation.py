@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from dreambooth import seeding
-from dreambooth.train.callbacks import sampling_context
 from dreambooth.images import load_image_folder
+from dreambooth.train.callbacks import sampling_context
 from dreambooth.train.captions import concept_captions, is_companion
 from dreambooth.train.data import crop_to_bucket, encode_crops
 
