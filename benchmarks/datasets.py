@@ -259,6 +259,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.class_images, args.prompts, args.images_per_prompt, args.sample_steps = 2, 2, 2, 2
+    from dreambooth.cli import quiet_libraries
+
+    quiet_libraries()
     bench = Bench(args)
     report = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": {}}
     for name in args.only:

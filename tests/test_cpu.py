@@ -141,3 +141,14 @@ def test_resumed_run_keeps_the_thread_count_of_its_checkpoint(tmp_path, tiny_mod
     train(tiny_config(tiny_model, instance_dir, output, resume_from_checkpoint="latest",
                       num_threads=None, **common), callbacks=[recorder])
     assert recorder.seen == {1}
+
+
+def test_choosing_the_backend_prints_nothing():
+    """torch.backends.mkldnn.flags() also sets oneDNN's TF32 flag, which warns once per process;
+    the backend switch must not (users saw the warning in every run's output)."""
+    code = ("import torch, dreambooth.cpu as cpu\n"
+            "with cpu.conv_backend_for(64, 'cpu', torch.float32):\n"
+            "    torch.nn.functional.conv2d(torch.randn(1, 2, 4, 4), torch.randn(2, 2, 3, 3))\n")
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "TF32" not in done.stderr, done.stderr[-500:]

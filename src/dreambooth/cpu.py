@@ -176,8 +176,13 @@ def conv_backend_for(positions: int, device: torch.device | str, dtype: torch.dt
     if not use_native_conv(positions, device, dtype):
         yield
         return
-    with torch.backends.mkldnn.flags(enabled=False):
+    # (Not torch.backends.mkldnn.flags(): it also sets oneDNN's TF32 flag, which warns.)
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
         yield
+    finally:
+        torch.backends.mkldnn.enabled = was
 
 
 process_meter()  # start measuring now
