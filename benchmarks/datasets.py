@@ -13,7 +13,8 @@ grass") the share of images whose background is the asked one.
    vs each alone (steps each); identity bleed = subject A's prompts in the joint model scored
    against subject B's photos, minus the same score for the base model (max over pairs).
 2. buckets: a wide subject (`WIDE_SUBJECT`, 4:1) photographed in 96x64 frames, trained with
-   center crops vs `--aspect_buckets`; fidelity against photos that show it whole; grids saved.
+   square center crops, square random crops (the default) and `--aspect_buckets` (80x48
+   buckets); fidelity against photos that show it whole; grids saved.
 3. captions: per-photo captions naming each photo's background vs the one instance prompt.
 4. masks: object masks beside the photos (`photo.mask.png`) vs none.
 5. ema: `--use_ema` vs not.
@@ -175,7 +176,11 @@ class Bench:
                       class_prompt=class_prompt(WIDE_SUBJECT))
         row = {}
         for label, values in (("center_crop", {"center_crop": True}),
-                              ("aspect_buckets", {"aspect_buckets": True})):
+                              ("random_crop", {}),  # the default: a random square each epoch
+                              # The world model's latents are 1/16 of the image at its
+                              # deepest UNet level: bucket sides in steps of 16 px.
+                              ("aspect_buckets", {"aspect_buckets": True,
+                                                  "bucket_reso_steps": 16})):
             model = self.train(f"buckets-{label}", seed, **common, **values)
             groups = self.generate(model, prompts)
             row[label] = self.score(groups, prompts, references)
