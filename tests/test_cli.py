@@ -162,6 +162,10 @@ def calls(monkeypatch):
     """Each command's function replaced by a stand-in (same signature and docstring) that
     records its keyword arguments."""
     recorded = {}
+    # Import every command's modules first: a module imported while a stand-in is in place
+    # (dreambooth.world.demo imports evaluate_model) would keep the stand-in for good.
+    for load in COMMANDS.values():
+        load()
     for name, (module, attribute) in TARGETS.items():
         real = getattr(importlib.import_module(module), attribute)
 
@@ -263,11 +267,12 @@ def test_every_flag_of_the_handwritten_parsers_still_means_the_same(tmp_path, ca
     assert run_command("eval", [
         "--model", "m", "--reference_dir", "r", "--identifier", "zwx", "--class_noun", "ball",
         "--prompts", str(prompts), "--images_per_prompt", "3", "--num_inference_steps", "5",
-        "--guidance_scale", "2", "--seed", "4", "--device", "cpu", "--output_dir", "o"],
+        "--guidance_scale", "2", "--seed", "4", "--device", "cpu", "--output_dir", "o",
+        "--batch_size", "6"],
         calls) == dict(
         model="m", reference_dir="r", identifier="zwx", class_noun="ball",
         prompts=["a sks ball", "a red sks ball"], images_per_prompt=3, num_inference_steps=5,
-        guidance_scale=2.0, seed=4, device="cpu", output_dir="o")
+        guidance_scale=2.0, seed=4, device="cpu", output_dir="o", batch_size=6)
     assert run_command("demo", ["--output_dir", "d", "--fast", "--max_train_steps", "7"],
                        calls) == dict(output_dir="d", fast=True, max_train_steps=7)
     for bad in (["generate", "--model", "m", "--prompt", "p", "--output_dir", "o",
