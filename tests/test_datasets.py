@@ -1,7 +1,7 @@
 """Real datasets: captions, several concepts, aspect-ratio buckets and loss masks.
 
 Unit tests of each piece, then tiny end-to-end trainings that use them all together, on SD1
-and SDXL, full and LoRA, and an exact resume with buckets, masks and several concepts.
+and SDXL, full and LoRA, and an exact resume with buckets, masks, several concepts and EMA.
 """
 
 from __future__ import annotations
@@ -562,16 +562,16 @@ except SystemExit:
 """
 
 
-def test_exact_resume_with_buckets_masks_and_several_concepts(tmp_path, tiny_model):
+def test_exact_resume_with_buckets_masks_several_concepts_and_ema(tmp_path, tiny_model):
     """Stopped after 2 of 6 steps (Ctrl-C) and resumed, each run in a fresh process as a
-    user's would be: the weights of an uninterrupted run, bit for bit."""
+    user's would be: the (EMA) weights of an uninterrupted run, bit for bit."""
     import subprocess
     import sys
 
     def run(output, interrupt_at=None, **extra):
         args = dict(model=str(tiny_model), root=str(tmp_path / "data"), output=str(output),
                     interrupt_at=interrupt_at, max_train_steps=6, checkpointing_steps=1,
-                    train_text_encoder=True, num_threads=1, **extra)
+                    train_text_encoder=True, num_threads=1, use_ema=True, **extra)
         result = subprocess.run([sys.executable, "-c", RUN_IN_FRESH_PROCESS,
                                  str(Path(__file__).parent), json.dumps(args)],
                                 capture_output=True, text=True)
