@@ -589,3 +589,22 @@ def test_exact_resume_with_buckets_masks_several_concepts_and_ema(tmp_path, tiny
     base = load_file(tiny_model / "unet" / "diffusion_pytorch_model.safetensors")
     moved = load_file(interrupted / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(base[k], moved[k]) for k in base), "training changed nothing"
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_every_dataset_option_with_ema_trains_each_family(tmp_path, family_model, lora):
+    """Captions (dropout, shuffle), two concepts with priors, buckets, masks and EMA at once, for
+    SD 1.x, 2.x and SDXL, full fine-tune and LoRA."""
+    family, model = family_model
+    recorder = RecordBatches()
+    extra = dict(use_lora=True, rank=4, train_text_encoder=True) if lora else {}
+    output = train(dataset_config(model, tmp_path, tmp_path / "out", max_train_steps=3,
+                                  use_ema=True, **extra), callbacks=[recorder])
+    shapes = {tuple(b["latents"].shape[2:]) for b in recorder.batches}
+    assert any(h != w for h, w in shapes), f"{family}: only square buckets {shapes}"
+    assert any((b["weights"] < 1).any() for b in recorder.batches)
+    if lora:
+        files = list(output.glob("*.safetensors"))
+        assert files and all(f.stat().st_size > 0 for f in files)
+    else:
+        assert (output / "model_index.json").exists()
