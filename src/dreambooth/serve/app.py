@@ -48,6 +48,8 @@ try:
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from dreambooth.serve.job_routes import JOBS_PATH, Jobs, jobs_router
+    from dreambooth.serve.jobs import MAX_PHOTOS
     from dreambooth.serve.metrics import RequestMetrics, ServeMetrics
     from dreambooth.serve.routes import (
         DEFAULT_MAX_WORK,
@@ -84,20 +86,22 @@ class BodySizeLimit:
     as soon as it passes the limit (the app then sees a disconnect and its answer is dropped).
     """
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, path_limits: Mapping[str, int] | None = None):
+        self.app, self.default_max_bytes = app, max_bytes
+        self.path_limits = dict(path_limits or {})
 
-    def _too_large(self) -> APIError:
+    def _too_large(self, max_bytes: int) -> APIError:
         return APIError(413, f"Request body is larger than the server's limit of "
-                             f"{self.max_bytes} bytes (--max_upload_mb).",
+                             f"{max_bytes} bytes (--max_upload_mb).",
                         code="request_too_large")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        max_bytes = self.path_limits.get(scope["path"], self.default_max_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            error = self._too_large() if declared.isdigit() else APIError(
+        if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+            error = self._too_large(max_bytes) if declared.isdigit() else APIError(
                 400, "Content-Length is not a number.", code="invalid_body")
             return await _error_response(error)(scope, receive, send)
         received, too_large, answered = 0, False, False
@@ -107,7 +111,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     too_large = True
                     return {"type": "http.disconnect"}
             return message
@@ -125,7 +129,7 @@ class BodySizeLimit:
             if not too_large:
                 raise
         if too_large and not answered:
-            await _error_response(self._too_large())(scope, receive, send)
+            await _error_response(self._too_large(max_bytes))(scope, receive, send)
 
 
 class ClientLimit:
@@ -158,11 +162,12 @@ class ClientLimit:
                 del self.in_flight[client]
 
 
-def _batch_runner(pipeline: StableDiffusionPipeline, batch_limit, loras: dict[str, Path]):
+def _batch_runner(pipeline: StableDiffusionPipeline, state: ServerState):
     """Run one batch of jobs through the generation API (the functions the CLI calls)."""
+    batch_limit = state.batch_limit
 
     def run(key: BatchKey, jobs: list[Job], interrupted) -> list[Image.Image]:
-        lora = loras[key.lora] if key.lora is not None else None
+        lora = state.loras[key.lora] if key.lora is not None else None
         per_image = dict(
             seeds=[seed for job in jobs for seed in job.seeds],
             negative_prompt=[text for job in jobs for text in job.negative_prompts],
@@ -206,7 +211,7 @@ def _load_model(name: str, source: str | Path | StableDiffusionPipeline, *,
                        native_size=default_size(pipeline),
                        default_guidance_scale=default_guidance_scale(folder),
                        min_steps=min_steps(pipeline.scheduler),
-                       vae_scale_factor=pipeline.vae_scale_factor)
+                       vae_scale_factor=pipeline.vae_scale_factor, folder=folder)
 
 
 def _check_settings(models: Mapping, loras: Mapping, *, max_queue: int, max_batch: int,
@@ -258,6 +263,7 @@ def create_app(
     max_batch_megapixels: float = 4.2,
     max_client_requests: int = 8,
     shutdown_timeout_s: float = 2.0,
+    state_dir: str | Path | None = None,
 ) -> FastAPI:
     """The app serving `models` (name -> pipeline folder, cached hub id or loaded pipeline).
 
@@ -272,6 +278,10 @@ def create_app(
     `max_client_requests` POSTs in flight. On shutdown, queued requests get 503 and a running
     batch is interrupted; `run_server` waits `shutdown_timeout_s` for answers to be sent.
     The pipelines are loaded here, before the app answers anything.
+
+    With `state_dir`, the fine-tuning jobs API (`dreambooth.serve.job_routes`) trains models
+    on uploaded photos and serves them; its jobs and their files are kept there across
+    restarts. Without it, those routes answer 404.
     """
     lora_files = _check_settings(
         models, loras or {}, max_queue=max_queue, max_batch=max_batch,
@@ -280,39 +290,57 @@ def create_app(
         max_batch_megapixels=max_batch_megapixels, max_client_requests=max_client_requests,
         shutdown_timeout_s=shutdown_timeout_s)
     metrics = ServeMetrics()
+    max_upload_bytes = int(max_upload_mb * 1024 * 1024)
     served_models = {}
     state = ServerState(served_models, lora_files, metrics, max_image_size=max_image_size,
                         max_steps=max_steps, max_work=max_work, max_batch=max_batch,
                         max_batch_megapixels=max_batch_megapixels,
                         shutdown_timeout_s=shutdown_timeout_s)
-    for name, source in models.items():
+
+    def serve_model(name: str, source) -> ServedModel:
         served = _load_model(name, source, device=device, dtype=dtype)
         served.worker = ModelWorker(
-            name, _batch_runner(served.pipeline, state.batch_limit, lora_files),
+            name, _batch_runner(served.pipeline, state),
             max_queue=max_queue, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000,
             batch_limit=state.batch_limit,
             on_queue_depth=metrics.queue_depth.labels(name).set,
             on_batch=lambda images, seconds, name=name: metrics.batch_done(name, images, seconds),
             on_cancelled=metrics.cancelled.labels(name).inc)
-        served_models[name] = served
+        return served
+
+    for name, source in models.items():
+        served_models[name] = serve_model(name, source)
+    state.load_model = serve_model
+    if state_dir is not None:
+        state.jobs = Jobs(state, state_dir, device=device, max_photo_bytes=max_upload_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        for served in served_models.values():
-            served.worker.start()
+        with state._registering:
+            for worker in state.workers():
+                worker.start()
+            state.started = True
+        if state.jobs is not None:
+            state.jobs.start()
         try:
             yield
         finally:
-            for served in served_models.values():
-                await run_in_threadpool(served.worker.stop, shutdown_timeout_s)
+            if state.jobs is not None:
+                await run_in_threadpool(state.jobs.stop)
+            for worker in state.workers():
+                await run_in_threadpool(worker.stop, shutdown_timeout_s)
 
     app = FastAPI(title="dreambooth serve", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.server = state
     app.include_router(public_router)
-    app.include_router(router, dependencies=[Depends(_require_key(api_key))] if api_key else [])
+    needs_key = [Depends(_require_key(api_key))] if api_key else []
+    app.include_router(router, dependencies=needs_key)
+    app.include_router(jobs_router, dependencies=needs_key)
     _add_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=int(max_upload_mb * 1024 * 1024))
+    # A job uploads up to MAX_PHOTOS photos of max_upload_mb each (each photo checked apart).
+    app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes,
+                       path_limits={JOBS_PATH: max_upload_bytes * MAX_PHOTOS + 2**20})
     app.add_middleware(ClientLimit, max_requests=max_client_requests)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees 413s too
     return app
@@ -404,6 +432,9 @@ def run_server(models: Mapping[str, str | Path], *, host: str = "127.0.0.1", por
             one more gets 429.
         shutdown_timeout_s: On SIGTERM/Ctrl-C, queued requests get 503 and the running batch
             is interrupted; the server waits at most this long for answers to be sent.
+        state_dir: Folder of the fine-tuning jobs API (/v1/fine_tuning/jobs): its SQLite
+            database, uploaded photos and trained models, kept across restarts (a job that was
+            training resumes from its last checkpoint). Without it the jobs API is off (404).
     """
     import uvicorn
 

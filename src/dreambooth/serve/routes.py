@@ -16,9 +16,10 @@ import json
 import logging
 import re
 import secrets
+import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
@@ -98,6 +99,8 @@ class ServedModel:
     min_steps: int = 1  # the fewest steps the model's own scheduler can run
     vae_scale_factor: int = 8  # pixels per latent pixel
     worker: ModelWorker | None = None
+    folder: Path | None = None  # where it was loaded from (fine-tuning jobs train from it)
+    lora: str | None = None  # a LoRA applied when a request names none (a LoRA job's model)
 
 
 def read_trigger_phrase(folder: Path | None) -> str | None:
@@ -113,8 +116,15 @@ class ServerState:
                  metrics: ServeMetrics, *, max_image_size: int, max_steps: int,
                  max_work: float = DEFAULT_MAX_WORK, max_batch: int = 8,
                  max_batch_megapixels: float = 4.2, shutdown_timeout_s: float = 2.0):
+        # Replaced, never changed in place, when a model is registered at runtime: a request
+        # iterating them meanwhile sees the old or the new dict.
         self.models, self.loras, self.metrics = models, loras, metrics
         self.lora_hashes = {name: lora_hash(path) for name, path in loras.items()}
+        self._registering = threading.Lock()
+        self.started = False
+        # Set by create_app: loads a pipeline folder as a ServedModel with its worker.
+        self.load_model: Callable[[str, Path], ServedModel] | None = None
+        self.jobs = None  # the fine-tuning jobs (dreambooth.serve.job_routes.Jobs), if enabled
         self.max_image_size, self.max_steps = max_image_size, max_steps
         self.max_work, self.max_batch = max_work, max_batch
         self.max_batch_pixels = max_batch_megapixels * 1e6
@@ -125,10 +135,37 @@ class ServerState:
         (memory grows with pixels x batch)."""
         return max(1, min(self.max_batch, int(self.max_batch_pixels // (key.width * key.height))))
 
+    def workers(self) -> list[ModelWorker]:
+        """Every model worker once (a LoRA job's model shares its base model's worker)."""
+        return list({id(served.worker): served.worker for served in self.models.values()}
+                    .values())
+
     def stop_accepting(self) -> None:
         """Shutdown begins: queued requests get 503, running batches are interrupted."""
-        for served in self.models.values():
-            served.worker.stop_accepting()
+        for worker in self.workers():
+            worker.stop_accepting()
+
+    def register_model(self, name: str, folder: Path) -> ServedModel:
+        """Load the pipeline at `folder` and serve it as `name` from now on."""
+        served = self.load_model(name, folder)
+        with self._registering:
+            if self.started:
+                served.worker.start()
+            self.models = {**self.models, name: served}
+        return served
+
+    def register_lora_model(self, name: str, base: str, lora: Path,
+                            trigger_phrase: str | None) -> ServedModel:
+        """Serve `base` with the LoRA file `lora` applied as the model `name` (the LoRA is also
+        listed under that name); it shares the base model's pipeline and worker."""
+        with self._registering:
+            base_model = self.models[base]
+            served = replace(base_model, name=name, trigger_phrase=trigger_phrase,
+                             created=int(time.time()), folder=None, lora=name)
+            self.lora_hashes = {**self.lora_hashes, name: lora_hash(lora)}
+            self.loras = {**self.loras, name: lora}
+            self.models = {**self.models, name: served}
+        return served
 
     def model(self, name: str | None, param: str = "model") -> ServedModel:
         if name is None:
@@ -189,8 +226,8 @@ class ServerState:
                                 f"sampler needs at least {needed} steps. Ask for more, or pass "
                                 "another scheduler (e.g. 'pndm', A1111 'PLMS').",
                            param=steps_param, code="invalid_value")
-        return BatchKey(task, *size, steps, guidance_scale, scheduler, self.lora(lora),
-                        lora_scale, strength)
+        return BatchKey(task, *size, steps, guidance_scale, scheduler,
+                        self.lora(lora) if lora is not None else served.lora, lora_scale, strength)
 
     def check_cost(self, served: ServedModel, job: Job) -> None:
         """400 for a request over the work budget, or with an image over the batch memory."""
@@ -326,8 +363,8 @@ async def healthz() -> dict:
 
 @router.get("/metrics")
 async def metrics(state: ServerState = Depends(_state)) -> Response:
-    for served in state.models.values():
-        state.metrics.queue_depth.labels(served.name).set(served.worker.depth)
+    for worker in state.workers():
+        state.metrics.queue_depth.labels(worker.name).set(worker.depth)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -1,0 +1,77 @@
+"""The training process of one fine-tuning job: `python -m dreambooth.serve.job_process JOB_DIR`.
+
+Reads `JOB_DIR/config.json` (flat config keys, written by `dreambooth.serve.jobs.JobRunner`),
+runs `train`, and appends one JSON line per event to `JOB_DIR/events.jsonl`: `metrics` after
+every optimizer step (step, max_steps, loss, lr, eta_seconds), `message` notes, and `error`
+(the exception's message) when training fails. Exit code 0 means the outputs are written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+
+
+class _EventLog:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, **event) -> None:
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(event) + "\n")
+
+
+class ProgressEvents(L.Callback):
+    """A `metrics` line after every optimizer step, with an ETA from this process's pace."""
+
+    def __init__(self, events: _EventLog, max_steps: int):
+        self.events, self.max_steps = events, max_steps
+        self._start: tuple[float, int] | None = None
+        self._last_step = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = (time.monotonic(), trainer.global_step)
+        if trainer.global_step:
+            self.events.write(type="message", message=f"Resumed from step {trainer.global_step}.")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # mid gradient accumulation
+        self._last_step = step
+        started, first_step = self._start
+        done = step - first_step
+        eta = (time.monotonic() - started) / done * (self.max_steps - step) if done else None
+        metrics = trainer.callback_metrics
+        loss = metrics.get("loss")
+        self.events.write(type="metrics", step=step, max_steps=self.max_steps,
+                          loss=None if loss is None else float(loss),
+                          lr=trainer.optimizers[0].param_groups[0]["lr"],
+                          eta_seconds=None if eta is None else round(eta, 1))
+
+
+def main(job_dir: str) -> int:
+    from dreambooth.config import parse_train_config
+    from dreambooth.train.run import resolve_config, train
+
+    folder = Path(job_dir)
+    events = _EventLog(folder / "events.jsonl")
+    try:
+        config = parse_train_config(json.loads((folder / "config.json").read_text()),
+                                    source="job configuration")
+        max_steps = resolve_config(config).optim.max_train_steps
+        train(config, callbacks=[ProgressEvents(events, max_steps)])
+    except KeyboardInterrupt:
+        return 130  # the server is stopping; the interrupt checkpoint is written
+    except BaseException as error:  # every failure is the job's error message
+        events.write(type="error", message=f"{type(error).__name__}: {error}")
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,484 @@
+"""Fine-tuning jobs of `dreambooth serve`: durable state, the queue and the training processes.
+
+A job is a DreamBooth run on photos uploaded to the server. Its state lives under `state_dir`:
+
+- `jobs.sqlite3` (the standard library's sqlite3): a `jobs` table (id, status, parameters as
+  JSON, timestamps, error, fine_tuned_model) and an `events` table (status changes, progress);
+- `jobs/<job id>/photos/NN.<ext>`: the uploads, named by their index (never by client names);
+- `jobs/<job id>/output/`: the training's output_dir (checkpoints while it runs, then the
+  diffusers pipeline or the LoRA files);
+- `jobs/<job id>/events.jsonl` and `train.log`: what the training process reports and prints.
+
+`JobRunner` trains one job at a time, each in its own process (`python -m
+dreambooth.serve.job_process JOB_DIR`), so a crash, an out-of-memory kill or an exception fails
+that job and never the server. The process appends progress lines to `events.jsonl`; the
+runner's thread tails the file into the `events` table. Every run passes
+`resume_from_checkpoint="latest"`, so a job found `running` when the server starts (it died)
+is queued again and resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+from dreambooth.config import ConfigError, parse_train_config
+
+logger = logging.getLogger(__name__)
+
+STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled")
+MIN_PHOTOS, MAX_PHOTOS = 3, 50
+
+# Starting points of a job's configuration; `hyperparameters` override them.
+# quick: a LoRA-free full fine-tune of a few minutes on 2 CPU cores for the `demo` world model
+# (64 px): 200 steps at the demo's learning rate, no prior preservation, no text encoder.
+# quality: the `dreambooth demo` recipe (400 steps, text encoder, prior preservation with 50
+# class images generated first); on SD 1.5 this wants a GPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {"max_train_steps": 200, "learning_rate": 5e-5, "train_batch_size": 2,
+              "lr_warmup_steps": 0, "checkpointing_steps": 50, "checkpoints_total_limit": 1},
+    "quality": {"max_train_steps": 400, "learning_rate": 5e-5, "train_batch_size": 2,
+                "lr_warmup_steps": 0, "train_text_encoder": True,
+                "with_prior_preservation": True, "num_class_images": 50,
+                "checkpointing_steps": 100, "checkpoints_total_limit": 1},
+}
+# Config keys a client may not set: they name server paths or machines, or are set from the
+# job's own fields (model, identifier, class_noun).
+SERVER_KEYS = frozenset({
+    "pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
+    "instance_data_dir", "instance_prompt", "class_data_dir", "concepts", "mask_dir",
+    "validation_data_dir", "validation_prompts", "output_dir", "output_name",
+    "resume_from_checkpoint", "logging_dir", "report_to", "tracker_project_name",
+    "accelerator", "devices", "num_nodes", "strategy",
+})
+RESULT_KINDS = ("lora_kohya", "lora_diffusers", "model_zip")
+# What a model zip leaves out of the output folder: resumable state and tracker logs.
+_NOT_ZIPPED = ("checkpoints", "logs", "lightning_logs")
+_POLL_S = 0.2
+_STOP_GRACE_S = 10.0  # on shutdown: how long a training may take to write its interrupt checkpoint
+
+
+class JobError(ValueError):
+    """A job request that cannot run: `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def job_values(*, preset: str, hyperparameters: dict[str, Any], identifier: str,
+               class_noun: str, resolution: int) -> dict[str, Any]:
+    """The flat config keys a job chooses (preset, then the client's hyperparameters); raises
+    JobError naming a refused key or listing every invalid value (`parse_train_config`)."""
+    if preset not in PRESETS:
+        raise JobError(f"Invalid value for 'preset': '{preset}'; use one of "
+                       f"{', '.join(PRESETS)}.", "preset")
+    for key in hyperparameters:
+        if key in SERVER_KEYS:
+            raise JobError(f"hyperparameters.{key} cannot be set by a client: the server "
+                           "chooses paths, devices and prompts (set 'identifier' and "
+                           "'class_noun' for the prompt).", f"hyperparameters.{key}",
+                           "forbidden_parameter")
+    values = {"resolution": resolution, **PRESETS[preset], **hyperparameters}
+    # Validated with stand-ins for the server's paths; the run gets the real ones.
+    probe = {**values, **_server_values(Path("job"), "model", identifier, class_noun,
+                                        values, accelerator="cpu")}
+    try:
+        parse_train_config(probe, source="hyperparameters")
+    except ConfigError as error:
+        raise JobError("Invalid 'hyperparameters': " + "; ".join(error.problems),
+                       "hyperparameters") from error
+    return values
+
+
+def _server_values(job_dir: Path, base_model: str, identifier: str, class_noun: str,
+                   values: dict[str, Any], *, accelerator: str) -> dict[str, Any]:
+    prior = bool(values.get("with_prior_preservation"))
+    return {
+        "pretrained_model_name_or_path": base_model,
+        "instance_data_dir": str(job_dir / "photos"),
+        "instance_prompt": f"a photo of {identifier} {class_noun}",
+        **({"class_data_dir": str(job_dir / "class_images"),
+            "class_prompt": f"a photo of {class_noun}"} if prior else {}),
+        "output_dir": str(job_dir / "output"), "output_name": job_dir.name,
+        "resume_from_checkpoint": "latest", "report_to": "none", "accelerator": accelerator,
+    }
+
+
+def new_job_id() -> str:
+    return f"ftjob-{secrets.token_hex(12)}"
+
+
+class JobStore:
+    """The jobs and their events in SQLite; safe to use from several threads (a connection per
+    call, WAL journal)."""
+
+    def __init__(self, state_dir: str | Path):
+        self.state_dir = Path(state_dir)
+        self.jobs_dir = self.state_dir / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.state_dir / "jobs.sqlite3"
+        with closing(self._connect()) as db, db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript("""
+                CREATE TABLE IF NOT EXISTS jobs (
+                    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL,
+                    model TEXT NOT NULL, status TEXT NOT NULL, params TEXT NOT NULL,
+                    created_at INTEGER NOT NULL, finished_at INTEGER, error TEXT,
+                    fine_tuned_model TEXT);
+                CREATE TABLE IF NOT EXISTS events (
+                    seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL,
+                    created_at INTEGER NOT NULL, level TEXT NOT NULL, type TEXT NOT NULL,
+                    message TEXT NOT NULL, data TEXT);
+                CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
+            """)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def create(self, job_id: str, model: str, params: dict[str, Any]) -> None:
+        with closing(self._connect()) as db, db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO jobs (id, model, status, params, created_at) "
+                       "VALUES (?, ?, 'queued', ?, ?)",
+                       (job_id, model, json.dumps(params), int(time.time())))
+            self._event(db, job_id, "status", "Job queued.", {"status": "queued"})
+
+    @staticmethod
+    def _event(db, job_id: str, type: str, message: str, data: dict | None = None,
+               level: str = "info") -> None:
+        db.execute("INSERT INTO events (job_id, created_at, level, type, message, data) "
+                   "VALUES (?, ?, ?, ?, ?, ?)", (job_id, int(time.time()), level, type, message,
+                                                 json.dumps(data) if data is not None else None))
+
+    def add_event(self, job_id: str, type: str, message: str, data: dict | None = None,
+                  level: str = "info") -> None:
+        with closing(self._connect()) as db, db:
+            self._event(db, job_id, type, message, data, level)
+
+    def set_status(self, job_id: str, status: str, *, only_from: tuple[str, ...] | None = None,
+                   message: str | None = None, error: dict | None = None,
+                   fine_tuned_model: str | None = None) -> bool:
+        """Move the job to `status` (only from `only_from` when given) with its status event,
+        in one transaction; False when the job was not in `only_from`."""
+        with closing(self._connect()) as db, db:
+            db.execute("BEGIN IMMEDIATE")
+            current = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if current is None or (only_from is not None and current["status"] not in only_from):
+                return False
+            finished = int(time.time()) if status in FINISHED else None
+            db.execute("UPDATE jobs SET status = ?, finished_at = ?, error = ?, "
+                       "fine_tuned_model = COALESCE(?, fine_tuned_model) WHERE id = ?",
+                       (status, finished, json.dumps(error) if error else None,
+                        fine_tuned_model, job_id))
+            self._event(db, job_id, "status", message or f"Job {status}.", {"status": status},
+                        level="error" if status == "failed" else "info")
+            return True
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job_row(row) if row else None
+
+    def list(self, *, limit: int, after: str | None = None,
+             status: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """Jobs newest first, those older than job `after`; (jobs, has_more)."""
+        query, args = "SELECT * FROM jobs WHERE 1", []
+        if after is not None:
+            query += " AND seq < (SELECT seq FROM jobs WHERE id = ?)"
+            args.append(after)
+        if status is not None:
+            query += " AND status = ?"
+            args.append(status)
+        with closing(self._connect()) as db:
+            rows = db.execute(query + " ORDER BY seq DESC LIMIT ?", (*args, limit + 1)).fetchall()
+        return [_job_row(row) for row in rows[:limit]], len(rows) > limit
+
+    def next_queued(self) -> str | None:
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq "
+                             "LIMIT 1").fetchone()
+        return row["id"] if row else None
+
+    def events(self, job_id: str, *, after_seq: int = 0, limit: int | None = None,
+               newest_first: bool = False) -> list[dict[str, Any]]:
+        order = "DESC" if newest_first else "ASC"
+        query = (f"SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq {order}"
+                 + (" LIMIT ?" if limit is not None else ""))
+        args = (job_id, after_seq) + ((limit,) if limit is not None else ())
+        with closing(self._connect()) as db:
+            rows = db.execute(query, args).fetchall()
+        return [_event_row(row) for row in rows]
+
+    def requeue_interrupted(self) -> list[str]:
+        """Jobs left `running` by a server that died: queued again (they resume from their last
+        checkpoint). Returns their ids."""
+        with closing(self._connect()) as db:
+            ids = [row["id"] for row in db.execute("SELECT id FROM jobs WHERE status = "
+                                                    "'running' ORDER BY seq")]
+        for job_id in ids:
+            self.set_status(job_id, "queued", only_from=("running",),
+                            message="The server restarted; the job is queued again and "
+                                    "resumes from its last checkpoint.")
+        return ids
+
+
+def _job_row(row: sqlite3.Row) -> dict[str, Any]:
+    job = dict(row)
+    job["params"] = json.loads(job["params"])
+    job["error"] = json.loads(job["error"]) if job["error"] else None
+    return job
+
+
+def _event_row(row: sqlite3.Row) -> dict[str, Any]:
+    event = dict(row)
+    event["data"] = json.loads(event["data"]) if event["data"] else None
+    return event
+
+
+class JobRunner:
+    """One thread that trains the queued jobs in order, each in a child process.
+
+    `base_model(name)` gives the folder of a served model (None if the server no longer serves
+    it); `on_success(job)` registers the trained model and returns its name.
+    """
+
+    def __init__(self, store: JobStore, *, base_model: Callable[[str], Path | None],
+                 on_success: Callable[[dict[str, Any]], str], accelerator: str = "auto"):
+        self.store, self.base_model, self.on_success = store, base_model, on_success
+        self.accelerator = accelerator
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._cancel: set[str] = set()
+        self._thread = threading.Thread(target=self._loop, name="fine-tuning-jobs", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def cancel(self, job_id: str) -> None:
+        """Stop the job if it runs: its process is killed and its output removed."""
+        with self._wake:
+            self._cancel.add(job_id)
+            self._wake.notify_all()
+
+    def stop(self, timeout: float = _STOP_GRACE_S + 5) -> None:
+        """Interrupt the running training (it writes a checkpoint and stays `running`, to
+        resume when a server starts on this state_dir again) and end the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                if self._stopping:
+                    return
+            job_id = self.store.next_queued()
+            if job_id is None:
+                with self._wake:
+                    if not self._stopping:
+                        self._wake.wait(1.0)
+                continue
+            try:
+                self._run(job_id)
+            except Exception as error:  # a bug here must not end the queue
+                logger.exception("fine-tuning job %s", job_id)
+                self.store.set_status(job_id, "failed", only_from=("running", "queued"),
+                                      error={"message": f"internal error: {error}",
+                                             "code": "server_error", "param": None})
+
+    def _run(self, job_id: str) -> None:
+        job = self.store.get(job_id)
+        params = job["params"]
+        base = self.base_model(job["model"])
+        if base is None:
+            self.store.set_status(job_id, "failed", only_from=("queued",), error={
+                "message": f"The model '{job['model']}' is no longer served.",
+                "code": "model_not_found", "param": "model"})
+            return
+        if not self.store.set_status(job_id, "running", only_from=("queued",),
+                                     message="Training started."):
+            return  # cancelled meanwhile
+        job_dir = self.store.job_dir(job_id)
+        values = {**params["values"], **_server_values(
+            job_dir, str(base), params["identifier"], params["class_noun"], params["values"],
+            accelerator=self.accelerator)}
+        (job_dir / "config.json").write_text(json.dumps(values))
+        events_path = job_dir / "events.jsonl"
+        offset = events_path.stat().st_size if events_path.exists() else 0
+        with open(job_dir / "train.log", "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "dreambooth.serve.job_process", str(job_dir)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)  # its own process group: killed as a whole
+        start = offset
+        outcome, offset = self._watch(job_id, process, events_path, offset)
+        lines, offset = _read_lines(events_path, offset)
+        self._store_progress(job_id, lines, job_dir, base)
+        lines, _ = _read_lines(events_path, start)  # this run's lines, for its error
+        if outcome == "cancelled":
+            shutil.rmtree(job_dir / "output", ignore_errors=True)
+            shutil.rmtree(job_dir / "class_images", ignore_errors=True)
+            self.store.set_status(job_id, "cancelled", only_from=("running",),
+                                  message="Job cancelled; its outputs were removed.")
+            return
+        if outcome == "stopped":
+            return  # stays `running`: requeued and resumed by the next server on this state
+        errors = [line for line in lines if line.get("type") == "error"]
+        if process.returncode != 0 or errors:
+            message = (errors[-1]["message"] if errors else
+                       _exit_message(process.returncode))
+            self.store.set_status(job_id, "failed", only_from=("running",), error={
+                "message": _scrub(message, job_dir, base), "code": "training_failed",
+                "param": None}, message="Training failed.")
+            return
+        shutil.rmtree(job_dir / "output" / "checkpoints", ignore_errors=True)
+        try:
+            name = self.on_success(self.store.get(job_id))
+        except Exception as error:
+            logger.exception("registering the model of job %s", job_id)
+            self.store.set_status(job_id, "failed", only_from=("running",), error={
+                "message": _scrub(f"the trained model could not be loaded: {error}", job_dir,
+                                  base), "code": "server_error", "param": None})
+            return
+        self.store.set_status(job_id, "succeeded", only_from=("running",), fine_tuned_model=name,
+                              message=f"Job succeeded: the model '{name}' is served.")
+
+    def _watch(self, job_id: str, process: subprocess.Popen, events_path: Path,
+               offset: int) -> tuple[str, int]:
+        """Tail the process's events until it ends: 'ended', 'cancelled' or 'stopped'."""
+        job_dir = events_path.parent
+        while True:
+            try:
+                process.wait(_POLL_S)
+                return "ended", offset
+            except subprocess.TimeoutExpired:
+                pass
+            lines, offset = _read_lines(events_path, offset)
+            self._store_progress(job_id, lines, job_dir, None)
+            with self._wake:
+                cancelled, stopping = job_id in self._cancel, self._stopping
+                self._cancel.discard(job_id)
+            if cancelled:
+                _kill(process, signal.SIGKILL)
+                return "cancelled", offset
+            if stopping:
+                _kill(process, signal.SIGINT)  # Lightning writes an interrupt checkpoint
+                try:
+                    process.wait(_STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    _kill(process, signal.SIGKILL)
+                    process.wait()
+                return "stopped", offset
+
+    def _store_progress(self, job_id: str, lines: list[dict], job_dir: Path,
+                        base: Path | None) -> None:
+        for line in lines:
+            kind = line.get("type")
+            if kind == "metrics":
+                data = {key: line.get(key) for key in
+                        ("step", "max_steps", "loss", "lr", "eta_seconds")}
+                loss = "nan" if data["loss"] is None else f"{data['loss']:.4f}"
+                self.store.add_event(job_id, "metrics",
+                                     f"Step {data['step']}/{data['max_steps']}: "
+                                     f"training loss={loss}", data)
+            elif kind == "message":
+                self.store.add_event(job_id, "message",
+                                     _scrub(str(line.get("message", "")), job_dir, base))
+
+
+def _read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
+    """Whole JSON lines appended to `path` after byte `offset`; (lines, new offset)."""
+    if not path.exists():
+        return [], offset
+    with open(path, "rb") as file:
+        file.seek(offset)
+        data = file.read()
+    end = data.rfind(b"\n") + 1  # a line still being written waits for the next read
+    lines = []
+    for raw in data[:end].splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            logger.warning("unreadable progress line in %s", path)
+    return lines, offset + end
+
+
+def _kill(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+    if sig == signal.SIGKILL:
+        process.wait()
+
+
+def _exit_message(returncode: int) -> str:
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (e.g. out of memory)" if returncode == -signal.SIGKILL else ""
+        return f"the training process was killed by {name}{hint}"
+    return f"the training process exited with code {returncode}"
+
+
+def _scrub(message: str, job_dir: Path, base: Path | None) -> str:
+    """A message without server paths: the job folder and the base model's folder."""
+    message = message.replace(str(job_dir) + os.sep, "").replace(str(job_dir), "job")
+    if base is not None:
+        message = message.replace(str(base), "the base model")
+    return message
+
+
+def result_files(job: dict[str, Any], job_dir: Path) -> dict[str, Path]:
+    """The downloadable results of a succeeded job, {kind: path} (model_zip: its source
+    folder; the zip is built on first download)."""
+    if job["status"] != "succeeded":
+        return {}
+    output = job_dir / "output"
+    if job["params"]["values"].get("use_lora"):
+        return {"lora_kohya": output / f"{job_dir.name}.safetensors",
+                "lora_diffusers": output / "pytorch_lora_weights.safetensors"}
+    return {"model_zip": output}
+
+
+def model_zip(job_dir: Path) -> Path:
+    """The trained pipeline folder as `model.zip` beside it (made once, atomically)."""
+    from dreambooth.files import atomic_path
+
+    target = job_dir / "model.zip"
+    if not target.exists():
+        import zipfile
+
+        output = job_dir / "output"
+        with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            for path in sorted(output.rglob("*")):
+                relative = path.relative_to(output)
+                if path.is_file() and relative.parts[0] not in _NOT_ZIPPED:
+                    zf.write(path, relative.as_posix())
+    return target

@@ -1,0 +1,262 @@
+"""The fine-tuning jobs API of `dreambooth serve` end to end: a real uvicorn server on a tiny
+32x32 model, jobs of 2-6 training steps, each in its own training process."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import time
+import zipfile
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import write_subject_photos
+from dreambooth.serve.app import create_app
+from test_serve import KEY, Server, decode
+
+JOBS = "/v1/fine_tuning/jobs"
+FAST = {"max_train_steps": 2, "num_threads": 1, "seed": 7, "learning_rate": 1e-3}
+UPLOAD_LIMIT_MB = 0.05
+
+
+def photo_files(tmp_path, count: int = 3) -> list[tuple[str, tuple[str, bytes, str]]]:
+    folder = write_subject_photos(tmp_path / f"photos-{count}", count=count)
+    return [("files", (path.name, path.read_bytes(), "image/png"))
+            for path in sorted(folder.iterdir())]
+
+
+def create(server: Server, files, **fields) -> httpx.Response:
+    data = {"model": "base", "class_noun": "dog", **fields}
+    if isinstance(data.get("hyperparameters"), dict):
+        data["hyperparameters"] = json.dumps(data["hyperparameters"])
+    return server.post(JOBS, data=data, files=files)
+
+
+def wait_for(server: Server, job_id: str, statuses=("succeeded", "failed", "cancelled"),
+             timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = server.get(f"{JOBS}/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
+
+
+def sse_events(server: Server, job_id: str) -> list[dict]:
+    events = []
+    with httpx.stream("GET", f"{server.url}{JOBS}/{job_id}/events", timeout=300,
+                      headers={"Authorization": f"Bearer {KEY}",
+                               "Accept": "text/event-stream"}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+    return events
+
+
+def start(tiny_model, state_dir) -> Server:
+    return Server(create_app({"base": tiny_model}, api_key=KEY, device="cpu",
+                             max_upload_mb=UPLOAD_LIMIT_MB, max_steps=20,
+                             state_dir=state_dir))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    running = start(tiny_model, tmp_path_factory.mktemp("state"))
+    yield running
+    running.stop()
+
+
+def test_lora_job_trains_streams_progress_and_serves_its_model(server, tmp_path):
+    answer = create(server, photo_files(tmp_path, 3), identifier="zwx",
+                    hyperparameters={**FAST, "use_lora": True, "rank": 2})
+    assert answer.status_code == 200, answer.text
+    job = answer.json()
+    assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
+    assert job["status"] in ("queued", "running") and job["fine_tuned_model"] is None
+    assert job["hyperparameters"]["use_lora"] is True and job["trained_photos"] == 3
+
+    events = sse_events(server, job["id"])  # ends when the job ends
+    statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
+    assert statuses == ["queued", "running", "succeeded"]
+    steps = [e["data"] for e in events if e["type"] == "metrics"]
+    assert [s["step"] for s in steps] == [1, 2] and all(s["max_steps"] == 2 for s in steps)
+    assert all(s["loss"] is not None and s["lr"] > 0 and s["eta_seconds"] >= 0 for s in steps)
+    assert events.index(next(e for e in events if e["type"] == "metrics")) > 1
+
+    job = server.get(f"{JOBS}/{job['id']}").json()
+    name = job["fine_tuned_model"]
+    assert job["status"] == "succeeded" and name == f"base:ft-{job['id'][6:]}"
+    assert job["finished_at"] >= job["created_at"] and job["error"] is None
+    models = {m["id"]: m for m in server.get("/v1/models").json()["data"]}
+    assert models[name]["trigger_phrase"] == "a photo of zwx dog"
+    body = {"prompt": "a photo of zwx dog", "size": "32x32", "num_inference_steps": 2,
+            "seed": 1}
+    tuned = server.post("/v1/images/generations", json={**body, "model": name})
+    plain = server.post("/v1/images/generations", json={**body, "model": "base"})
+    assert tuned.status_code == 200, tuned.text
+    assert decode(tuned.json()["data"][0]["b64_json"]).size == (32, 32)
+    assert tuned.json()["data"][0]["b64_json"] != plain.json()["data"][0]["b64_json"]
+
+    listed = server.get(f"{JOBS}/{job['id']}/events").json()  # the JSON list, newest first
+    assert listed["object"] == "list" and listed["data"][0]["data"] == {"status": "succeeded"}
+    for kind in ("lora_kohya", "lora_diffusers"):
+        download = server.get(f"{JOBS}/{job['id']}/files/{kind}")
+        assert download.status_code == 200 and len(download.content) > 1000
+    assert server.get(f"{JOBS}/{job['id']}/files/model_zip").status_code == 404
+    assert str(server.app.state.server.jobs.store.state_dir) not in json.dumps(job)
+
+
+def test_full_fine_tune_job_serves_a_new_model_and_zips_it(server, tmp_path):
+    job = create(server, photo_files(tmp_path, 4), hyperparameters=FAST).json()
+    job = wait_for(server, job["id"])
+    assert job["status"] == "succeeded", job["error"]
+    body = {"model": job["fine_tuned_model"], "prompt": "a photo of sks dog", "size": "32x32",
+            "num_inference_steps": 2}
+    assert server.post("/v1/images/generations", json=body).status_code == 200
+    download = server.get(f"{JOBS}/{job['id']}/files/model_zip")
+    assert download.status_code == 200
+    names = zipfile.ZipFile(io.BytesIO(download.content)).namelist()
+    assert "model_index.json" in names and not any(n.startswith("checkpoints") for n in names)
+
+
+def test_failing_training_fails_the_job_and_the_server_answers(server, tmp_path):
+    # resolution 128 passes the config check but is refused once the 32 px model is loaded.
+    job = create(server, photo_files(tmp_path), hyperparameters={**FAST, "resolution": 128})
+    job = wait_for(server, job.json()["id"])
+    assert job["status"] == "failed" and "resolution=128" in job["error"]["message"]
+    assert "/" not in job["error"]["message"].split("resolution")[0]  # no server path
+    assert server.get("/v1/models").status_code == 200
+
+
+def test_cancel_kills_a_running_job_and_removes_its_outputs(server, tmp_path):
+    job = create(server, photo_files(tmp_path),
+                 hyperparameters={**FAST, "max_train_steps": 5000}).json()
+    for event in _sse_lines(server, job["id"]):
+        if event["type"] == "metrics":
+            break  # training runs
+    cancelled = server.post(f"{JOBS}/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    job_dir = server.app.state.server.jobs.store.job_dir(job["id"])
+    assert not (job_dir / "output").exists()
+    again = server.post(f"{JOBS}/{job['id']}/cancel")
+    assert again.status_code == 400 and again.json()["error"]["code"] == "job_finished"
+
+
+def _sse_lines(server, job_id):
+    with httpx.stream("GET", f"{server.url}{JOBS}/{job_id}/events", timeout=300,
+                      headers={"Authorization": f"Bearer {KEY}",
+                               "Accept": "text/event-stream"}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                yield json.loads(line.removeprefix("data: "))
+
+
+def test_list_is_paginated_newest_first(server, tmp_path):
+    for _ in range(3):  # cancelled at once: only the list matters here
+        job = create(server, photo_files(tmp_path), hyperparameters=FAST).json()
+        assert server.post(f"{JOBS}/{job['id']}/cancel").json()["status"] == "cancelled"
+    first = server.get(JOBS, params={"limit": 2}).json()
+    assert first["object"] == "list" and len(first["data"]) == 2 and first["has_more"]
+    everything = server.get(JOBS, params={"limit": 100}).json()["data"]
+    assert [j["id"] for j in everything[:2]] == [j["id"] for j in first["data"]]
+    assert [j["created_at"] for j in everything] == sorted(
+        [j["created_at"] for j in everything], reverse=True)
+    rest = server.get(JOBS, params={"limit": 100, "after": first["data"][1]["id"]}).json()
+    assert [j["id"] for j in rest["data"]] == [j["id"] for j in everything[2:]]
+    assert not rest["has_more"]
+    assert server.get(JOBS, headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def _png(size=(40, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise(size, 64).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case, param, code", [
+    ("not_an_image", "files[1]", "invalid_image"),
+    ("two_photos", "files", "invalid_file_count"),
+    ("fifty_one_photos", "files", "invalid_file_count"),
+    ("too_large", "files[2]", "file_too_large"),
+    ("output_dir", "hyperparameters.output_dir", "forbidden_parameter"),
+    ("unknown_key", "hyperparameters", "invalid_value"),
+    ("bad_value", "hyperparameters", "invalid_value"),
+    ("no_class_noun", "class_noun", "missing_required_parameter"),
+    ("unknown_model", "model", "model_not_found"),
+])
+def test_bad_job_requests_get_openai_errors(server, tmp_path, case, param, code):
+    files = photo_files(tmp_path, 3)
+    fields: dict = {"hyperparameters": FAST}
+    if case == "not_an_image":
+        files[1] = ("files", ("notes.png", b"just text", "image/png"))
+    elif case == "two_photos":
+        files = files[:2]
+    elif case == "fifty_one_photos":
+        files = files * 17
+    elif case == "too_large":
+        files[2] = ("files", ("big.png", _png((200, 200)), "image/png"))
+    elif case == "output_dir":
+        fields["hyperparameters"] = {**FAST, "output_dir": "/etc"}
+    elif case == "unknown_key":
+        fields["hyperparameters"] = {**FAST, "max_train_stepz": 3}
+    elif case == "bad_value":
+        fields["hyperparameters"] = {**FAST, "learning_rate": "fast"}
+    elif case == "no_class_noun":
+        fields["class_noun"] = None
+    elif case == "unknown_model":
+        fields["model"] = "nope"
+    before = len(server.get(JOBS, params={"limit": 100}).json()["data"])
+    answer = create(server, files, **{k: v for k, v in fields.items() if v is not None}) \
+        if case != "no_class_noun" else server.post(
+            JOBS, data={"model": "base", "hyperparameters": json.dumps(FAST)}, files=files)
+    assert answer.status_code in (400, 404), answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and error["code"] == code
+    assert set(error) == {"message", "type", "param", "code"}
+    if case in ("unknown_key", "bad_value"):
+        assert ("max_train_stepz" if case == "unknown_key" else "learning_rate") in error["message"]
+    assert len(server.get(JOBS, params={"limit": 100}).json()["data"]) == before
+
+
+def test_jobs_are_off_without_state_dir(tiny_model):
+    running = Server(create_app({"base": tiny_model}, api_key=KEY, device="cpu"))
+    try:
+        answer = running.get(JOBS)
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "jobs_disabled"
+    finally:
+        running.stop()
+
+
+def test_restart_lists_old_jobs_and_resumes_a_running_one(tiny_model, tmp_path):
+    state_dir = tmp_path / "state"
+    first = start(tiny_model, state_dir)
+    try:
+        job = create(first, photo_files(tmp_path), hyperparameters={
+            **FAST, "max_train_steps": 6, "checkpointing_steps": 1}).json()
+        for event in _sse_lines(first, job["id"]):
+            if event["type"] == "metrics" and event["data"]["step"] >= 2:
+                break
+    finally:
+        first.stop()  # the training is interrupted; the job stays `running`
+    with sqlite3.connect(state_dir / "jobs.sqlite3") as db:
+        (status,) = db.execute("SELECT status FROM jobs WHERE id = ?", (job["id"],)).fetchone()
+    assert status == "running"
+
+    second = start(tiny_model, state_dir)
+    try:
+        assert [j["id"] for j in second.get(JOBS).json()["data"]] == [job["id"]]
+        done = wait_for(second, job["id"])
+        assert done["status"] == "succeeded", done["error"]
+        messages = [e["message"] for e in second.get(f"{JOBS}/{job['id']}/events",
+                                                      params={"limit": 100}).json()["data"]]
+        assert any(m.startswith("Resumed from step") for m in messages)
+        assert any("server restarted" in m for m in messages)
+        names = [m["id"] for m in second.get("/v1/models").json()["data"]]
+        assert done["fine_tuned_model"] in names
+    finally:
+        second.stop()
