@@ -65,8 +65,10 @@ def main(job_dir: str) -> int:
                                     source="job configuration")
         max_steps = resolve_config(config).optim.max_train_steps
         train(config, callbacks=[ProgressEvents(events, max_steps)])
-    except KeyboardInterrupt:
-        return 130  # the server is stopping; the interrupt checkpoint is written
+    except (KeyboardInterrupt, SystemExit):
+        # The server is stopping (SIGINT; Lightning turns it into SystemExit after writing the
+        # interrupt checkpoint): not the job's failure, it resumes on the next start.
+        return 130
     except BaseException as error:  # every failure is the job's error message
         events.write(type="error", message=f"{type(error).__name__}: {error}")
         raise
