@@ -5,4 +5,6 @@
 - `schemas`: request models and OpenAI-shaped errors;
 - `batching`: one worker per model that batches compatible requests;
 - `metrics`: Prometheus metrics.
+- `jobs`, `job_process`, `job_routes`: the fine-tuning jobs API (state, training processes,
+  routes).
 """
