@@ -236,8 +236,10 @@ def test_restart_lists_old_jobs_and_resumes_a_running_one(tiny_model, tmp_path):
     state_dir = tmp_path / "state"
     first = start(tiny_model, state_dir)
     try:
+        # Long enough that the stop lands mid-training: 6 steps finished before the stop took
+        # effect once steps took 0.1 s (the job then restarted from nothing, no checkpoint).
         job = create(first, photo_files(tmp_path), hyperparameters={
-            **FAST, "max_train_steps": 6, "checkpointing_steps": 1}).json()
+            **FAST, "max_train_steps": 60, "checkpointing_steps": 2}).json()
         for event in _sse_lines(first, job["id"]):
             if event["type"] == "metrics" and event["data"]["step"] >= 2:
                 break
