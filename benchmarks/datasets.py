@@ -191,60 +191,48 @@ class Bench:
                 row[label]["grid"] = str(path.relative_to(REPO))
         return row
 
-    def captions(self, seed: int) -> dict:
-        from dreambooth.world import SUBJECTS, class_prompt, photo_captions, photos
-
-        row: dict = {"instance_prompt": {}, "captions": {}}
-        for subject in list(SUBJECTS.values())[:self.args.subjects]:
-            images = photos(subject, n=5)
-            prompts = [p for p in self.subject_prompts(subject) if " on " in p]  # backgrounds
-            for label, captions in (("instance_prompt", None),
-                                    ("captions", photo_captions(subject, n=5))):
-                folder = self.folder(f"{subject.name}-{label}", images, captions=captions)
-                model = self.train(f"captions-{label}-{subject.name}", seed,
-                                   instance_data_dir=str(folder),
-                                   instance_prompt=f"a sks {subject.cls}",
-                                   class_data_dir=self.class_dir(subject.cls),
-                                   class_prompt=class_prompt(subject))
-                row[label][subject.name] = self.score(self.generate(model, prompts), prompts,
-                                                      images)
-        return row
-
-    def masks(self, seed: int) -> dict:
-        from dreambooth.world import SUBJECTS, class_prompt, photo_masks, photos
-
-        row: dict = {"no_masks": {}, "masks": {}}
-        for subject in list(SUBJECTS.values())[:self.args.subjects]:
-            images = photos(subject, n=5)
-            prompts = [p for p in self.subject_prompts(subject) if " on " in p]
-            for label, masks in (("no_masks", None), ("masks", photo_masks(subject, n=5))):
-                folder = self.folder(f"{subject.name}-{label}", images, masks=masks)
-                model = self.train(f"masks-{label}-{subject.name}", seed,
-                                   instance_data_dir=str(folder),
-                                   instance_prompt=f"a sks {subject.cls}",
-                                   class_data_dir=self.class_dir(subject.cls),
-                                   class_prompt=class_prompt(subject))
-                row[label][subject.name] = self.score(self.generate(model, prompts), prompts,
-                                                      images)
-        return row
-
-    def ema(self, seed: int) -> dict:
+    def compare(self, name: str, seed: int, variants, *, backgrounds_only: bool) -> dict:
+        """Each DreamBench-mini subject trained once per variant (label, folder extras from the
+        subject, training overrides) on the same photos; scores per variant and subject."""
         from dreambooth.world import SUBJECTS, class_prompt, photos
 
-        row: dict = {"raw": {}, "ema": {}}
+        row: dict = {label: {} for label, _, _ in variants}
         for subject in list(SUBJECTS.values())[:self.args.subjects]:
             images = photos(subject, n=5)
-            folder = self.folder(f"{subject.name}-ema", images)
             prompts = self.subject_prompts(subject)
-            for label, values in (("raw", {}), ("ema", {"use_ema": True})):
-                model = self.train(f"ema-{label}-{subject.name}", seed,
+            if backgrounds_only:
+                prompts = [p for p in prompts if " on " in p]  # recontextualization
+            for label, extras, overrides in variants:
+                folder = self.folder(f"{subject.name}-{name}-{label}", images, **extras(subject))
+                model = self.train(f"{name}-{label}-{subject.name}", seed,
                                    instance_data_dir=str(folder),
                                    instance_prompt=f"a sks {subject.cls}",
                                    class_data_dir=self.class_dir(subject.cls),
-                                   class_prompt=class_prompt(subject), **values)
+                                   class_prompt=class_prompt(subject), **overrides)
                 row[label][subject.name] = self.score(self.generate(model, prompts), prompts,
                                                       images)
         return row
+
+    def captions(self, seed: int) -> dict:
+        from dreambooth.world import photo_captions
+
+        return self.compare("captions", seed, [
+            ("instance_prompt", lambda subject: {}, {}),
+            ("captions", lambda subject: {"captions": photo_captions(subject, n=5)}, {}),
+        ], backgrounds_only=True)
+
+    def masks(self, seed: int) -> dict:
+        from dreambooth.world import photo_masks
+
+        return self.compare("masks", seed, [
+            ("no_masks", lambda subject: {}, {}),
+            ("masks", lambda subject: {"masks": photo_masks(subject, n=5)}, {}),
+        ], backgrounds_only=True)
+
+    def ema(self, seed: int) -> dict:
+        return self.compare("ema", seed, [("raw", lambda subject: {}, {}),
+                                          ("ema", lambda subject: {}, {"use_ema": True})],
+                            backgrounds_only=False)
 
 
 def main() -> int:

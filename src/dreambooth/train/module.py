@@ -317,8 +317,10 @@ class DreamBoothModule(L.LightningModule):
         # kernels take the norms and the scaling in one pass each (same result).
         parameters = [p for group in optimizer.param_groups for p in group["params"]
                       if p.grad is not None]
+        if getattr(self, "_clip_foreach", None) is None:  # once: the parameters do not move
+            self._clip_foreach = can_fuse(parameters)
         torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val,
-                                       foreach=can_fuse(parameters))
+                                       foreach=self._clip_foreach)
 
     def check_finite_weights(self) -> None:
         """Raise NonFiniteError if a trained weight is NaN or infinite (never export those)."""
