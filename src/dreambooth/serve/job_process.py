@@ -2,8 +2,10 @@
 
 Reads `JOB_DIR/config.json` (flat config keys, written by `dreambooth.serve.jobs.JobRunner`),
 runs `train`, and appends one JSON line per event to `JOB_DIR/events.jsonl`: `metrics` after
-every optimizer step (step, max_steps, loss, lr, eta_seconds), `message` notes, and `error`
-(the exception's message) when training fails. Exit code 0 means the outputs are written.
+every optimizer step (step, max_steps, loss, lr, eta_seconds), `validation` when a validation
+grid was written (step, image: its file name in `output/validation`), `message` notes, and
+`error` (the exception's message) when training fails. Exit code 0 means the outputs are
+written.
 """
 
 from __future__ import annotations
@@ -54,6 +56,30 @@ class ProgressEvents(L.Callback):
                           eta_seconds=None if eta is None else round(eta, 1))
 
 
+class ValidationEvents(L.Callback):
+    """A `validation` line for each grid `ValidationSamples` writes in this process (it runs
+    after that callback: the user's callbacks come last)."""
+
+    def __init__(self, events: _EventLog, folder: Path):
+        self.events, self.folder = events, folder
+        self._since = time.time()
+        self._reported: set[str] = set()
+
+    def _report(self, step: int) -> None:
+        name = f"step-{step:06d}.png"
+        path = self.folder / name
+        # Written by this process (a resumed run finds the grids of the run before it).
+        if name not in self._reported and path.is_file() and path.stat().st_mtime >= self._since:
+            self._reported.add(name)
+            self.events.write(type="validation", step=step, image=name)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._report(trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._report(trainer.global_step)
+
+
 def main(job_dir: str) -> int:
     from dreambooth.config import parse_train_config
     from dreambooth.train.run import resolve_config, train
@@ -64,7 +90,9 @@ def main(job_dir: str) -> int:
         config = parse_train_config(json.loads((folder / "config.json").read_text()),
                                     source="job configuration")
         max_steps = resolve_config(config).optim.max_train_steps
-        train(config, callbacks=[ProgressEvents(events, max_steps)])
+        validation = Path(config.checkpoint.output_dir) / "validation"
+        train(config, callbacks=[ProgressEvents(events, max_steps),
+                                 ValidationEvents(events, validation)])
     except (KeyboardInterrupt, SystemExit):
         # The server is stopping (SIGINT; Lightning turns it into SystemExit after writing the
         # interrupt checkpoint): not the job's failure, it resumes on the next start.

@@ -6,7 +6,8 @@ A job is a DreamBooth run on photos uploaded to the server. Its state lives unde
   JSON, timestamps, error, fine_tuned_model) and an `events` table (status changes, progress);
 - `jobs/<job id>/photos/NN.<ext>`: the uploads, named by their index (never by client names);
 - `jobs/<job id>/output/`: the training's output_dir (checkpoints while it runs, then the
-  diffusers pipeline or the LoRA files);
+  diffusers pipeline or the LoRA files; `validation/step-NNNNNN.png`, the validation grids);
+- `jobs/<job id>/validation_prompts.txt`: the prompts of those grids (`validation_prompts`);
 - `jobs/<job id>/events.jsonl` and `train.log`: what the training process reports and prints.
 
 `JobRunner` trains one job at a time, each in its own process (`python -m
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -61,13 +64,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 SERVER_KEYS = frozenset({
     "pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
     "instance_data_dir", "instance_prompt", "class_data_dir", "concepts", "mask_dir",
-    "validation_data_dir", "validation_prompts", "output_dir", "output_name",
+    "validation_data_dir", "validation_prompt", "validation_prompts", "validation_steps",
+    "num_validation_images", "validation_inference_steps", "output_dir", "output_name",
     "resume_from_checkpoint", "logging_dir", "report_to", "tracker_project_name",
     "accelerator", "devices", "num_nodes", "strategy",
 })
 RESULT_KINDS = ("lora_kohya", "lora_diffusers", "model_zip")
-# What a model zip leaves out of the output folder: resumable state and tracker logs.
-_NOT_ZIPPED = ("checkpoints", "logs", "lightning_logs")
+JOBS_PATH = "/v1/fine_tuning/jobs"
+# Validation while a job trains: these scenes of the subject (one image each, fixed seeds, the
+# model's own size and guidance) about 4 times a run and at its end, one grid per time in
+# output/validation/step-NNNNNN.png (dreambooth.train.callbacks.ValidationSamples).
+VALIDATION_SCENES = ("", " on the beach", " in the snow")
+VALIDATIONS_PER_JOB = 4
+VALIDATION_INFERENCE_STEPS = 20
+VALIDATION_IMAGE = re.compile(r"step-[0-9]{6}\.png")  # the only names the images route serves
+# What a model zip leaves out of the output folder: resumable state, tracker logs and the
+# validation grids (the images route serves those).
+_NOT_ZIPPED = ("checkpoints", "logs", "lightning_logs", "validation")
 _POLL_S = 0.2
 _STOP_GRACE_S = 10.0  # on shutdown: how long a training may take to write its interrupt checkpoint
 
@@ -105,6 +118,24 @@ def job_values(*, preset: str, hyperparameters: dict[str, Any], identifier: str,
     return values
 
 
+def validation_prompts(identifier: str, class_noun: str) -> list[str]:
+    """The prompts a job's validation grids show, one row each."""
+    return [f"a photo of {identifier} {class_noun}{scene}" for scene in VALIDATION_SCENES]
+
+
+def validation_every(max_train_steps: int) -> int:
+    """Steps between two validations: about VALIDATIONS_PER_JOB per run (the last at its end)."""
+    return max(1, math.ceil(max_train_steps / VALIDATIONS_PER_JOB))
+
+
+def validation_image(job_dir: Path, name: str) -> Path | None:
+    """The validation grid `name` of a job, if the name is one and the grid exists."""
+    if not VALIDATION_IMAGE.fullmatch(name):
+        return None
+    path = job_dir / "output" / "validation" / name
+    return path if path.is_file() else None
+
+
 def _server_values(job_dir: Path, base_model: str, identifier: str, class_noun: str,
                    values: dict[str, Any], *, accelerator: str) -> dict[str, Any]:
     prior = bool(values.get("with_prior_preservation"))
@@ -112,11 +143,17 @@ def _server_values(job_dir: Path, base_model: str, identifier: str, class_noun: 
         "pretrained_model_name_or_path": base_model,
         "instance_data_dir": str(job_dir / "photos"),
         "instance_prompt": f"a photo of {identifier} {class_noun}",
+        "validation_prompts": str(job_dir / "validation_prompts.txt"),
+        "validation_steps": validation_every(int(values.get("max_train_steps", 1))),
+        "num_validation_images": 1, "validation_inference_steps": VALIDATION_INFERENCE_STEPS,
         **({"class_data_dir": str(job_dir / "class_images"),
             "class_prompt": f"a photo of {class_noun}"} if prior else {}),
         "output_dir": str(job_dir / "output"), "output_name": job_dir.name,
         "resume_from_checkpoint": "latest", "report_to": "none", "accelerator": accelerator,
     }
+
+
+JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")  # what new_job_id makes; nothing else names a job
 
 
 def new_job_id() -> str:
@@ -172,9 +209,17 @@ class JobStore:
                                                  json.dumps(data) if data is not None else None))
 
     def add_event(self, job_id: str, type: str, message: str, data: dict | None = None,
-                  level: str = "info") -> None:
+                  level: str = "info", *, unique: bool = False) -> bool:
+        """Append an event; with `unique`, only if the job has no event of this type and data
+        yet (a resumed run validates a step again: one event per image). True if added."""
         with closing(self._connect()) as db, db:
+            db.execute("BEGIN IMMEDIATE")
+            if unique and db.execute(
+                    "SELECT 1 FROM events WHERE job_id = ? AND type = ? AND data = ?",
+                    (job_id, type, json.dumps(data))).fetchone():
+                return False
             self._event(db, job_id, type, message, data, level)
+            return True
 
     def set_status(self, job_id: str, status: str, *, only_from: tuple[str, ...] | None = None,
                    message: str | None = None, error: dict | None = None,
@@ -330,6 +375,8 @@ class JobRunner:
             job_dir, str(base), params["identifier"], params["class_noun"], params["values"],
             accelerator=self.accelerator)}
         (job_dir / "config.json").write_text(json.dumps(values))
+        (job_dir / "validation_prompts.txt").write_text(
+            "\n".join(validation_prompts(params["identifier"], params["class_noun"])) + "\n")
         events_path = job_dir / "events.jsonl"
         offset = events_path.stat().st_size if events_path.exists() else 0
         with open(job_dir / "train.log", "ab") as log:
@@ -408,6 +455,12 @@ class JobRunner:
                 self.store.add_event(job_id, "metrics",
                                      f"Step {data['step']}/{data['max_steps']}: "
                                      f"training loss={loss}", data)
+            elif kind == "validation" and VALIDATION_IMAGE.fullmatch(str(line.get("image"))):
+                step = int(line.get("step", 0))
+                self.store.add_event(
+                    job_id, "validation", f"Validation images at step {step}.",
+                    {"step": step, "url": f"{JOBS_PATH}/{job_id}/images/{line['image']}"},
+                    unique=True)
             elif kind == "message":
                 self.store.add_event(job_id, "message",
                                      _scrub(str(line.get("message", "")), job_dir, base))
