@@ -330,3 +330,47 @@ def test_restart_lists_old_jobs_and_resumes_a_running_one(tiny_model, tmp_path):
         assert done["fine_tuned_model"] in names
     finally:
         second.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_server_stopped_while_a_job_finishes_does_not_train_it_again(tiny_model, tmp_path):
+    state_dir = tmp_path / "state"
+    first = start(tiny_model, state_dir)
+    try:
+        def server_dies(job):  # the server ends while it serves the trained model
+            raise SystemExit
+
+        first.app.state.server.jobs.runner.on_success = server_dies
+        job = create(first, photo_files(tmp_path), hyperparameters={
+            **FAST, "max_train_steps": 4, "checkpointing_steps": 2}).json()
+        job_dir = first.app.state.server.jobs.store.job_dir(job["id"])
+        deadline = time.monotonic() + 120
+        while first.app.state.server.jobs.runner._thread.is_alive():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        first.stop()
+    with sqlite3.connect(state_dir / "jobs.sqlite3") as db:
+        (status,) = db.execute("SELECT status FROM jobs WHERE id = ?", (job["id"],)).fetchone()
+    assert status == "running" and (job_dir / "trained.json").is_file()
+    weights = job_dir / "output" / "unet" / "diffusion_pytorch_model.safetensors"
+    trained_bytes, log_size = weights.read_bytes(), (job_dir / "train.log").stat().st_size
+
+    second = start(tiny_model, state_dir)
+    try:
+        done = wait_for(second, job["id"])
+        assert done["status"] == "succeeded", done["error"]
+        events = second.get(f"{JOBS}/{job['id']}/events", params={"limit": 100}).json()["data"]
+        messages = [e["message"] for e in reversed(events)]
+        assert messages.count("Training started.") == 1  # the first server's, only
+        assert "Training had finished; saving the results." in messages
+        assert [e["data"]["step"] for e in reversed(events) if e["type"] == "metrics"] == [
+            1, 2, 3, 4]
+        assert (job_dir / "train.log").stat().st_size == log_size  # no training process ran
+        assert weights.read_bytes() == trained_bytes
+        assert not (job_dir / "output" / "checkpoints").exists()
+        body = {"model": done["fine_tuned_model"], "prompt": "a photo of sks dog",
+                "size": "32x32", "num_inference_steps": 2}
+        assert second.post("/v1/images/generations", json=body).status_code == 200
+    finally:
+        second.stop()

@@ -36,6 +36,7 @@ from starlette.datastructures import UploadFile
 
 from dreambooth.files import atomic_folder
 from dreambooth.images import ImageFormatError, ImageReadError, read_image
+from dreambooth.serve.job_guard import state_lock
 from dreambooth.serve.jobs import (
     FINISHED,
     JOB_ID,
@@ -71,6 +72,8 @@ class Jobs:
     def __init__(self, state: ServerState, state_dir: str | Path, *, device: str | None,
                  max_photo_bytes: int):
         self.state, self.max_photo_bytes = state, max_photo_bytes
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        self._lock = state_lock(Path(state_dir))  # JobLocked: another server uses it
         self.store = JobStore(state_dir)
         for job_id in self.store.requeue_interrupted():
             logger.info("fine-tuning job %s was running: queued again, to resume", job_id)
@@ -84,6 +87,7 @@ class Jobs:
 
     def stop(self) -> None:
         self.runner.stop()
+        self._lock.close()
 
     def _base_folder(self, name: str) -> Path | None:
         served = self.state.models.get(name)

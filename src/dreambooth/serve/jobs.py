@@ -81,6 +81,8 @@ VALIDATION_IMAGE = re.compile(r"step-[0-9]{6}\.png")  # the only names the image
 # What a model zip leaves out of the output folder: resumable state, tracker logs and the
 # validation grids (the images route serves those).
 _NOT_ZIPPED = ("checkpoints", "logs", "lightning_logs", "validation")
+# Written by the training process once every output is (dreambooth.serve.job_process).
+TRAINED_FILE = "trained.json"
 _POLL_S = 0.2
 _STOP_GRACE_S = 10.0  # on shutdown: how long a training may take to write its interrupt checkpoint
 
@@ -367,10 +369,20 @@ class JobRunner:
                 "message": f"The model '{job['model']}' is no longer served.",
                 "code": "model_not_found", "param": "model"})
             return
-        if not self.store.set_status(job_id, "running", only_from=("queued",),
-                                     message="Training started."):
-            return  # cancelled meanwhile
         job_dir = self.store.job_dir(job_id)
+        trained = (job_dir / TRAINED_FILE).is_file()  # a server stopped while it finished
+        if not self.store.set_status(
+                job_id, "running", only_from=("queued",),
+                message="Training had finished; saving the results." if trained else
+                "Training started."):
+            return  # cancelled meanwhile
+        if not trained and not self._train(job_id, job_dir, params, base):
+            return
+        self._finish(job_id, job_dir, base)
+
+    def _train(self, job_id: str, job_dir: Path, params: dict[str, Any], base: Path) -> bool:
+        """Run the training process to its end; True when it wrote its outputs, else the job
+        is failed, cancelled or (the server stops) left `running` to resume."""
         values = {**params["values"], **_server_values(
             job_dir, str(base), params["identifier"], params["class_noun"], params["values"],
             accelerator=self.accelerator)}
@@ -380,31 +392,38 @@ class JobRunner:
         events_path = job_dir / "events.jsonl"
         offset = events_path.stat().st_size if events_path.exists() else 0
         with open(job_dir / "train.log", "ab") as log:
+            # Its own process group (killed as a whole); it dies with this server
+            # (dreambooth.serve.job_guard) and holds the job's lock while it lives.
             process = subprocess.Popen(
-                [sys.executable, "-m", "dreambooth.serve.job_process", str(job_dir)],
+                [sys.executable, "-m", "dreambooth.serve.job_process", str(job_dir),
+                 str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)  # its own process group: killed as a whole
+                start_new_session=True)
         start = offset
-        outcome, offset = self._watch(job_id, process, events_path, offset)
+        outcome, offset = self._watch(job_id, process, events_path, offset, base)
         lines, offset = _read_lines(events_path, offset)
         self._store_progress(job_id, lines, job_dir, base)
         lines, _ = _read_lines(events_path, start)  # this run's lines, for its error
         if outcome == "cancelled":
-            shutil.rmtree(job_dir / "output", ignore_errors=True)
-            shutil.rmtree(job_dir / "class_images", ignore_errors=True)
+            remove_outputs(job_dir)
             self.store.set_status(job_id, "cancelled", only_from=("running",),
                                   message="Job cancelled; its outputs were removed.")
-            return
+            return False
         if outcome == "stopped":
-            return  # stays `running`: requeued and resumed by the next server on this state
+            return False  # stays `running`: requeued and resumed by the next server
         errors = [line for line in lines if line.get("type") == "error"]
-        if process.returncode != 0 or errors:
+        if process.returncode != 0 or errors or not (job_dir / TRAINED_FILE).is_file():
             message = (errors[-1]["message"] if errors else
                        _exit_message(process.returncode))
             self.store.set_status(job_id, "failed", only_from=("running",), error={
                 "message": _scrub(message, job_dir, base), "code": "training_failed",
                 "param": None}, message="Training failed.")
-            return
+            return False
+        return True
+
+    def _finish(self, job_id: str, job_dir: Path, base: Path) -> None:
+        """A trained job's last phase; every step may be done again (a server stopped in the
+        middle starts here): its checkpoints go, its model is served, it succeeds."""
         shutil.rmtree(job_dir / "output" / "checkpoints", ignore_errors=True)
         try:
             name = self.on_success(self.store.get(job_id))
@@ -418,7 +437,7 @@ class JobRunner:
                               message=f"Job succeeded: the model '{name}' is served.")
 
     def _watch(self, job_id: str, process: subprocess.Popen, events_path: Path,
-               offset: int) -> tuple[str, int]:
+               offset: int, base: Path) -> tuple[str, int]:
         """Tail the process's events until it ends: 'ended', 'cancelled' or 'stopped'."""
         job_dir = events_path.parent
         while True:
@@ -428,7 +447,7 @@ class JobRunner:
             except subprocess.TimeoutExpired:
                 pass
             lines, offset = _read_lines(events_path, offset)
-            self._store_progress(job_id, lines, job_dir, None)
+            self._store_progress(job_id, lines, job_dir, base)
             with self._wake:
                 cancelled, stopping = job_id in self._cancel, self._stopping
                 self._cancel.discard(job_id)
@@ -506,6 +525,14 @@ def _scrub(message: str, job_dir: Path, base: Path | None) -> str:
     if base is not None:
         message = message.replace(str(base), "the base model")
     return message
+
+
+def remove_outputs(job_dir: Path) -> None:
+    """What a job trained or generated (its photos and records stay)."""
+    for name in ("output", "class_images"):
+        shutil.rmtree(job_dir / name, ignore_errors=True)
+    for name in (TRAINED_FILE, "model.zip"):
+        (job_dir / name).unlink(missing_ok=True)
 
 
 def result_files(job: dict[str, Any], job_dir: Path) -> dict[str, Path]:
