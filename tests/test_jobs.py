@@ -36,6 +36,11 @@ def create(server: Server, files, **fields) -> httpx.Response:
     return server.post(JOBS, data=data, files=files)
 
 
+def delete(server: Server, path: str) -> httpx.Response:
+    return httpx.delete(server.url + path, headers={"Authorization": f"Bearer {KEY}"},
+                        timeout=60)
+
+
 def wait_for(server: Server, job_id: str, statuses=("succeeded", "failed", "cancelled"),
              timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
@@ -125,6 +130,26 @@ def test_lora_job_trains_streams_progress_and_serves_its_model(server, tmp_path)
         assert download.status_code == 200 and len(download.content) > 1000
     assert server.get(f"{JOBS}/{job['id']}/files/model_zip").status_code == 404
     assert str(server.app.state.server.jobs.store.state_dir) not in json.dumps(job)
+    assert_deleted(server, job, {**body, "model": name})
+
+
+def assert_deleted(server: Server, job: dict, generation: dict) -> None:
+    """DELETE a succeeded job: its files go, its model is no longer served (nor its LoRA)."""
+    job_dir = server.app.state.server.jobs.store.job_dir(job["id"])
+    assert job_dir.is_dir()
+    answer = delete(server, f"{JOBS}/{job['id']}")
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"id": job["id"], "object": "fine_tuning.job", "deleted": True}
+    assert not job_dir.exists()
+    assert server.get(f"{JOBS}/{job['id']}").json()["error"]["code"] == "job_not_found"
+    assert delete(server, f"{JOBS}/{job['id']}").status_code == 404
+    assert job["id"] not in [j["id"] for j in server.get(JOBS, params={"limit": 100}).json()[
+        "data"]]
+    models = server.get("/v1/models").json()["data"]
+    assert job["fine_tuned_model"] not in [m["id"] for m in models]
+    gone = server.post("/v1/images/generations", json=generation)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    assert server.app.state.server.jobs.store.events(job["id"]) == []
 
 
 def test_full_fine_tune_job_serves_a_new_model_and_zips_it(server, tmp_path):
@@ -138,6 +163,8 @@ def test_full_fine_tune_job_serves_a_new_model_and_zips_it(server, tmp_path):
     assert download.status_code == 200
     names = zipfile.ZipFile(io.BytesIO(download.content)).namelist()
     assert "model_index.json" in names and not any(n.startswith("checkpoints") for n in names)
+    assert not any(n.startswith("validation") for n in names)
+    assert_deleted(server, job, body)
 
 
 def test_validation_does_not_change_the_trained_weights(server, tmp_path):
@@ -317,8 +344,11 @@ def test_restart_lists_old_jobs_and_resumes_a_running_one(tiny_model, tmp_path):
         (status,) = db.execute("SELECT status FROM jobs WHERE id = ?", (job["id"],)).fetchone()
     assert status == "running"
 
+    stray = state_dir / "jobs" / "ftjob-0123456789abcdef01234567"  # a delete cut short
+    (stray / "photos").mkdir(parents=True)
     second = start(tiny_model, state_dir)
     try:
+        assert not stray.exists()
         assert [j["id"] for j in second.get(JOBS).json()["data"]] == [job["id"]]
         done = wait_for(second, job["id"])
         assert done["status"] == "succeeded", done["error"]
@@ -374,3 +404,48 @@ def test_a_server_stopped_while_a_job_finishes_does_not_train_it_again(tiny_mode
         assert second.post("/v1/images/generations", json=body).status_code == 200
     finally:
         second.stop()
+
+
+def test_active_jobs_are_limited_and_only_finished_ones_deleted(tiny_model, tmp_path):
+    state_dir = tmp_path / "state"
+    running = Server(create_app({"base": tiny_model}, api_key=KEY, device="cpu",
+                                max_upload_mb=UPLOAD_LIMIT_MB, state_dir=state_dir,
+                                max_queued_jobs=2, job_retention_days=1))
+    jobs = running.app.state.server.jobs
+    try:
+        long = {**FAST, "max_train_steps": 5000}
+        first, second = (create(running, photo_files(tmp_path), hyperparameters=long).json()
+                         for _ in range(2))
+        refused = create(running, photo_files(tmp_path), hyperparameters=long)
+        assert refused.status_code == 429, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
+        assert "--max_queued_jobs 2" in error["message"]
+        assert refused.headers["retry-after"]
+        assert sorted(p.name for p in (state_dir / "jobs").iterdir()) == sorted(
+            [first["id"], second["id"]])  # the refused upload left nothing
+        assert jobs.store.count_active() == 2
+
+        for job in (first, second):  # active: cancel first
+            answer = delete(running, f"{JOBS}/{job['id']}")
+            assert answer.status_code == 409 and answer.json()["error"]["code"] == (
+                "job_not_finished")
+            assert "cancel" in answer.json()["error"]["message"]
+        assert running.post(f"{JOBS}/{second['id']}/cancel").json()["status"] == "cancelled"
+        third = create(running, photo_files(tmp_path), hyperparameters=long)
+        assert third.status_code == 200, third.text  # room again
+        for job in (first, third.json()):
+            assert running.post(f"{JOBS}/{job['id']}/cancel").json()["status"] == "cancelled"
+        assert delete(running, f"{JOBS}/{first['id']}").status_code == 200
+        assert not (state_dir / "jobs" / first["id"]).exists()
+
+        # --job_retention_days 1: a job finished 2 days ago goes, a fresh one stays.
+        with sqlite3.connect(state_dir / "jobs.sqlite3") as db:
+            db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?",
+                       (int(time.time()) - 2 * 86400, second["id"]))
+        jobs.delete_expired()
+        remaining = [j["id"] for j in running.get(JOBS).json()["data"]]
+        assert remaining == [third.json()["id"]]
+        assert not (state_dir / "jobs" / second["id"]).exists()
+    finally:
+        running.stop()

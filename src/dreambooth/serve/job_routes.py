@@ -25,6 +25,8 @@ import asyncio
 import io
 import json
 import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ from dreambooth.serve.jobs import (
     JobError,
     JobRunner,
     JobStore,
+    check_active,
     job_values,
     model_zip,
     new_job_id,
@@ -70,15 +73,19 @@ class Jobs:
     """The jobs of one app: the store, the runner and what a finished job registers."""
 
     def __init__(self, state: ServerState, state_dir: str | Path, *, device: str | None,
-                 max_photo_bytes: int):
+                 max_photo_bytes: int, max_active: int = 8,
+                 retention_days: float | None = None):
         self.state, self.max_photo_bytes = state, max_photo_bytes
+        self.max_active, self.retention_days = max_active, retention_days
         Path(state_dir).mkdir(parents=True, exist_ok=True)
         self._lock = state_lock(Path(state_dir))  # JobLocked: another server uses it
         self.store = JobStore(state_dir)
         for job_id in self.store.requeue_interrupted():
             logger.info("fine-tuning job %s was running: queued again, to resume", job_id)
+        self._remove_leftovers()
+        self.delete_expired()
         self.runner = JobRunner(self.store, base_model=self._base_folder,
-                                on_success=self.register,
+                                on_success=self.register, on_idle=self.delete_expired,
                                 accelerator="cpu" if device == "cpu" else "auto")
         self._register_succeeded()
 
@@ -106,6 +113,35 @@ class Jobs:
         else:
             self.state.register_model(name, output)
         return name
+
+    def delete(self, job_id: str) -> bool:
+        """Forget a finished job: its model is no longer served, its files are removed.
+        False if there is no such job; JobError `job_not_finished` if it is active."""
+        job = self.store.delete(job_id)
+        if job is None:
+            return False
+        if job["fine_tuned_model"]:
+            self.state.unregister_model(job["fine_tuned_model"])
+        shutil.rmtree(self.store.job_dir(job_id), ignore_errors=True)
+        logger.info("fine-tuning job %s deleted", job_id)
+        return True
+
+    def delete_expired(self) -> None:
+        """Delete the jobs that finished more than `retention_days` ago (none without it)."""
+        if self.retention_days is None:
+            return
+        cutoff = int(time.time() - self.retention_days * 86400)
+        for job_id in self.store.finished_before(cutoff):
+            self.delete(job_id)
+
+    def _remove_leftovers(self) -> None:
+        """Job folders the database does not know (a delete or an upload cut short by a
+        stopped server); only at start, when no upload is being saved."""
+        known = self.store.ids()
+        for folder in self.store.jobs_dir.iterdir():
+            if folder.name not in known:
+                logger.info("removing %s: no job of that id", folder.name)
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _register_succeeded(self) -> None:
         after = None
@@ -257,8 +293,17 @@ def _word(fields: dict[str, str], name: str, default: str | None) -> str:
     return value
 
 
+def _limit_error(error: JobError) -> APIError:
+    return APIError(429, str(error), code=error.code, type="rate_limit_error",
+                    headers={"Retry-After": "60"})
+
+
 @jobs_router.post(JOBS_PATH)
 async def create_job(request: Request, jobs: Jobs = Depends(_jobs)) -> dict:
+    try:  # before the upload is read; checked again when the job is stored
+        check_active(await run_in_threadpool(jobs.store.count_active), jobs.max_active)
+    except JobError as error:
+        raise _limit_error(error) from error
     fields, photos = await _read_job_form(request)
     model = fields.get("model")
     if model is None:
@@ -282,14 +327,23 @@ async def create_job(request: Request, jobs: Jobs = Depends(_jobs)) -> dict:
     job_id = new_job_id()
 
     def save() -> None:
-        with atomic_folder(jobs.store.job_dir(job_id) / "photos") as folder:
+        job_dir = jobs.store.job_dir(job_id)
+        with atomic_folder(job_dir / "photos") as folder:
             for index, (data, extension) in enumerate(checked):
                 (folder / f"{index:02d}.{extension}").write_bytes(data)
-        jobs.store.create(job_id, served.name, {
-            "values": values, "identifier": identifier, "class_noun": class_noun,
-            "preset": fields.get("preset", "quick"), "photos": len(checked)})
+        try:
+            jobs.store.create(job_id, served.name, {
+                "values": values, "identifier": identifier, "class_noun": class_noun,
+                "preset": fields.get("preset", "quick"), "photos": len(checked)},
+                max_active=jobs.max_active)
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
 
-    await run_in_threadpool(save)
+    try:
+        await run_in_threadpool(save)
+    except JobError as error:
+        raise _limit_error(error) from error
     jobs.runner.wake()
     return job_object(jobs.store.get(job_id), jobs)
 
@@ -308,6 +362,18 @@ async def list_jobs(request: Request, jobs: Jobs = Depends(_jobs)) -> dict:
 @jobs_router.get(JOBS_PATH + "/{job_id}")
 async def get_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> dict:
     return job_object(_get_job(jobs, job_id), jobs)
+
+
+@jobs_router.delete(JOBS_PATH + "/{job_id}")
+async def delete_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> dict:
+    _get_job(jobs, job_id)
+    try:
+        deleted = await run_in_threadpool(jobs.delete, job_id)
+    except JobError as error:
+        raise APIError(409, str(error), param=error.param, code=error.code) from error
+    if not deleted:  # deleted meanwhile
+        _get_job(jobs, job_id)
+    return {"id": job_id, "object": "fine_tuning.job", "deleted": True}
 
 
 @jobs_router.post(JOBS_PATH + "/{job_id}/cancel")

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
+ACTIVE = ("validating_files", "queued", "running")
 MIN_PHOTOS, MAX_PHOTOS = 3, 50
 
 # Starting points of a job's configuration; `hyperparameters` override them.
@@ -84,6 +85,7 @@ _NOT_ZIPPED = ("checkpoints", "logs", "lightning_logs", "validation")
 # Written by the training process once every output is (dreambooth.serve.job_process).
 TRAINED_FILE = "trained.json"
 _POLL_S = 0.2
+_IDLE_EVERY_S = 3600.0  # how often an idle runner calls on_idle (expired jobs go)
 _STOP_GRACE_S = 10.0  # on shutdown: how long a training may take to write its interrupt checkpoint
 
 
@@ -93,6 +95,14 @@ class JobError(ValueError):
     def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
         super().__init__(message)
         self.param, self.code = param, code
+
+
+def check_active(active: int, max_active: int) -> None:
+    """JobError `rate_limit_exceeded` when `active` jobs leave no room for one more."""
+    if active >= max_active:
+        raise JobError(f"{active} fine-tuning jobs are queued or running, the server's limit "
+                       f"(--max_queued_jobs {max_active}); wait for one to finish or cancel "
+                       "one.", None, "rate_limit_exceeded")
 
 
 def job_values(*, preset: str, hyperparameters: dict[str, Any], identifier: str,
@@ -195,9 +205,20 @@ class JobStore:
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 
-    def create(self, job_id: str, model: str, params: dict[str, Any]) -> None:
+    def count_active(self) -> int:
+        """Jobs queued or running."""
+        with closing(self._connect()) as db:
+            return db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN {ACTIVE}").fetchone()[0]
+
+    def create(self, job_id: str, model: str, params: dict[str, Any], *,
+               max_active: int | None = None) -> None:
+        """A new queued job; JobError `rate_limit_exceeded` when `max_active` jobs are already
+        queued or running (counted in the same transaction: two requests cannot both pass)."""
         with closing(self._connect()) as db, db:
             db.execute("BEGIN IMMEDIATE")
+            if max_active is not None:
+                check_active(db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN {ACTIVE}")
+                             .fetchone()[0], max_active)
             db.execute("INSERT INTO jobs (id, model, status, params, created_at) "
                        "VALUES (?, ?, 'queued', ?, ?)",
                        (job_id, model, json.dumps(params), int(time.time())))
@@ -277,6 +298,33 @@ class JobStore:
             rows = db.execute(query, args).fetchall()
         return [_event_row(row) for row in rows]
 
+    def delete(self, job_id: str) -> dict[str, Any] | None:
+        """Forget a finished job and its events (its files are the caller's); returns the job
+        as it was, None if there is none. JobError `job_not_finished` if it is active."""
+        with closing(self._connect()) as db, db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            if row["status"] not in FINISHED:
+                raise JobError(f"The job is {row['status']}; cancel it first (POST "
+                               f"{JOBS_PATH}/{job_id}/cancel), then delete it.",
+                               "fine_tuning_job_id", "job_not_finished")
+            db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return _job_row(row)
+
+    def finished_before(self, timestamp: int) -> list[str]:
+        """Jobs that finished before `timestamp` (seconds since the epoch), oldest first."""
+        with closing(self._connect()) as db:
+            return [row["id"] for row in db.execute(
+                f"SELECT id FROM jobs WHERE status IN {FINISHED} AND finished_at < ? "
+                "ORDER BY seq", (timestamp,))]
+
+    def ids(self) -> set[str]:
+        with closing(self._connect()) as db:
+            return {row["id"] for row in db.execute("SELECT id FROM jobs")}
+
     def requeue_interrupted(self) -> list[str]:
         """Jobs left `running` by a server that died: queued again (they resume from their last
         checkpoint). Returns their ids."""
@@ -307,12 +355,15 @@ class JobRunner:
     """One thread that trains the queued jobs in order, each in a child process.
 
     `base_model(name)` gives the folder of a served model (None if the server no longer serves
-    it); `on_success(job)` registers the trained model and returns its name.
+    it); `on_success(job)` registers the trained model and returns its name; `on_idle()` runs
+    at most hourly while no job waits.
     """
 
     def __init__(self, store: JobStore, *, base_model: Callable[[str], Path | None],
-                 on_success: Callable[[dict[str, Any]], str], accelerator: str = "auto"):
+                 on_success: Callable[[dict[str, Any]], str],
+                 on_idle: Callable[[], None] | None = None, accelerator: str = "auto"):
         self.store, self.base_model, self.on_success = store, base_model, on_success
+        self.on_idle, self._idle_at = on_idle, time.monotonic()
         self.accelerator = accelerator
         self._wake = threading.Condition()
         self._stopping = False
@@ -347,6 +398,13 @@ class JobRunner:
                 if self._stopping:
                     return
             job_id = self.store.next_queued()
+            if job_id is None and self.on_idle is not None and (
+                    time.monotonic() - self._idle_at > _IDLE_EVERY_S):
+                self._idle_at = time.monotonic()
+                try:
+                    self.on_idle()
+                except Exception:
+                    logger.exception("fine-tuning jobs: the idle task failed")
             if job_id is None:
                 with self._wake:
                     if not self._stopping:
