@@ -164,6 +164,12 @@ def test_full_fine_tune_job_serves_a_new_model_and_zips_it(server, tmp_path):
     names = zipfile.ZipFile(io.BytesIO(download.content)).namelist()
     assert "model_index.json" in names and not any(n.startswith("checkpoints") for n in names)
     assert not any(n.startswith("validation") for n in names)
+    config = zipfile.ZipFile(io.BytesIO(download.content)).read("training_config.yaml").decode()
+    state_dir = str(server.app.state.server.jobs.store.state_dir)
+    assert state_dir not in config and str(server.app.state.server.models["base"].folder) \
+        not in config and "<server path>" not in config
+    assert "pretrained_model_name_or_path: base\n" in config
+    assert "instance_data_dir: photos\n" in config and "output_dir: output\n" in config
     assert_deleted(server, job, body)
 
 
@@ -219,12 +225,15 @@ def test_hostile_job_ids_get_404(server, job_id):
         assert "error" in answer.json()
 
 
-def test_failing_training_fails_the_job_and_the_server_answers(server, tmp_path):
+def test_failing_training_fails_the_job_and_the_server_answers(server, tmp_path, tiny_model):
     # resolution 128 passes the config check but is refused once the 32 px model is loaded.
     job = create(server, photo_files(tmp_path), hyperparameters={**FAST, "resolution": 128})
     job = wait_for(server, job.json()["id"])
     assert job["status"] == "failed" and "resolution=128" in job["error"]["message"]
     assert "/" not in job["error"]["message"].split("resolution")[0]  # no server path
+    events = server.get(f"{JOBS}/{job['id']}/events", params={"limit": 100}).text
+    for path in (server.app.state.server.jobs.store.state_dir, tiny_model, "/work", "/tmp"):
+        assert str(path) not in json.dumps(job) and str(path) not in events
     assert server.get("/v1/models").status_code == 200
 
 
@@ -283,6 +292,10 @@ def _png(size=(40, 40)) -> bytes:
     ("bad_value", "hyperparameters", "invalid_value"),
     ("no_class_noun", "class_noun", "missing_required_parameter"),
     ("unknown_model", "model", "model_not_found"),
+    ("too_many_steps", "hyperparameters.max_train_steps", "invalid_value"),
+    ("deep_json", "hyperparameters", "invalid_value"),
+    ("validation_prompt", "hyperparameters.validation_prompt", "forbidden_parameter"),
+    ("validation_steps", "hyperparameters.validation_steps", "forbidden_parameter"),
 ])
 def test_bad_job_requests_get_openai_errors(server, tmp_path, case, param, code):
     files = photo_files(tmp_path, 3)
@@ -305,6 +318,14 @@ def test_bad_job_requests_get_openai_errors(server, tmp_path, case, param, code)
         fields["class_noun"] = None
     elif case == "unknown_model":
         fields["model"] = "nope"
+    elif case == "too_many_steps":
+        fields["hyperparameters"] = {**FAST, "max_train_steps": 10**7}
+    elif case == "deep_json":
+        fields["hyperparameters"] = "[" * 200_000 + "]" * 200_000
+    elif case == "validation_prompt":
+        fields["hyperparameters"] = {**FAST, "validation_prompt": "a photo of /etc/passwd"}
+    elif case == "validation_steps":
+        fields["hyperparameters"] = {**FAST, "validation_steps": 1}
     before = len(server.get(JOBS, params={"limit": 100}).json()["data"])
     answer = create(server, files, **{k: v for k, v in fields.items() if v is not None}) \
         if case != "no_class_noun" else server.post(
@@ -449,3 +470,49 @@ def test_active_jobs_are_limited_and_only_finished_ones_deleted(tiny_model, tmp_
         assert not (state_dir / "jobs" / second["id"]).exists()
     finally:
         running.stop()
+
+
+def test_messages_never_show_server_paths(tmp_path):
+    from dreambooth.serve.jobs import scrub
+
+    job_dir, base = tmp_path / "state" / "jobs" / "ftjob-x", tmp_path / "models" / "sd"
+    cases = {
+        f"cannot read {job_dir}/photos/00.png": "cannot read photos/00.png",
+        f"no model_index.json in {base}": "no model_index.json in the base model",
+        "OSError: [Errno 28] No space left: '/var/cache/hf/x.bin'":
+            "OSError: [Errno 28] No space left: '<server path>'",
+        "File /usr/lib/python3/site.py, line 3": "File <server path>, line 3",
+        r"C:\Users\srv\model.ckpt missing": "<server path> missing",
+        "see https://github.com/huggingface/diffusers and a/b": (
+            "see https://github.com/huggingface/diffusers and a/b"),
+        "resolution=128 is twice the 32 px": "resolution=128 is twice the 32 px",
+    }
+    for message, shown in cases.items():
+        assert scrub(message, job_dir, base) == shown
+
+
+def test_hostile_queries_and_headers_get_openai_errors(server, tmp_path):
+    found, _ = server.app.state.server.jobs.store.list(limit=1)
+    job_id = (found[0]["id"] if found else
+              create(server, photo_files(tmp_path), hyperparameters=FAST).json()["id"])
+    for query in ({"limit": "\u00b2"}, {"limit": "\u0661"}, {"limit": "0"}, {"limit": "9" * 40},
+                  {"after": "../x"}):
+        for path in (JOBS, f"{JOBS}/{job_id}/events"):
+            answer = server.get(path, params=query)
+            assert answer.status_code in (400, 404), (path, query, answer.text)
+            assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+    for last in ("9" * 40, "\u00b2", "-1"):  # a Last-Event-ID the stream cannot use: from 0
+        with httpx.stream("GET", f"{server.url}{JOBS}/{job_id}/events", timeout=60, headers={
+                "Authorization": f"Bearer {KEY}", "Accept": "text/event-stream",
+                "Last-Event-ID": last.encode("utf-8")}) as response:
+            assert response.status_code == 200
+            first = next(line for line in response.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[6:])["data"] == {"status": "queued"}
+    for method, path in (("GET", f"{JOBS}/{job_id}/images/step-000001.png"),
+                         ("DELETE", f"{JOBS}/{job_id}"),
+                         ("GET", f"{JOBS}/{job_id}/files/lora_kohya")):
+        answer = httpx.request(method, server.url + path, timeout=60)
+        assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+    long_id = "x" * 5000
+    answer = server.get(f"{JOBS}/{long_id}")
+    assert answer.status_code == 404 and len(answer.json()["error"]["message"]) < 200

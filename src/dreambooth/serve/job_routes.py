@@ -25,6 +25,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -67,6 +68,7 @@ _PHOTO_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 _FIELDS = ("model", "identifier", "class_noun", "preset", "hyperparameters")
 _MAX_LIST = 100
 _SSE_POLL_S = 0.25
+_NUMBER = re.compile(r"[0-9]{1,15}")  # ASCII digits only ('²'.isdigit() is True), SQLite-sized
 
 
 class Jobs:
@@ -84,7 +86,7 @@ class Jobs:
             logger.info("fine-tuning job %s was running: queued again, to resume", job_id)
         self._remove_leftovers()
         self.delete_expired()
-        self.runner = JobRunner(self.store, base_model=self._base_folder,
+        self.runner = JobRunner(self.store, base_model=self.base_folder,
                                 on_success=self.register, on_idle=self.delete_expired,
                                 accelerator="cpu" if device == "cpu" else "auto")
         self._register_succeeded()
@@ -96,7 +98,7 @@ class Jobs:
         self.runner.stop()
         self._lock.close()
 
-    def _base_folder(self, name: str) -> Path | None:
+    def base_folder(self, name: str) -> Path | None:
         served = self.state.models.get(name)
         return served.folder if served is not None else None
 
@@ -196,15 +198,21 @@ def event_object(event: dict[str, Any]) -> dict[str, Any]:
 def _get_job(jobs: Jobs, job_id: str) -> dict[str, Any]:
     job = jobs.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
     if job is None:
-        raise APIError(404, f"No fine-tuning job '{job_id}'.", param="fine_tuning_job_id",
+        raise APIError(404, f"No fine-tuning job '{_shown(job_id)}'.",
+                       param="fine_tuning_job_id",
                        code="job_not_found")
     return job
+
+
+def _shown(text: str) -> str:
+    """A client's string as an error message quotes it: at most 64 characters."""
+    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def _limit(value: str | None) -> int:
     if value is None:
         return 20
-    if not value.isdigit() or not 1 <= int(value) <= _MAX_LIST:
+    if not _NUMBER.fullmatch(value) or not 1 <= int(value) <= _MAX_LIST:
         raise APIError(400, f"Invalid value for 'limit': '{value}'; use 1 to {_MAX_LIST}.",
                        param="limit", code="invalid_value")
     return int(value)
@@ -273,6 +281,9 @@ def _hyperparameters(text: str | None) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise APIError(400, f"Invalid value for 'hyperparameters': not JSON ({error}).",
+                       param="hyperparameters", code="invalid_value") from error
+    except RecursionError as error:
+        raise APIError(400, "Invalid value for 'hyperparameters': nested too deeply.",
                        param="hyperparameters", code="invalid_value") from error
     if not isinstance(value, dict):
         raise APIError(400, "Invalid value for 'hyperparameters': send a JSON object of "
@@ -409,7 +420,7 @@ async def job_events(job_id: str, request: Request, jobs: Jobs = Depends(_jobs))
         return {"object": "list", "data": [event_object(e) for e in events[:limit]],
                 "has_more": len(events) > limit}
     last = request.headers.get("last-event-id", "")
-    after_seq = int(last) if last.isdigit() else 0
+    after_seq = int(last) if _NUMBER.fullmatch(last) else 0
 
     async def stream():
         nonlocal after_seq
@@ -424,6 +435,8 @@ async def job_events(job_id: str, request: Request, jobs: Jobs = Depends(_jobs))
                 return
             if not events:
                 job = await run_in_threadpool(jobs.store.get, job_id)
+                if job is None:  # deleted meanwhile
+                    return
                 if job["status"] in FINISHED and not await run_in_threadpool(
                         jobs.store.events, job_id, after_seq=after_seq):
                     return
@@ -437,7 +450,7 @@ async def job_events(job_id: str, request: Request, jobs: Jobs = Depends(_jobs))
 async def job_file(job_id: str, kind: str, jobs: Jobs = Depends(_jobs)):
     job = _get_job(jobs, job_id)
     if kind not in RESULT_KINDS:
-        raise APIError(404, f"Unknown file kind '{kind}'; use one of "
+        raise APIError(404, f"Unknown file kind '{_shown(kind)}'; use one of "
                             f"{', '.join(RESULT_KINDS)}.", param="kind", code="file_not_found")
     files = result_files(job, jobs.store.job_dir(job_id))
     if kind not in files:
@@ -446,7 +459,8 @@ async def job_file(job_id: str, kind: str, jobs: Jobs = Depends(_jobs)):
                        param="kind", code="file_not_found")
     stem = (job["fine_tuned_model"] or job_id).replace(":", "-").replace("/", "-")
     if kind == "model_zip":
-        path = await run_in_threadpool(model_zip, jobs.store.job_dir(job_id))
+        path = await run_in_threadpool(model_zip, jobs.store.job_dir(job_id), job["model"],
+                                       jobs.base_folder(job["model"]))
         return FileResponse(path, media_type="application/zip", filename=f"{stem}.zip")
     suffix = "-diffusers" if kind == "lora_diffusers" else ""
     return FileResponse(files[kind], media_type="application/octet-stream",
@@ -458,7 +472,8 @@ async def job_image(job_id: str, name: str, jobs: Jobs = Depends(_jobs)):
     _get_job(jobs, job_id)
     path = validation_image(jobs.store.job_dir(job_id), name)
     if path is None:
-        raise APIError(404, f"This job has no validation image '{name}'; its `validation` "
+        raise APIError(404, f"This job has no validation image '{_shown(name)}'; its "
+                            "`validation` "
                             "events name those it has.", param="name", code="image_not_found")
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})
 

@@ -70,6 +70,11 @@ SERVER_KEYS = frozenset({
     "resume_from_checkpoint", "logging_dir", "report_to", "tracker_project_name",
     "accelerator", "devices", "num_nodes", "strategy",
 })
+# The most a client may ask of one job (training and class-image generation share the device
+# with the requests the server answers; the config's own limits are far higher).
+CLIENT_LIMITS = {"max_train_steps": 10_000, "num_class_images": 200, "train_batch_size": 32,
+                 "gradient_accumulation_steps": 64, "sample_batch_size": 16,
+                 "class_inference_steps": 100, "repeats": 100}
 RESULT_KINDS = ("lora_kohya", "lora_diffusers", "model_zip")
 JOBS_PATH = "/v1/fine_tuning/jobs"
 # Validation while a job trains: these scenes of the subject (one image each, fixed seeds, the
@@ -110,7 +115,7 @@ def job_values(*, preset: str, hyperparameters: dict[str, Any], identifier: str,
     """The flat config keys a job chooses (preset, then the client's hyperparameters); raises
     JobError naming a refused key or listing every invalid value (`parse_train_config`)."""
     if preset not in PRESETS:
-        raise JobError(f"Invalid value for 'preset': '{preset}'; use one of "
+        raise JobError(f"Invalid value for 'preset': '{preset[:64]}'; use one of "
                        f"{', '.join(PRESETS)}.", "preset")
     for key in hyperparameters:
         if key in SERVER_KEYS:
@@ -119,6 +124,11 @@ def job_values(*, preset: str, hyperparameters: dict[str, Any], identifier: str,
                            "'class_noun' for the prompt).", f"hyperparameters.{key}",
                            "forbidden_parameter")
     values = {"resolution": resolution, **PRESETS[preset], **hyperparameters}
+    for key, most in CLIENT_LIMITS.items():
+        value = values.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > most:
+            raise JobError(f"Invalid value for 'hyperparameters.{key}': {value}; a job may use "
+                           f"at most {most} on this server.", f"hyperparameters.{key}")
     # Validated with stand-ins for the server's paths; the run gets the real ones.
     probe = {**values, **_server_values(Path("job"), "model", identifier, class_noun,
                                         values, accelerator="cpu")}
@@ -414,9 +424,9 @@ class JobRunner:
                 self._run(job_id)
             except Exception as error:  # a bug here must not end the queue
                 logger.exception("fine-tuning job %s", job_id)
-                self.store.set_status(job_id, "failed", only_from=("running", "queued"),
-                                      error={"message": f"internal error: {error}",
-                                             "code": "server_error", "param": None})
+                self.store.set_status(job_id, "failed", only_from=("running", "queued"), error={
+                    "message": scrub(f"internal error: {error}", self.store.job_dir(job_id),
+                                     None), "code": "server_error", "param": None})
 
     def _run(self, job_id: str) -> None:
         job = self.store.get(job_id)
@@ -474,7 +484,7 @@ class JobRunner:
             message = (errors[-1]["message"] if errors else
                        _exit_message(process.returncode))
             self.store.set_status(job_id, "failed", only_from=("running",), error={
-                "message": _scrub(message, job_dir, base), "code": "training_failed",
+                "message": scrub(message, job_dir, base), "code": "training_failed",
                 "param": None}, message="Training failed.")
             return False
         return True
@@ -488,7 +498,7 @@ class JobRunner:
         except Exception as error:
             logger.exception("registering the model of job %s", job_id)
             self.store.set_status(job_id, "failed", only_from=("running",), error={
-                "message": _scrub(f"the trained model could not be loaded: {error}", job_dir,
+                "message": scrub(f"the trained model could not be loaded: {error}", job_dir,
                                   base), "code": "server_error", "param": None})
             return
         self.store.set_status(job_id, "succeeded", only_from=("running",), fine_tuned_model=name,
@@ -540,7 +550,7 @@ class JobRunner:
                     unique=True)
             elif kind == "message":
                 self.store.add_event(job_id, "message",
-                                     _scrub(str(line.get("message", "")), job_dir, base))
+                                     scrub(str(line.get("message", "")), job_dir, base))
 
 
 def _read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
@@ -577,12 +587,18 @@ def _exit_message(returncode: int) -> str:
     return f"the training process exited with code {returncode}"
 
 
-def _scrub(message: str, job_dir: Path, base: Path | None) -> str:
-    """A message without server paths: the job folder and the base model's folder."""
+# An absolute path left in a message (a library's file, a cache): POSIX or Windows, not part of
+# a URL or of a relative path ("a/b").
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"`,;:()\[\]{}<>]+|\b[A-Za-z]:\\[^\s'\"`,;]+")
+
+
+def scrub(message: str, job_dir: Path, base: Path | None) -> str:
+    """A message without server paths: the job folder's files by their names in it, the base
+    model's folder as "the base model", any other absolute path as "<server path>"."""
     message = message.replace(str(job_dir) + os.sep, "").replace(str(job_dir), "job")
     if base is not None:
         message = message.replace(str(base), "the base model")
-    return message
+    return _ABSOLUTE_PATH.sub("<server path>", message)
 
 
 def remove_outputs(job_dir: Path) -> None:
@@ -605,9 +621,12 @@ def result_files(job: dict[str, Any], job_dir: Path) -> dict[str, Path]:
     return {"model_zip": output}
 
 
-def model_zip(job_dir: Path) -> Path:
-    """The trained pipeline folder as `model.zip` beside it (made once, atomically)."""
+def model_zip(job_dir: Path, model: str, base: Path | None) -> Path:
+    """The trained pipeline folder as `model.zip` beside it (made once, atomically); its
+    training_config.yaml names the job's files relative to the job and the base model by its
+    served name `model`, never by a server path."""
     from dreambooth.files import atomic_path
+    from dreambooth.models import TRAINING_CONFIG_FILE
 
     target = job_dir / "model.zip"
     if not target.exists():
@@ -617,6 +636,28 @@ def model_zip(job_dir: Path) -> Path:
         with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
             for path in sorted(output.rglob("*")):
                 relative = path.relative_to(output)
-                if path.is_file() and relative.parts[0] not in _NOT_ZIPPED:
+                if not path.is_file() or relative.parts[0] in _NOT_ZIPPED:
+                    continue
+                if relative.as_posix() == TRAINING_CONFIG_FILE:
+                    zf.writestr(TRAINING_CONFIG_FILE,
+                                public_config(path.read_text(), job_dir, model, base))
+                else:
                     zf.write(path, relative.as_posix())
     return target
+
+
+def public_config(text: str, job_dir: Path, model: str, base: Path | None) -> str:
+    """A job's training_config.yaml without server paths (see model_zip)."""
+    import yaml
+
+    values = yaml.safe_load(text) or {}
+    for key, value in values.items():
+        if not isinstance(value, str):
+            continue
+        if key == "pretrained_model_name_or_path":
+            values[key] = model
+        elif value == str(job_dir) or value.startswith(str(job_dir) + os.sep):
+            values[key] = Path(value).relative_to(job_dir).as_posix()
+        else:
+            values[key] = scrub(value, job_dir, base)
+    return yaml.safe_dump(values, sort_keys=False)
