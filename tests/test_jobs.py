@@ -353,9 +353,10 @@ def test_restart_lists_old_jobs_and_resumes_a_running_one(tiny_model, tmp_path):
     first = start(tiny_model, state_dir)
     try:
         # Long enough that the stop lands mid-training: 6 steps finished before the stop took
-        # effect once steps took 0.1 s (the job then restarted from nothing, no checkpoint).
+        # effect once steps took 0.1 s (the job then restarted from nothing, no checkpoint);
+        # the validation grids (steps 8, 16, 24, 30) take longer than those steps.
         job = create(first, photo_files(tmp_path), hyperparameters={
-            **FAST, "max_train_steps": 60, "checkpointing_steps": 2}).json()
+            **FAST, "max_train_steps": 30, "checkpointing_steps": 2}).json()
         for event in _sse_lines(first, job["id"]):
             if event["type"] == "metrics" and event["data"]["step"] >= 2:
                 break
