@@ -294,6 +294,11 @@ def _png(size=(40, 40)) -> bytes:
     ("unknown_model", "model", "model_not_found"),
     ("too_many_steps", "hyperparameters.max_train_steps", "invalid_value"),
     ("deep_json", "hyperparameters", "invalid_value"),
+    ("epochs_instead", "hyperparameters.max_train_steps", "invalid_value"),
+    ("text_steps", "hyperparameters.max_train_steps", "invalid_value"),
+    ("huge_batch", "hyperparameters.train_batch_size", "invalid_value"),
+    ("huge_buckets", "hyperparameters.max_bucket_reso", "invalid_value"),
+    ("caption_extension", "hyperparameters.caption_extension", "forbidden_parameter"),
     ("validation_prompt", "hyperparameters.validation_prompt", "forbidden_parameter"),
     ("validation_steps", "hyperparameters.validation_steps", "forbidden_parameter"),
 ])
@@ -320,6 +325,17 @@ def test_bad_job_requests_get_openai_errors(server, tmp_path, case, param, code)
         fields["model"] = "nope"
     elif case == "too_many_steps":
         fields["hyperparameters"] = {**FAST, "max_train_steps": 10**7}
+    elif case == "epochs_instead":  # unbounded work through the back door
+        fields["hyperparameters"] = {**FAST, "max_train_steps": None,
+                                     "num_train_epochs": 10**6}
+    elif case == "text_steps":
+        fields["hyperparameters"] = {**FAST, "max_train_steps": "2"}
+    elif case == "huge_batch":
+        fields["hyperparameters"] = {**FAST, "train_batch_size": 1024}
+    elif case == "huge_buckets":  # the 32 px model: at most 64
+        fields["hyperparameters"] = {**FAST, "aspect_buckets": True, "max_bucket_reso": 128}
+    elif case == "caption_extension":
+        fields["hyperparameters"] = {**FAST, "caption_extension": "/../../etc/passwd"}
     elif case == "deep_json":
         fields["hyperparameters"] = "[" * 200_000 + "]" * 200_000
     elif case == "validation_prompt":

@@ -65,6 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 SERVER_KEYS = frozenset({
     "pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
     "instance_data_dir", "instance_prompt", "class_data_dir", "concepts", "mask_dir",
+    "caption_extension",
     "validation_data_dir", "validation_prompt", "validation_prompts", "validation_steps",
     "num_validation_images", "validation_inference_steps", "output_dir", "output_name",
     "resume_from_checkpoint", "logging_dir", "report_to", "tracker_project_name",
@@ -72,9 +73,13 @@ SERVER_KEYS = frozenset({
 })
 # The most a client may ask of one job (training and class-image generation share the device
 # with the requests the server answers; the config's own limits are far higher).
-CLIENT_LIMITS = {"max_train_steps": 10_000, "num_class_images": 200, "train_batch_size": 32,
+MAX_JOB_STEPS = 10_000
+CLIENT_LIMITS = {"num_class_images": 200, "train_batch_size": 32,
                  "gradient_accumulation_steps": 64, "sample_batch_size": 16,
-                 "class_inference_steps": 100, "repeats": 100}
+                 "class_inference_steps": 100, "repeats": 100, "rank": 256,
+                 "dataloader_num_workers": 4, "num_threads": os.cpu_count() or 1}
+# Bucket sides at most this many times the model's own (memory grows with their square).
+MAX_SIZE_FACTOR = 2
 RESULT_KINDS = ("lora_kohya", "lora_diffusers", "model_zip")
 JOBS_PATH = "/v1/fine_tuning/jobs"
 # Validation while a job trains: these scenes of the subject (one image each, fixed seeds, the
@@ -124,7 +129,15 @@ def job_values(*, preset: str, hyperparameters: dict[str, Any], identifier: str,
                            "'class_noun' for the prompt).", f"hyperparameters.{key}",
                            "forbidden_parameter")
     values = {"resolution": resolution, **PRESETS[preset], **hyperparameters}
-    for key, most in CLIENT_LIMITS.items():
+    steps = values["max_train_steps"]  # a job trains a fixed number of steps (never epochs)
+    if not (isinstance(steps, int) and not isinstance(steps, bool)
+            and 1 <= steps <= MAX_JOB_STEPS):
+        raise JobError(f"Invalid value for 'hyperparameters.max_train_steps': {steps!r:.64}; "
+                       f"use a whole number from 1 to {MAX_JOB_STEPS}.",
+                       "hyperparameters.max_train_steps")
+    # (`resolution` itself: training refuses more than twice the model's own.)
+    limits = {**CLIENT_LIMITS, "max_bucket_reso": MAX_SIZE_FACTOR * resolution}
+    for key, most in limits.items():
         value = values.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > most:
             raise JobError(f"Invalid value for 'hyperparameters.{key}': {value}; a job may use "
