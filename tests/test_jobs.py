@@ -533,3 +533,12 @@ def test_hostile_queries_and_headers_get_openai_errors(server, tmp_path):
     long_id = "x" * 5000
     answer = server.get(f"{JOBS}/{long_id}")
     assert answer.status_code == 404 and len(answer.json()["error"]["message"]) < 200
+
+
+def test_a_job_request_is_bounded_in_total(server, tmp_path):
+    limit = int(UPLOAD_LIMIT_MB * 1024 * 1024) * 50 + 2**20  # 50 photos at most, plus fields
+    big = [("files", (f"{i}.png", b"\0" * (limit // 4), "image/png")) for i in range(5)]
+    before = sorted(p.name for p in server.app.state.server.jobs.store.jobs_dir.iterdir())
+    answer = create(server, big, hyperparameters=FAST)
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "request_too_large"
+    assert sorted(p.name for p in server.app.state.server.jobs.store.jobs_dir.iterdir()) == before
