@@ -141,7 +141,7 @@ class Jobs:
         stopped server); only at start, when no upload is being saved."""
         known = self.store.ids()
         for folder in self.store.jobs_dir.iterdir():
-            if folder.name not in known:
+            if JOB_ID.fullmatch(folder.name) and folder.name not in known:
                 logger.info("removing %s: no job of that id", folder.name)
                 shutil.rmtree(folder, ignore_errors=True)
 
@@ -473,8 +473,8 @@ async def job_image(job_id: str, name: str, jobs: Jobs = Depends(_jobs)):
     path = validation_image(jobs.store.job_dir(job_id), name)
     if path is None:
         raise APIError(404, f"This job has no validation image '{_shown(name)}'; its "
-                            "`validation` "
-                            "events name those it has.", param="name", code="image_not_found")
+                            "`validation` events name those it has.", param="name",
+                       code="image_not_found")
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
