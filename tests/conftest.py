@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from dreambooth.config import parse_train_config
 from dreambooth.tiny import save_tiny_pipeline
+
+# Sampling picks torch's thread count from the machine's load before every batch
+# (dreambooth.cpu), and another count sums in another order: tests that compare images bit for
+# bit would depend on what else runs. A thread count the user chose switches that off; the tests
+# of the choice itself (test_cpu.py) unset it.
+if not any(os.environ.get(name, "").strip() for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 
 @pytest.fixture(scope="session")

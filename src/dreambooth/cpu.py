@@ -18,7 +18,9 @@ lets them compete as equals: see `_nice_yields`):
 Convolutions. oneDNN (mkldnn) convolutions cost a fixed ~0.1-0.3 ms a call, which dominates when
 the input is tiny: a 64/128/128-channel UNet at 16x16 latents ran its forward and backward
 15-20% faster with ATen's native convolution at 2 x 16 x 16 positions, and 10-100% slower at
-2048 positions or more (BENCHMARKS.md). `conv_backend_for` picks per UNet call.
+2048 positions or more (BENCHMARKS.md). `conv_backend_for` picks per UNet call in training.
+Sampling stays on oneDNN: the native kernels sum a batch in another order than its images alone,
+and a generated image must depend on its seed only, not on its batch neighbours.
 """
 
 from __future__ import annotations

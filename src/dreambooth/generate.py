@@ -158,15 +158,12 @@ def _run_in_chunks(
 ) -> list[Image.Image]:
     """Call `pipeline_call` on `batch_size` seeds at a time, slicing every per-image argument."""
     images: list[Image.Image] = []
-    network, scale = denoiser(pipeline_call), pipeline_call.vae_scale_factor
-    model_traits = traits(pipeline_call)
-    width, height = (per_image["image"][0].size if "image" in per_image
-                     else (shared["width"], shared["height"]))
-    if model_traits.max_sequence_length is not None:
-        shared["max_sequence_length"] = model_traits.max_sequence_length
-    # Denoiser batch positions per image; with guidance both CFG halves run in one batch.
-    latent_positions = (height // scale) * (width // scale) * model_traits.denoiser_calls(
-        shared["guidance_scale"])
+    max_sequence_length = traits(pipeline_call).max_sequence_length
+    if max_sequence_length is not None:  # SD 3.x and FLUX.1: T5's tokens per prompt
+        shared["max_sequence_length"] = max_sequence_length
+    # Sampling stays on oneDNN's convolutions even where training takes ATen's native ones
+    # (dreambooth.cpu.conv_backend_for): the native kernels sum a batch of two in another order
+    # than a batch of one, and an image must not depend on its batch neighbours.
     with torch.inference_mode(), cpu.adaptive_threads() as threads:
         for start in range(0, len(seeds), batch_size):
             stop = start + batch_size
@@ -176,9 +173,7 @@ def _run_in_chunks(
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[start:stop]]
             chunk = {name: values[start:stop] for name, values in per_image.items()}
             threads.before_batch()
-            with cpu.conv_backend_for(len(generators) * latent_positions, network.device,
-                                      network.dtype):
-                output = pipeline_call(**chunk, **shared, generator=generators, output_type="pil")
+            output = pipeline_call(**chunk, **shared, generator=generators, output_type="pil")
             images.extend(output.images)
     return images
 
