@@ -108,10 +108,6 @@ class FlowMatchingModule(DreamBoothModule):
     def denoiser(self) -> torch.nn.Module:
         return self.transformer
 
-    @property
-    def prompt_embeds(self):  # ValidationLoss asks; it is refused for these families
-        return self.clip_table
-
     # ----------------------------------------------------------------------- setup
     def on_fit_start(self) -> None:
         mixed = self.trainer.precision in ("16-mixed", "bf16-mixed")
@@ -125,10 +121,15 @@ class FlowMatchingModule(DreamBoothModule):
                 for parameter in model.parameters():
                     if not parameter.requires_grad:
                         parameter.data = parameter.data.to(half)
-        t5_tokenizer, t5 = self._t5
+        self.table_prompts(half if mixed and self.device.type == "cuda" else None)
+
+    def table_prompts(self, dtype: torch.dtype | None = None) -> None:
+        """Encode every prompt of the run once: T5 (in `dtype`, if given) and frozen CLIPs;
+        then release T5 when no other prompt can come (else keep it, on the CPU with
+        pre_compute_text_embeddings)."""
+        t5 = self._t5[1]
         if t5 is not None:
-            t5.to(self.device, dtype=half if mixed and self.device.type == "cuda"
-                  else t5.dtype)
+            t5.to(self.device, dtype=dtype or t5.dtype)
         with torch.no_grad():  # in fixed chunks: the same floats on every run and resume
             chunks = [self.prompts[i:i + PROMPT_CHUNK]
                       for i in range(0, len(self.prompts), PROMPT_CHUNK)]

@@ -240,6 +240,7 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
     if resume_path is not None:
         checkpointing.check_resume(resume_path, saved, config.to_flat_dict(), RESUME_INVARIANTS,
                                    advice="Use the checkpoint's values or start anew.")
+        log.info("resuming from %s", resume_path)
     if config.hardware.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
