@@ -220,7 +220,8 @@ def test_lora_with_prior_saves_a_file_diffusers_restores_exactly(flow_model, tmp
 def test_full_fine_tune_with_prior_saves_a_pipeline_diffusers_loads(flow_model, tmp_path,
                                                                    instance_dir):
     family, folder = flow_model
-    output = train(flow_config(folder, instance_dir, tmp_path / "out", learning_rate=1e-3))
+    output = train(flow_config(folder, instance_dir, tmp_path / "out", learning_rate=1e-3,
+                               use_ema=True, ema_decay=0.5, ema_warmup=False))
     assert detect_family(output) == family
     reloaded = pipeline_class(family).from_pretrained(output)
     base = pipeline_class(family).from_pretrained(folder)
@@ -232,6 +233,18 @@ def test_full_fine_tune_with_prior_saves_a_pipeline_diffusers_loads(flow_model, 
             assert torch.equal(a, b)
     saved = yaml.safe_load((output / "training_config.yaml").read_text())
     assert saved["max_sequence_length"] == 16
+
+
+def test_shuffled_captions_keep_t5_for_prompts_no_table_holds(tmp_path, instance_dir):
+    folder = save_tiny_pipeline(tmp_path / "flux", family="flux")
+    for index, photo in enumerate(sorted(instance_dir.glob("*.png"))):
+        photo.with_suffix(".txt").write_text(f"[trigger], red, ball {index}, on the beach")
+    keep = KeepModule()
+    output = train(flow_config(folder, instance_dir, tmp_path / "out", use_lora=True, rank=2,
+                               shuffle_caption=True, keep_tokens=1, max_train_steps=3),
+                   callbacks=[keep])
+    assert keep.module._t5[1] is not None  # shuffled tags make new prompts every step
+    assert (output / "pytorch_lora_weights.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------------- resume
