@@ -284,6 +284,19 @@ def test_a_lora_changes_the_image_and_scale_0_does_not(lora_pipelines, family, t
     assert np.array_equal(one_image(pipeline), base)
 
 
+def test_a_kohya_sd3_lora_is_refused_with_what_to_pass_instead(lora_pipelines, tmp_path):
+    pipeline = lora_pipelines["sd3"]
+    base = one_image(pipeline)
+    name = "lora_unet_joint_blocks_0_x_block_attn_proj"
+    save_file({f"{name}.lora_down.weight": torch.ones(4, 32),
+               f"{name}.lora_up.weight": torch.ones(32, 4), f"{name}.alpha": torch.tensor(4.0)},
+              str(tmp_path / "comfy.safetensors"))
+    with pytest.raises(GenerationError, match="kohya/ComfyUI layout .* not read for SD 3 "
+                                              "models; pass its diffusers-layout file"):
+        apply_lora(pipeline, tmp_path / "comfy.safetensors")
+    assert np.array_equal(one_image(pipeline), base)
+
+
 def test_a_kohya_flux_lora_gives_the_images_of_the_same_diffusers_lora(lora_pipelines,
                                                                        tmp_path):
     pipeline = lora_pipelines["flux"]

@@ -1,11 +1,14 @@
-"""Text-to-image, image-to-image and inpainting with classifier-free guidance via diffusers.
+"""Text-to-image, image-to-image and inpainting for every model family via diffusers.
 
 This is the one generation API: the `dreambooth generate` CLI and the HTTP server
-(`dreambooth serve`) are thin adapters over it. Every image depends only on its own seed (one
-CPU generator per image), so a seed reproduces its image whatever the batch size and whatever
-else shares the batch, and every PNG written carries an AUTOMATIC1111-style `parameters` text
-chunk describing how it was made. LoRA files (diffusers/peft or kohya format) are loaded once
-per pipeline and switched on per call (`apply_lora`, `sampling_settings`).
+(`dreambooth serve`) are thin adapters over it. SD 1.x/2.x/SDXL (UNets, classifier-free
+guidance) and SD 3.x/FLUX.1 (flow-matching transformers) run through their diffusers pipelines;
+what each family takes (samplers, default steps and guidance, negative prompts, image sizes)
+is in `dreambooth.pipelines` and checked here before anything runs. Every image depends only on
+its own seed (one CPU generator per image), so a seed reproduces its image whatever the batch
+size and whatever else shares the batch, and every PNG written carries an AUTOMATIC1111-style
+`parameters` text chunk describing how it was made. LoRA files are loaded once per pipeline
+and switched on per call (`apply_lora`, `sampling_settings`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from PIL import Image
+from safetensors import safe_open
 
 from dreambooth import cpu
 from dreambooth.formats.infotext import format_parameters, lora_hash, model_hash
@@ -387,13 +391,24 @@ def apply_lora(pipeline, lora: str | Path | None, scale: float = 1.0) -> None:
                 param="lora") from error
         if not any(name in names for names in pipeline.get_list_adapters().values()):
             # diffusers loads a file whose keys match no module (or an empty one) silently.
-            part = "transformer" if traits(pipeline).flow_matching else "UNet"
-            raise GenerationError(
-                f"lora '{lora}' holds no LoRA weights for this model's {part} or text "
-                "encoders; is it a LoRA for another model family?", param="lora")
+            raise GenerationError(_no_weights_message(pipeline, lora, path), param="lora")
         adapters[path] = (stamp, name)
     pipeline.enable_lora()
     pipeline.set_adapters([adapters[path][1]], adapter_weights=[scale])
+
+
+def _no_weights_message(pipeline, lora, path: Path) -> str:
+    model_traits = traits(pipeline)
+    with safe_open(str(path), framework="pt") as weights:
+        kohya = any(key.startswith("lora_unet_") for key in weights.keys())
+    if kohya and model_traits.family == "sd3":
+        # diffusers converts kohya files of SD 1.x/2.x/SDXL and FLUX.1, not of SD 3.x.
+        return (f"lora '{lora}' is in kohya/ComfyUI layout (lora_unet_*), which diffusers does "
+                "not read for SD 3 models; pass its diffusers-layout file "
+                "(pytorch_lora_weights.safetensors, as a LoRA run writes it)")
+    part = "transformer" if model_traits.flow_matching else "UNet"
+    return (f"lora '{lora}' holds no LoRA weights for this model's {part} or text encoders; "
+            "is it a LoRA for another model family?")
 
 
 def _delete_partial_adapter(pipeline, name: str) -> None:

@@ -82,7 +82,7 @@ _UNIT_PARAMETERS = 2 * 2.57e9
 
 
 def denoising_steps(key: BatchKey) -> int:
-    """The UNet steps a job of `key` runs: edits skip the first (1 - strength) of them."""
+    """The denoising steps a job of `key` runs: edits skip the first (1 - strength) of them."""
     if key.strength is None:
         return key.num_inference_steps
     return int(key.num_inference_steps * key.strength)
@@ -170,7 +170,7 @@ class ServerState:
         self.shutdown_timeout_s = shutdown_timeout_s
 
     def batch_limit(self, key: BatchKey) -> int:
-        """Images of `key` one UNet batch may hold: `max_batch`, fewer when they are large
+        """Images of `key` one denoiser batch may hold: `max_batch`, fewer when they are large
         (memory grows with pixels x batch)."""
         return max(1, min(self.max_batch, int(self.max_batch_pixels // (key.width * key.height))))
 
