@@ -176,6 +176,12 @@ def test_sizes_off_the_token_grid_are_refused(pipelines):
         sample_images(flux, PROMPT, seeds=[0], num_inference_steps=1, height=32, width=36)
     assert sample_images(big, PROMPT, seeds=[0], num_inference_steps=1, height=32,
                          width=48)[0].size == (48, 32)
+    with pytest.raises(GenerationError, match="image is 40x32, not a multiple of 16"):
+        edit_images(big, PROMPT, image=Image.new("RGB", (40, 32)), seeds=[0],
+                    num_inference_steps=2)
+    edited = edit_images(big, PROMPT, image=Image.new("RGB", (40, 32)), seeds=[0],
+                         num_inference_steps=2, height=32, width=48)
+    assert edited[0].size == (48, 32)
 
 
 def test_the_cli_says_what_is_wrong_in_one_line(folders, tmp_path, capsys):

@@ -286,10 +286,12 @@ def edit_images(
     if not images:
         raise GenerationError("seeds is empty; pass at least one seed", param="seeds")
     if height is None or width is None:
-        if images[0].width % 8 or images[0].height % 8:
+        multiple = traits(pipeline).size_multiple
+        if images[0].width % multiple or images[0].height % multiple:
             raise GenerationError(
-                f"image is {images[0].width}x{images[0].height}, not a multiple of 8 on both "
-                "sides; pass height and width (multiples of 8) to resize it", param="image")
+                f"image is {images[0].width}x{images[0].height}, not a multiple of {multiple} "
+                f"on both sides; pass height and width (multiples of {multiple}) to resize it",
+                param="image")
         width, height = width or images[0].width, height or images[0].height
     if num_inference_steps is None:
         num_inference_steps = default_steps(pipeline)
