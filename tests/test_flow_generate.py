@@ -120,6 +120,21 @@ def test_defaults_follow_the_family(pipelines):
     assert np.array_equal(pixels(by_default), pixels(explicit))
 
 
+def test_a_trained_model_samples_with_its_recorded_t5_length(folders, pipelines, tmp_path):
+    import shutil
+
+    from dreambooth.models import TRAINING_CONFIG_FILE
+
+    trained = shutil.copytree(folders["flux"], tmp_path / "trained")
+    (trained / TRAINING_CONFIG_FILE).write_text(
+        "max_sequence_length: 16\nvalidation_guidance_scale: 5.0\n")
+    pipeline = load_pipeline(trained, device="cpu")
+    assert traits(pipeline).max_sequence_length == 16 and default_guidance(pipeline) == 5.0
+    # The same weights: only the T5 padding FLUX attends to (and the guidance) differ.
+    base = one_image(pipelines["flux"], guidance_scale=5.0)
+    assert not np.array_equal(one_image(pipeline, guidance_scale=5.0), base)
+
+
 def test_flux_guidance_is_the_distilled_input_and_schnell_has_none(pipelines):
     flux = pipelines["flux"]
     assert not np.array_equal(one_image(flux, guidance_scale=1.0),

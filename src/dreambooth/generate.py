@@ -162,9 +162,6 @@ def _run_in_chunks(
 ) -> list[Image.Image]:
     """Call `pipeline_call` on `batch_size` seeds at a time, slicing every per-image argument."""
     images: list[Image.Image] = []
-    max_sequence_length = traits(pipeline_call).max_sequence_length
-    if max_sequence_length is not None:  # SD 3.x and FLUX.1: T5's tokens per prompt
-        shared["max_sequence_length"] = max_sequence_length
     # Sampling stays on oneDNN's convolutions even where training takes ATen's native ones
     # (dreambooth.cpu.conv_backend_for): the native kernels sum a batch of two in another order
     # than a batch of one, and an image must not depend on its batch neighbours.
@@ -217,7 +214,7 @@ def sample_images(
     return _run_in_chunks(
         pipeline, seeds=seeds, batch_size=batch_size, per_image=per_image,
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-        height=height, width=width,
+        height=height, width=width, **_text_length(pipeline),
     )
 
 
@@ -335,8 +332,15 @@ def edit_images(
     return _run_in_chunks(
         edit_pipeline, seeds=seeds, batch_size=batch_size, per_image=per_image,
         strength=strength, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale, **sizes,
+        guidance_scale=guidance_scale, **sizes, **_text_length(pipeline),
     )
+
+
+def _text_length(pipeline) -> dict[str, int]:
+    """SD 3.x and FLUX.1: the T5 tokens per prompt (`Traits.max_sequence_length`), as the
+    keyword their pipelines take; nothing for the UNet families."""
+    length = traits(pipeline).max_sequence_length
+    return {} if length is None else {"max_sequence_length": length}
 
 
 def _resized(image: Image.Image, size: tuple[int, int], resample) -> Image.Image:

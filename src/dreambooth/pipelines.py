@@ -134,6 +134,12 @@ def traits(pipeline) -> Traits:
             native = pipeline.default_sample_size * vae_scale
             guidance = "distilled" if has_guidance else "none"
         steps, _, sequence, label = FLOW_DEFAULTS[family]
+        # A model trained by this tool samples with the T5 length it was trained with (FLUX
+        # attends to the padding tokens too, so the length changes the image).
+        recorded = read_training_config(getattr(pipeline, "name_or_path", None) or None).get(
+            "max_sequence_length")
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+            sequence = recorded
         sequence = min(sequence, tokenizer.model_max_length)
         # SD 3 attends to CLIP's 77 tokens beside T5's.
         text = sequence + (pipeline.tokenizer_max_length if family == "sd3" else 0)
