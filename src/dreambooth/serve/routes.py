@@ -88,7 +88,7 @@ def denoising_steps(key: BatchKey) -> int:
     return int(key.num_inference_steps * key.strength)
 
 
-def work(key: BatchKey, images: int, vae_scale_factor: int, model: Any = None,
+def work(key: BatchKey, images: int, vae_scale_factor: int, denoiser_traits: Any = None,
          parameters: int = 0) -> float:
     """A request's cost: megapixels x images x (denoising steps + 1 decode) x attention factor
     x step scale.
@@ -97,19 +97,19 @@ def work(key: BatchKey, images: int, vae_scale_factor: int, model: Any = None,
     at 512 px: ~1.2 vs 2 x 0.8 TFLOP); self-attention over the latent tokens (UNet and VAE
     mid-block) grows with their square, hence the factor 1 + tokens / 16384 (1.25 for SD 1.5 at
     512 px, 5 at 2048 px; a 2048 px image on a model with 4x latents: 17). UNets have step
-    scale 1. A diffusion transformer (`model`: its `pipelines.Traits`, with `parameters` in its
-    denoiser) attends over its image tokens (2x2 latent pixels each) and the prompt's text
+    scale 1. A diffusion transformer (`denoiser_traits`: its `pipelines.Traits`; `parameters`:
+    its size) attends over its image tokens (2x2 latent pixels each) and the prompt's text
     tokens, and its step scale is its size (see _UNIT_PARAMETERS): FLUX.1-dev at 1024 px, 28
     steps costs 90, as SDXL's 50 steps cost 107.
     """
     megapixels = key.width * key.height / 1e6
-    if model is None or not model.flow_matching:
+    if denoiser_traits is None or not denoiser_traits.flow_matching:
         tokens = (key.width // vae_scale_factor) * (key.height // vae_scale_factor)
         scale = 1.0
     else:
-        side = model.patch_pixels
-        tokens = (key.width // side) * (key.height // side) + model.text_tokens
-        passes = model.denoiser_calls(key.guidance_scale)
+        side = denoiser_traits.patch_pixels
+        tokens = (key.width // side) * (key.height // side) + denoiser_traits.text_tokens
+        passes = denoiser_traits.denoiser_calls(key.guidance_scale)
         scale = max(1.0, parameters * passes / _UNIT_PARAMETERS)
     return (megapixels * images * (denoising_steps(key) + 1) * (1 + tokens / _ATTENTION_TOKENS)
             * scale)
