@@ -26,7 +26,7 @@ from dreambooth.models import load_components, load_pipeline, pipeline_class
 from dreambooth.tiny import build_tiny_pipeline, save_tiny_pipeline
 from dreambooth.train.checkpointing import list_checkpoints
 from dreambooth.train.flow_matching import FlowMatchingModule
-from dreambooth.train.run import train
+from dreambooth.train.run import check_resolution, train
 
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
@@ -345,6 +345,10 @@ def test_options_that_cannot_apply_are_refused_with_what_to_do(flow_model, tmp_p
     family, folder = flow_model
     with pytest.raises(ValueError, match="snr_gamma.*weighting_scheme"):
         train(flow_config(folder, instance_dir, tmp_path / "a", snr_gamma=5.0))
+    real_flux = SimpleNamespace(family="flux", is_flow_matching=True, vae_scale_factor=8)
+    with pytest.raises(ValueError, match="multiple of 16 .*e.g. 512"):  # 2x2 patches of /8
+        check_resolution(520, real_flux)
+    check_resolution(512, real_flux)
     with pytest.raises(ValueError, match="lora_layers"):
         train(flow_config(folder, instance_dir, tmp_path / "b", use_lora=True,
                           lora_unet_target_modules="to_q"))

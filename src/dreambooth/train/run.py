@@ -476,6 +476,12 @@ def native_resolution(components) -> int | None:
 def check_resolution(resolution: int, components) -> None:
     """Refuse a resolution far beyond the model's own (memory grows with its square): at most
     twice the size the model was trained at, and for SD 3.x what its position embedding spans."""
+    unit = 2 * components.vae_scale_factor
+    if components.is_flow_matching and resolution % unit:
+        raise ValueError(f"resolution={resolution}: {components.family} latents go to the "
+                         f"transformer in 2x2 patches, so the side must be a multiple of {unit} "
+                         f"(VAE factor {components.vae_scale_factor} x 2), e.g. "
+                         f"{unit * max(1, round(resolution / unit))}")
     if components.family == "sd3":
         config = components.transformer.config
         limit = config.pos_embed_max_size * config.patch_size * components.vae_scale_factor
