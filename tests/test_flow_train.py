@@ -345,8 +345,9 @@ def test_options_that_cannot_apply_are_refused_with_what_to_do(flow_model, tmp_p
     family, folder = flow_model
     with pytest.raises(ValueError, match="snr_gamma.*weighting_scheme"):
         train(flow_config(folder, instance_dir, tmp_path / "a", snr_gamma=5.0))
+    transformer = SimpleNamespace(config={})  # FLUX.1's config names no sample size
     real_flux = SimpleNamespace(family="flux", is_flow_matching=True, vae_scale_factor=8,
-                                denoiser=SimpleNamespace(config={}))
+                                transformer=transformer, denoiser=transformer)
     with pytest.raises(ValueError, match="multiple of 16 .*e.g. 512"):  # 2x2 patches of /8
         check_resolution(520, real_flux)
     check_resolution(512, real_flux)
