@@ -26,6 +26,7 @@ from dreambooth.models import load_components, load_pipeline, pipeline_class
 from dreambooth.tiny import build_tiny_pipeline, save_tiny_pipeline
 from dreambooth.train.checkpointing import list_checkpoints
 from dreambooth.train.flow_matching import FlowMatchingModule
+from dreambooth.train.quantize import is_quantized
 from dreambooth.train.run import check_resolution, train
 
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
@@ -375,14 +376,21 @@ def importlib_missing(name: str) -> bool:
 
 
 @pytest.mark.skipif(importlib_missing("torchao"), reason="needs the 'quantize' extra (torchao)")
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_lora_on_a_quantized_base_trains_and_saves_a_full_precision_lora(kind, tmp_path,
-                                                                        instance_dir):
+@pytest.mark.parametrize("kind,precision", [("int8", "bf16"), ("int4", "no")])
+def test_lora_on_a_quantized_base_trains_and_saves_a_full_precision_lora(kind, precision,
+                                                                        tmp_path, instance_dir):
     folder = save_tiny_pipeline(tmp_path / "flux", family="flux")
     keep = KeepModule()
     output = train(flow_config(folder, instance_dir, tmp_path / "out", use_lora=True, rank=2,
-                               quantize_base=kind, learning_rate=5e-2), callbacks=[keep])
-    to_q = keep.module.transformer.transformer_blocks[0].attn.to_q
+                               quantize_base=kind, learning_rate=5e-2,
+                               mixed_precision=precision, upcast_before_saving=True),
+                   callbacks=[keep])
+    transformer = keep.module.transformer
+    assert {p.dtype for p in transformer.parameters() if p.requires_grad} == {torch.float32}
+    frozen = {p.dtype for p in transformer.parameters()  # biases, norms, embeddings
+              if not p.requires_grad and not is_quantized(p)}
+    assert frozen == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    to_q = transformer.transformer_blocks[0].attn.to_q
     assert type(to_q.base_layer.weight.data).__name__ in ("Int8Tensor",
                                                            "IntxUnpackedToInt8Tensor")
     state = load_file(output / "pytorch_lora_weights.safetensors")
