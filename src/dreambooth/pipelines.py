@@ -62,15 +62,16 @@ FLOW_SCHEDULERS: dict[str, tuple[type, str]] = {
     "dpm++": (DPMSolverMultistepScheduler, "DPM++ 2M"),
 }
 
-# Per family: default steps (diffusers' for SD 3.x and FLUX.1-dev; BFL's 4 for schnell) and
-# guidance (SD 3 medium's 7; FLUX.1-dev's distilled 3.5), text tokens T5 reads (diffusers'
-# defaults; schnell was trained with 256), the label errors use.
+# Per family: default steps (diffusers' for SD 3.x and FLUX.1-dev; BFL's 4 for schnell), the
+# text tokens T5 reads when sampling (diffusers' pipeline defaults; schnell was trained with
+# 256; training's own defaults are the dreambooth.flow modules'), the label errors use. Their
+# guidance defaults are the flow modules' GUIDANCE_SCALE (SD 3's 7, FLUX.1-dev's 3.5).
 UNET_STEPS = 30
 FLOW_DEFAULTS = {
-    # family: (steps, guidance, max_sequence_length, label)
-    "sd3": (28, 7.0, 256, "SD 3"),
-    "flux": (28, 3.5, 512, "FLUX.1"),
-    "flux-schnell": (4, 0.0, 256, "FLUX.1-schnell"),
+    # family: (steps, max_sequence_length, label)
+    "sd3": (28, 256, "SD 3"),
+    "flux": (28, 512, "FLUX.1"),
+    "flux-schnell": (4, 256, "FLUX.1-schnell"),
 }
 
 
@@ -133,7 +134,7 @@ def traits(pipeline) -> Traits:
             tokenizer, patch = pipeline.tokenizer_2, 2
             native = pipeline.default_sample_size * vae_scale
             guidance = "distilled" if has_guidance else "none"
-        steps, _, sequence, label = FLOW_DEFAULTS[family]
+        steps, sequence, label = FLOW_DEFAULTS[family]
         # A model trained by this tool samples with the T5 length it was trained with (FLUX
         # attends to the padding tokens too, so the length changes the image).
         recorded = read_training_config(getattr(pipeline, "name_or_path", None) or None).get(
@@ -159,8 +160,9 @@ def default_guidance(pipeline) -> float:
 
     UNet families: `models.default_guidance_scale` (the bundled world model's 3, a recorded
     validation scale, else SD's 7.5). SD 3.x and FLUX.1-dev: the validation scale a model
-    trained by this tool recorded, else the family's own (7 and 3.5). FLUX.1-schnell: 0 (it
-    has no guidance input).
+    trained by this tool recorded, else the family's own (`GUIDANCE_SCALE` of its
+    dreambooth.flow module: 7 and 3.5), also for a pipeline not loaded from a folder.
+    FLUX.1-schnell: 0 (it has no guidance input).
     """
     model_traits = traits(pipeline)
     if not model_traits.flow_matching:
@@ -171,7 +173,9 @@ def default_guidance(pipeline) -> float:
         "validation_guidance_scale")
     if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) and recorded >= 0:
         return float(recorded)
-    return FLOW_DEFAULTS[model_traits.family][1]
+    from dreambooth.flow import family_module
+
+    return float(family_module(model_traits.family).GUIDANCE_SCALE)
 
 
 def schedulers_for(pipeline) -> dict[str, tuple[type, str]]:
