@@ -511,3 +511,26 @@ def test_a_transformer_step_costs_its_size():
     # A tiny transformer costs what a UNet of its pixels does, not less.
     tiny = BatchKey("txt2img", 32, 32, 2, 3.5, None, None, 1.0, None)
     assert work(tiny, 1, 4, flux_dev, 10_000) >= work(tiny, 1, 4) * 0.99
+
+
+def test_a_schnell_model_is_served_without_guidance(pipelines):
+    from fastapi.testclient import TestClient
+
+    from dreambooth.serve.app import create_app
+
+    app = create_app({"schnell": schnell(pipelines["flux"])}, device="cpu", batch_wait_ms=0)
+    request = {"prompt": PROMPT, "size": "32x32", "seed": 1}
+    with TestClient(app, raise_server_exceptions=False) as http:
+        answer = http.post("/v1/images/generations", json=request)
+        assert answer.status_code == 200, answer.text
+        params = parse_parameters(decode(answer.json()["data"][0]["b64_json"]).info["parameters"])
+        assert params["Steps"] == "4" and params["CFG scale"] == "1.0"
+        assert "Distilled CFG Scale" not in params
+        refused = http.post("/v1/images/generations", json={**request, "guidance_scale": 3.5})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "guidance_scale"
+        # Forge sends distilled_cfg_scale whatever the model; a model without it ignores it.
+        forge = http.post("/sdapi/v1/txt2img", json={
+            "prompt": PROMPT, "width": 32, "height": 32, "steps": 2, "cfg_scale": 1,
+            "distilled_cfg_scale": 3.5})
+        assert forge.status_code == 200, forge.text
