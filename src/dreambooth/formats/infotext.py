@@ -31,6 +31,10 @@ A1111_SAMPLERS = {
     "KDPM2AncestralDiscreteScheduler": "DPM2 a",
     "UniPCMultistepScheduler": "UniPC",
     "LCMScheduler": "LCM",
+    # The flow-matching samplers of SD 3.x and FLUX.1, by the names A1111/Forge give them.
+    "FlowMatchEulerDiscreteScheduler": "Euler",
+    "FlowMatchHeunDiscreteScheduler": "Heun",
+    "FlowMatchLCMScheduler": "LCM",
 }
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 _hash_cache: dict[tuple[str, int, int], str] = {}

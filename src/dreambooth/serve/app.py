@@ -31,14 +31,16 @@ from dreambooth.formats.lora_files import LoraFileError, lora_file
 from dreambooth.generate import (
     TEXT_TO_IMAGE_PIPELINES,
     GenerationError,
+    default_guidance,
     default_size,
+    denoiser,
     edit_images,
     min_steps,
     sample_images,
     sampling_settings,
     set_scheduler,
 )
-from dreambooth.models import default_guidance_scale, load_pipeline, resolve_model_path
+from dreambooth.models import load_pipeline, resolve_model_path
 from dreambooth.serve.batching import BatchInterrupted, BatchKey, Job, ModelWorker
 
 try:
@@ -184,8 +186,9 @@ def _batch_runner(pipeline: StableDiffusionPipeline, state: ServerState):
             if interrupted():
                 raise BatchInterrupted
 
-        # A forward pre-hook reaches every pipeline built over this UNet (img2img, inpaint).
-        hook = pipeline.unet.register_forward_pre_hook(stop_if_interrupted)
+        # A forward pre-hook reaches every pipeline built over this UNet or transformer
+        # (img2img, inpaint).
+        hook = denoiser(pipeline).register_forward_pre_hook(stop_if_interrupted)
         try:
             with sampling_settings(pipeline, scheduler=key.scheduler, lora=lora,
                                    lora_scale=key.lora_scale):
@@ -213,7 +216,7 @@ def _load_model(name: str, source: str | Path | StableDiffusionPipeline, *,
     return ServedModel(name=name, pipeline=pipeline, trigger_phrase=read_trigger_phrase(folder),
                        created=int(time.time()), default_sampler=set_scheduler(pipeline, None),
                        native_size=default_size(pipeline),
-                       default_guidance_scale=default_guidance_scale(folder),
+                       default_guidance_scale=default_guidance(pipeline),
                        min_steps=min_steps(pipeline.scheduler),
                        vae_scale_factor=pipeline.vae_scale_factor, folder=folder)
 

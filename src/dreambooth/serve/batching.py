@@ -4,7 +4,7 @@ Requests wait in their model's queue, which holds at most `max_queue` of them: o
 refused at once (the server answers 429) instead of growing an unbounded backlog. The model's
 worker thread takes the oldest request and every queued request with the same `BatchKey`
 (size, steps, guidance, scheduler, LoRA, task), up to `max_batch` images, waiting up to
-`batch_wait_s` for more to arrive, and runs them as one UNet batch (`max_batch` is per key:
+`batch_wait_s` for more to arrive, and runs them as one denoiser batch (`max_batch` is per key:
 `batch_limit(key)`, so large images share a batch with fewer others and memory stays
 bounded). Prompts, negative prompts, seeds and input pictures may differ inside a batch: each
 image keeps its own generator, so an image depends only on its seed, whatever it was batched
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchKey:
-    """What every image of one UNet batch shares."""
+    """What every image of one denoiser batch shares."""
 
     task: str  # "txt2img", "img2img" or "inpaint"
     width: int
@@ -186,7 +186,7 @@ class ModelWorker:
 
     def _live(self, batch: list[Job]) -> list[Job]:
         """The jobs of `batch` somebody still waits for (a client that went away cancelled its
-        future: no UNet batch is spent on it)."""
+        future: no denoiser batch is spent on it)."""
         live = [job for job in batch if not job.cancelled()]
         if len(live) < len(batch):
             self._on_cancelled(len(batch) - len(live))

@@ -19,10 +19,10 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from diffusers import StableDiffusionPipeline
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from PIL import Image, features
@@ -33,7 +33,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from dreambooth.formats.infotext import format_parameters, lora_hash
-from dreambooth.generate import IMG2IMG_STRENGTH, INPAINT_STRENGTH, SCHEDULERS
+from dreambooth.generate import (
+    IMG2IMG_STRENGTH,
+    INPAINT_STRENGTH,
+    SCHEDULERS,
+    GenerationError,
+    a1111_guidance,
+    check_family_arguments,
+    check_scheduler,
+    denoiser,
+    sampler_name,
+    schedulers_for,
+    traits,
+)
 from dreambooth.images import ImageFormatError, ImageReadError, ImageTooLargeError, read_image
 from dreambooth.models import DEFAULT_GUIDANCE_SCALE, read_training_config
 from dreambooth.serve.batching import BatchKey, Job, ModelWorker, QueueFull, WorkerStopped
@@ -42,7 +54,7 @@ from dreambooth.serve.schemas import (
     MAX_IMAGES,
     MAX_PROMPT_CHARS,
     MAX_SEED,
-    QUALITY_STEPS,
+    QUALITY_STEP_FRACTIONS,
     APIError,
     ChatCompletionRequest,
     ImageEditRequest,
@@ -55,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 _UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
-_A1111_SAMPLERS = {sampler: name for name, (_, sampler) in SCHEDULERS.items()}
+_A1111_SAMPLERS = {sampler: name for name, (_, sampler) in SCHEDULERS.items()}  # UNets'
 # create_app's default `max_work` (see `work`). SD 1.5: 512x512 x 4 images x 50 steps (67) or
 # x 10 images x 30 steps (102) fit; SDXL: 1024x1024 x 1 x 50 (107) fits; 10 images of 2048x2048
 # at 1 step (SD 1.5: 419) do not.
@@ -63,26 +75,44 @@ DEFAULT_MAX_WORK = 128.0
 # Latent tokens at which self-attention (quadratic) costs about what the rest of a step
 # (linear in tokens) costs: SD's UNet at 128x128 latents.
 _ATTENTION_TOKENS = 16384
+# The unit of a transformer step's cost: SDXL's UNet (2.57e9 parameters) run for both CFG
+# halves. A transformer step costs its parameters x forward passes in these units (FLUX.1-dev,
+# 11.9e9 x 1 pass: 2.3; SD 3.5 Large, 8.1e9 x 2: 3.2), at least 1 (SD 3 Medium, 2e9 x 2: 0.8).
+_UNIT_PARAMETERS = 2 * 2.57e9
 
 
 def denoising_steps(key: BatchKey) -> int:
-    """The UNet steps a job of `key` runs: edits skip the first (1 - strength) of them."""
+    """The denoising steps a job of `key` runs: edits skip the first (1 - strength) of them."""
     if key.strength is None:
         return key.num_inference_steps
     return int(key.num_inference_steps * key.strength)
 
 
-def work(key: BatchKey, images: int, vae_scale_factor: int) -> float:
-    """A request's cost: megapixels x images x (denoising steps + 1 decode) x attention factor.
+def work(key: BatchKey, images: int, vae_scale_factor: int, denoiser_traits: Any = None,
+         parameters: int = 0) -> float:
+    """A request's cost: megapixels x images x (denoising steps + 1 decode) x attention factor
+    x step scale.
 
     Convolutions cost in proportion to pixels; the VAE decode about one guided UNet step (SD 1.5
     at 512 px: ~1.2 vs 2 x 0.8 TFLOP); self-attention over the latent tokens (UNet and VAE
     mid-block) grows with their square, hence the factor 1 + tokens / 16384 (1.25 for SD 1.5 at
-    512 px, 5 at 2048 px; a 2048 px image on a model with 4x latents: 17).
+    512 px, 5 at 2048 px; a 2048 px image on a model with 4x latents: 17). UNets have step
+    scale 1. A diffusion transformer (`denoiser_traits`: its `pipelines.Traits`; `parameters`:
+    its size) attends over its image tokens (2x2 latent pixels each) and the prompt's text
+    tokens, and its step scale is its size (see _UNIT_PARAMETERS): FLUX.1-dev at 1024 px, 28
+    steps costs 90, as SDXL's 50 steps cost 107.
     """
-    tokens = (key.width // vae_scale_factor) * (key.height // vae_scale_factor)
     megapixels = key.width * key.height / 1e6
-    return megapixels * images * (denoising_steps(key) + 1) * (1 + tokens / _ATTENTION_TOKENS)
+    if denoiser_traits is None or not denoiser_traits.flow_matching:
+        tokens = (key.width // vae_scale_factor) * (key.height // vae_scale_factor)
+        scale = 1.0
+    else:
+        side = denoiser_traits.patch_pixels
+        tokens = (key.width // side) * (key.height // side) + denoiser_traits.text_tokens
+        passes = denoiser_traits.denoiser_calls(key.guidance_scale)
+        scale = max(1.0, parameters * passes / _UNIT_PARAMETERS)
+    return (megapixels * images * (denoising_steps(key) + 1) * (1 + tokens / _ATTENTION_TOKENS)
+            * scale)
 
 
 @dataclass
@@ -90,7 +120,7 @@ class ServedModel:
     """A loaded pipeline, what /v1/models reports about it, and the worker that runs it."""
 
     name: str
-    pipeline: StableDiffusionPipeline
+    pipeline: Any  # a text-to-image pipeline of any family (generate.TEXT_TO_IMAGE_PIPELINES)
     trigger_phrase: str | None  # the instance prompt of a DreamBooth model; None for a base model
     created: int
     default_sampler: str  # A1111 name of the pipeline's own scheduler
@@ -101,6 +131,15 @@ class ServedModel:
     worker: ModelWorker | None = None
     folder: Path | None = None  # where it was loaded from (fine-tuning jobs train from it)
     lora: str | None = None  # a LoRA applied when a request names none (a LoRA job's model)
+    # Read from the pipeline when not given: what its family means for sampling (size multiple,
+    # default steps, guidance kind) and its denoiser's parameter count (for `work`).
+    traits: Any = field(default=None, repr=False)
+    parameters: int = field(default=0, repr=False)
+
+    def __post_init__(self):
+        if self.traits is None:
+            self.traits = traits(self.pipeline)
+            self.parameters = sum(p.numel() for p in denoiser(self.pipeline).parameters())
 
 
 def read_trigger_phrase(folder: Path | None) -> str | None:
@@ -131,7 +170,7 @@ class ServerState:
         self.shutdown_timeout_s = shutdown_timeout_s
 
     def batch_limit(self, key: BatchKey) -> int:
-        """Images of `key` one UNet batch may hold: `max_batch`, fewer when they are large
+        """Images of `key` one denoiser batch may hold: `max_batch`, fewer when they are large
         (memory grows with pixels x batch)."""
         return max(1, min(self.max_batch, int(self.max_batch_pixels // (key.width * key.height))))
 
@@ -199,11 +238,17 @@ class ServerState:
                            param="lora", code="lora_not_found")
         return name
 
-    def check_size(self, width: int, height: int, param: str) -> tuple[int, int]:
-        if not all(8 <= side <= self.max_image_size and side % 8 == 0 for side in (width, height)):
+    def check_size(self, width: int, height: int, param: str,
+                   served: ServedModel | None = None) -> tuple[int, int]:
+        """(width, height) when both are multiples of the model's size multiple (8; 16 for
+        SD 3.x and FLUX.1: one image token) up to `max_image_size`, else a 400 naming `param`."""
+        multiple = served.traits.size_multiple if served is not None else 8
+        if not all(multiple <= side <= self.max_image_size and side % multiple == 0
+                   for side in (width, height)):
+            model = f" for {served.traits.label} models" if multiple != 8 else ""
             raise APIError(400, f"Invalid value for '{param}': {width}x{height}; width and "
-                                f"height must be multiples of 8 from 8 to {self.max_image_size}.",
-                           param=param, code="invalid_size")
+                                f"height must be multiples of {multiple}{model} from {multiple} "
+                                f"to {self.max_image_size}.", param=param, code="invalid_size")
         return width, height
 
     def size(self, text: str | None, served: ServedModel, param: str = "size") -> tuple[int, int]:
@@ -214,11 +259,13 @@ class ServerState:
         if match is None:
             raise APIError(400, f"Invalid value for '{param}': '{text}' is not WIDTHxHEIGHT "
                                 "(e.g. '512x512') or 'auto'.", param=param, code="invalid_size")
-        return self.check_size(int(match[1]), int(match[2]), param)
+        return self.check_size(int(match[1]), int(match[2]), param, served)
 
-    def steps(self, num_inference_steps: int | None, quality: str | None,
+    def steps(self, served: ServedModel, num_inference_steps: int | None, quality: str | None,
               param: str = "num_inference_steps") -> int:
-        steps = num_inference_steps or QUALITY_STEPS[quality or "auto"]
+        """The steps asked for, else `quality`'s share of the model's own steps."""
+        fraction = QUALITY_STEP_FRACTIONS[quality or "auto"]
+        steps = num_inference_steps or max(1, round(served.traits.default_steps * fraction))
         if steps > self.max_steps:
             raise APIError(400, f"Invalid value for '{param}': {steps} steps is more than this "
                                 f"server's limit of {self.max_steps}.", param=param,
@@ -229,7 +276,7 @@ class ServerState:
                   guidance_scale: float | None, scheduler: str | None, lora: str | None,
                   lora_scale: float, strength: float | None = None,
                   steps_param: str = "num_inference_steps") -> BatchKey:
-        """What a request's images share with the others of their UNet batch.
+        """What a request's images share with the others of their denoiser batch.
 
         `guidance_scale` None is the model's own; `lora` must be registered (else 404).
         """
@@ -245,6 +292,23 @@ class ServerState:
         return BatchKey(task, *size, steps, guidance_scale, scheduler,
                         self.lora(lora) if lora is not None else served.lora, lora_scale, strength)
 
+    def check_family(self, served: ServedModel, job: Job,
+                     params: Mapping[str, str] | None = None) -> None:
+        """400 for what the model's family cannot run (`generate.check_family_arguments`: a
+        sampler of the other kind, a negative prompt or guidance FLUX.1 does not take), checked
+        before queueing: a failing request must not fail the batch it would share. `params`
+        renames our argument names to the request's fields (A1111's `sampler_name`, ...)."""
+        key = job.key
+        try:
+            check_scheduler(served.pipeline, key.scheduler)
+            check_family_arguments(served.pipeline, negative_prompts=job.negative_prompts,
+                                   guidance_scale=key.guidance_scale, height=key.height,
+                                   width=key.width)
+        except GenerationError as error:
+            param = (params or {}).get(error.param, error.param)
+            raise APIError(400, f"Invalid value for '{param}': {error}", param=param,
+                           code="invalid_value") from error
+
     def check_cost(self, served: ServedModel, job: Job) -> None:
         """400 for a request over the work budget, or with an image over the batch memory."""
         key = job.key
@@ -253,7 +317,7 @@ class ServerState:
                                 f"{self.max_batch_pixels / 1e6:g} megapixels per batch "
                                 "(--max_batch_megapixels); ask for a smaller size.",
                            param="size", code="over_budget")
-        cost = work(key, job.size, served.vae_scale_factor)
+        cost = work(key, job.size, served.vae_scale_factor, served.traits, served.parameters)
         if cost > self.max_work:
             raise APIError(400, f"This request asks for {cost:.0f} units of work ({job.size} "
                                 f"image(s) of {key.width}x{key.height}, {denoising_steps(key)} "
@@ -261,9 +325,12 @@ class ServerState:
                                 f"{self.max_work:g} (--max_work): ask for fewer or smaller "
                                 "images or fewer steps.", param="n", code="over_budget")
 
-    async def run(self, served: ServedModel, job: Job, request: Request) -> list[Image.Image]:
+    async def run(self, served: ServedModel, job: Job, request: Request,
+                  params: Mapping[str, str] | None = None) -> list[Image.Image]:
         """The job's images from its model's worker; the job is cancelled (dropped from the
-        queue, or its batch interrupted) if the client disconnects first."""
+        queue, or its batch interrupted) if the client disconnects first. `params`: see
+        `check_family`."""
+        self.check_family(served, job, params)
         self.check_cost(served, job)
         answer = asyncio.ensure_future(served.worker.submit(job))
         gone = asyncio.ensure_future(_disconnected(request))
@@ -301,13 +368,18 @@ def _seeds(seed: int | None, n: int) -> list[int]:
     return [base + offset for offset in range(n)]
 
 
+def _sampler(served: ServedModel, scheduler: str | None) -> str:
+    """The A1111 sampler name of `scheduler` on the model (None: its own scheduler's)."""
+    return sampler_name(served.pipeline, scheduler) if scheduler else served.default_sampler
+
+
 def _parameters(served: ServedModel, job: Job, seed_index: int,
                 lora_hashes: Mapping[str, str]) -> str:
     """The A1111 `parameters` text a PNG answer carries: a LoRA as `<lora:NAME:W>` in the
     prompt and its hash in `Lora hashes`, so pasting the text into A1111 applies it again."""
     key = job.key
-    sampler = SCHEDULERS[key.scheduler][1] if key.scheduler else served.default_sampler
-    extra: dict[str, object] = {}
+    sampler = _sampler(served, key.scheduler)
+    cfg_scale, extra = a1111_guidance(served.pipeline, key.guidance_scale)
     if key.strength is not None:
         extra["Denoising strength"] = key.strength
     loras = None
@@ -315,7 +387,7 @@ def _parameters(served: ServedModel, job: Job, seed_index: int,
         loras = [(key.lora, key.lora_scale, lora_hashes.get(key.lora))]
     return format_parameters(
         prompt=job.prompts[seed_index], negative_prompt=job.negative_prompts[seed_index],
-        steps=key.num_inference_steps, sampler=sampler, cfg_scale=key.guidance_scale,
+        steps=key.num_inference_steps, sampler=sampler, cfg_scale=cfg_scale,
         seed=job.seeds[seed_index], width=key.width, height=key.height,
         model_name=served.name, extra=extra, loras=loras)
 
@@ -354,7 +426,7 @@ async def _images_answer(state: ServerState, served: ServedModel, job: Job,
     if output_format == "webp" and not features.check("webp"):
         raise APIError(400, "output_format 'webp' needs Pillow built with libwebp; ask for png "
                             "or jpeg.", param="output_format", code="unsupported_format")
-    images = await state.run(served, job, request)
+    images = await state.run(served, job, request, params=_SIZE_PARAMS)
     encoded = await _encode_all(state, served, job, images, output_format, body.output_compression)
     # response_format "url" is answered with data: URLs; this server hosts no files.
     if body.response_format == "url":
@@ -411,7 +483,7 @@ async def images_generations(body: ImageGenerationRequest, request: Request,
                              state: ServerState = Depends(_state)) -> dict:
     served = state.model(body.model)
     key = state.batch_key(served, "txt2img", state.size(body.size, served),
-                          state.steps(body.num_inference_steps, body.quality),
+                          state.steps(served, body.num_inference_steps, body.quality),
                           guidance_scale=body.guidance_scale, scheduler=body.scheduler,
                           lora=body.lora, lora_scale=body.lora_scale)
     job = Job(key, [body.prompt] * body.n, [body.negative_prompt] * body.n,
@@ -498,14 +570,14 @@ async def images_edits(request: Request, state: ServerState = Depends(_state)) -
         mask = inpaint_mask(decode_upload(await masks[0].read(), "mask", limit, upright=False),
                             image.size)
     if body.size is None or body.size == "auto":
-        size = state.check_size(image.width, image.height, "image")
+        size = state.check_size(image.width, image.height, "image", served)
     else:
         size = state.size(body.size, served)
     strength = body.strength
     if strength is None:
         strength = INPAINT_STRENGTH if mask else IMG2IMG_STRENGTH
     key = state.batch_key(served, "inpaint" if mask else "img2img", size,
-                          state.steps(body.num_inference_steps, body.quality),
+                          state.steps(served, body.num_inference_steps, body.quality),
                           guidance_scale=body.guidance_scale, scheduler=body.scheduler,
                           lora=body.lora, lora_scale=body.lora_scale, strength=strength)
     # Checked here, not left to edit_images: one failing request would fail its whole batch.
@@ -553,11 +625,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     prompt = _chat_prompt(body)
     served = state.model(body.model)
     key = state.batch_key(served, "txt2img", state.size(body.size, served),
-                          state.steps(body.num_inference_steps, None),
+                          state.steps(served, body.num_inference_steps, None),
                           guidance_scale=body.guidance_scale, scheduler=body.scheduler,
                           lora=body.lora, lora_scale=body.lora_scale)
     job = Job(key, [prompt] * body.n, [body.negative_prompt] * body.n, _seeds(body.seed, body.n))
-    images = await state.run(served, job, request)
+    images = await state.run(served, job, request, params=_SIZE_PARAMS)
     encoded = await _encode_all(state, served, job, images, "png", None)
     parts = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}
              for b64 in encoded]
@@ -575,31 +647,61 @@ async def a1111_txt2img(body: Txt2ImgRequest, request: Request,
                          param="override_settings.sd_model_checkpoint")
     scheduler = None
     if body.sampler_name is not None:
-        if body.sampler_name not in _A1111_SAMPLERS:
-            raise APIError(400, f"Invalid value for 'sampler_name': '{body.sampler_name}'; "
-                                f"valid: {', '.join(_A1111_SAMPLERS)}.", param="sampler_name",
+        valid = {sampler: name for name, (_, sampler) in schedulers_for(served.pipeline).items()}
+        if body.sampler_name not in valid:
+            kind = (f" on {served.traits.label} models" if body.sampler_name in _A1111_SAMPLERS
+                    else "")
+            raise APIError(400, f"Invalid value for 'sampler_name': '{body.sampler_name}'"
+                                f"{kind}; valid: {', '.join(valid)}.", param="sampler_name",
                            code="invalid_value")
-        scheduler = _A1111_SAMPLERS[body.sampler_name]
+        scheduler = valid[body.sampler_name]
+    guidance_scale = _a1111_guidance_scale(body, served)
     count = body.batch_size * body.n_iter
     if count > MAX_IMAGES:
         raise APIError(400, f"batch_size * n_iter = {count} images; the limit is "
                             f"{MAX_IMAGES}.",
                        param="batch_size", code="invalid_value")
     width, height = state.check_size(body.width or served.native_size,
-                                     body.height or served.native_size, "width")
+                                     body.height or served.native_size, "width", served)
     key = state.batch_key(served, "txt2img", (width, height),
-                          state.steps(body.steps, None, param="steps"),
-                          guidance_scale=body.cfg_scale, scheduler=scheduler, lora=body.lora,
+                          state.steps(served, body.steps, None, param="steps"),
+                          guidance_scale=guidance_scale, scheduler=scheduler, lora=body.lora,
                           lora_scale=body.lora_scale, steps_param="steps")
     job = Job(key, [body.prompt] * count, [body.negative_prompt] * count,
               _seeds(None if body.seed == -1 else body.seed, count))
-    images = await state.run(served, job, request)
+    images = await state.run(served, job, request, params=_A1111_PARAMS)
     encoded = await _encode_all(state, served, job, images, "png", None)
     infotexts = [_parameters(served, job, index, state.lora_hashes)
                  for index in range(count)]
+    cfg_scale, fields = a1111_guidance(served.pipeline, key.guidance_scale)
     info = {"prompt": body.prompt, "negative_prompt": body.negative_prompt,
             "seed": job.seeds[0], "all_seeds": job.seeds, "steps": key.num_inference_steps,
-            "cfg_scale": body.cfg_scale, "width": width, "height": height,
-            "sampler_name": SCHEDULERS[scheduler][1] if scheduler else served.default_sampler,
+            "cfg_scale": cfg_scale, "width": width, "height": height,
+            "sampler_name": _sampler(served, scheduler),
             "sd_model_name": served.name, "infotexts": infotexts}
+    if "Distilled CFG Scale" in fields:
+        info["distilled_cfg_scale"] = fields["Distilled CFG Scale"]
     return {"images": encoded, "parameters": body.model_dump(), "info": json.dumps(info)}
+
+
+# Our argument names -> A1111's request fields, for the errors of `check_family`.
+_A1111_PARAMS = {"guidance_scale": "cfg_scale", "height": "height", "width": "width"}
+# ... and the OpenAI and OpenRouter requests' (`size`).
+_SIZE_PARAMS = {"height": "size", "width": "size"}
+
+
+def _a1111_guidance_scale(body: Txt2ImgRequest, served: ServedModel) -> float | None:
+    """The guidance of an A1111 request: `cfg_scale` (classifier-free guidance), or on FLUX.1
+    Forge's `distilled_cfg_scale` (None: the model's own), where `cfg_scale` would be true CFG,
+    which this server does not run: sent, it must be 1. `distilled_cfg_scale` is ignored by
+    models without distilled guidance, as Forge ignores it."""
+    kind = served.traits.guidance
+    if kind == "cfg":
+        return body.cfg_scale
+    if "cfg_scale" in body.model_fields_set and body.cfg_scale != 1:
+        raise APIError(400, f"Invalid value for 'cfg_scale': {body.cfg_scale:g}; "
+                            f"{served.traits.label} models run without classifier-free "
+                            "guidance here: send cfg_scale 1 (or none) and "
+                            + ("distilled_cfg_scale for their guidance." if kind == "distilled"
+                               else "no guidance."), param="cfg_scale", code="invalid_value")
+    return body.distilled_cfg_scale if kind == "distilled" else None

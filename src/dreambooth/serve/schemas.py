@@ -19,10 +19,11 @@ MAX_IMAGES = 10  # OpenAI's `n` range is 1-10
 MAX_PROMPT_CHARS = 4000  # OpenAI's limit for dall-e-3; CLIP reads only the first 77 tokens
 MAX_SEED = 2**32 - 1
 
-# OpenAI's `quality` -> denoising steps (diffusers' SD default is 50; 30 with PNDM/DPM++ is
-# the usual sweet spot). An explicit `num_inference_steps` wins over `quality`.
-QUALITY_STEPS = {
-    "low": 15, "medium": 30, "high": 50, "auto": 30, "standard": 30, "hd": 50,
+# OpenAI's `quality` as a fraction of the model's own steps (`generate.default_steps`): for
+# SD's 30, low 15 and high 50 (diffusers' SD default; 30 with PNDM/DPM++ is the usual sweet
+# spot), for FLUX.1-schnell's 4, 2 and 7. An explicit `num_inference_steps` wins over `quality`.
+QUALITY_STEP_FRACTIONS = {
+    "low": 0.5, "medium": 1.0, "high": 5 / 3, "auto": 1.0, "standard": 1.0, "hd": 5 / 3,
 }
 
 
@@ -37,7 +38,7 @@ def _not_bool(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_not_bool)]
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
-Quality = Literal[tuple(QUALITY_STEPS)]  # type: ignore[valid-type]
+Quality = Literal[tuple(QUALITY_STEP_FRACTIONS)]  # type: ignore[valid-type]
 
 
 # A Python object's default repr, as some library messages carry it ("cannot identify image file
@@ -117,8 +118,9 @@ class Extras(BaseModel):
     negative_prompt: str = NegativePrompt
     seed: Int | None = Field(None, ge=0, le=MAX_SEED)  # image i uses seed + i; None: random
     num_inference_steps: Int | None = Field(None, ge=1)  # upper bound: the server's max_steps
+    # None: the model's own; on FLUX.1-dev the distilled guidance its transformer takes.
     guidance_scale: Float | None = Field(None, ge=0, le=50, allow_inf_nan=False)
-    scheduler: SchedulerName | None = None  # None: the model's own scheduler
+    scheduler: SchedulerName | None = None  # None: the model's own; SD 3/FLUX.1: euler, dpm++
     lora: str | None = None  # a LoRA name the server was started with (--lora NAME=PATH)
     lora_scale: Float = Field(1.0, ge=-10, le=10, allow_inf_nan=False)
 
@@ -201,7 +203,10 @@ class Txt2ImgRequest(BaseModel):
     prompt: PromptText = Prompt
     negative_prompt: str = NegativePrompt
     steps: Int = Field(20, ge=1)
-    cfg_scale: Float = Field(7.0, ge=0, le=50, allow_inf_nan=False)
+    cfg_scale: Float = Field(7.0, ge=0, le=50, allow_inf_nan=False)  # FLUX.1: 1 (no true CFG)
+    # Forge's FLUX.1 guidance (the distilled guidance input); None: the model's own. Ignored by
+    # models without distilled guidance, as Forge ignores it.
+    distilled_cfg_scale: Float | None = Field(None, ge=0, le=50, allow_inf_nan=False)
     width: Int | None = None  # None: the model's native size
     height: Int | None = None
     seed: Int = Field(-1, ge=-1, le=MAX_SEED)  # -1: random
