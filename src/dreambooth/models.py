@@ -236,8 +236,9 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str = 
     """The text-to-image pipeline of `model` (anything `resolve_model_path` takes) on `device`,
     without safety checker or progress bars.
 
-    `device` None picks cuda when available, else cpu; `dtype` "auto" is fp16 on cuda and fp32
-    elsewhere, otherwise one of DTYPES' names.
+    `device` None picks cuda when available, else cpu; `dtype` "auto" is fp16 on cuda for the
+    UNet families, bf16 on cuda for SD 3.x and FLUX.1 (their activations overflow fp16: black or
+    NaN images) and fp32 elsewhere, otherwise one of DTYPES' names.
     """
     from diffusers.utils import deprecation_utils
 
@@ -247,7 +248,8 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str = 
     family = detect_family(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
-        dtype = "fp16" if torch.device(device).type == "cuda" else "fp32"
+        dtype = (("bf16" if is_flow_matching(family) else "fp16")
+                 if torch.device(device).type == "cuda" else "fp32")
     logger.info("loading %s on %s as %s", path, device, dtype)
     extra = ({"safety_checker": None, "requires_safety_checker": False}
              if family in ("sd1", "sd2") else {})
