@@ -498,7 +498,7 @@ def test_sd3_takes_a_negative_prompt_over_the_server(server):
 def test_a_transformer_step_costs_its_size():
     from dreambooth.pipelines import Traits
     from dreambooth.serve.batching import BatchKey
-    from dreambooth.serve.routes import DEFAULT_MAX_WORK, work
+    from dreambooth.serve.state import DEFAULT_MAX_WORK, work
 
     flux_dev = Traits(family="flux", label="FLUX.1", default_steps=28, size_multiple=16,
                       native_size=1024, max_sequence_length=512, text_tokens=512,

@@ -25,7 +25,7 @@ from dreambooth.generate import GenerationError, sample_images, set_scheduler
 from dreambooth.models import load_pipeline
 from dreambooth.serve.app import create_app
 from dreambooth.serve.batching import BatchKey
-from dreambooth.serve.routes import work
+from dreambooth.serve.state import work
 from dreambooth.tiny import save_tiny_pipeline
 
 pytest.importorskip("uvicorn")

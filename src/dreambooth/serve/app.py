@@ -9,7 +9,8 @@ The server validates a request, calls the generation API of `dreambooth.generate
 (`sampling_settings`, `sample_images`, `edit_images`: the functions the CLI uses) through the
 batching scheduler of `dreambooth.serve.batching`, and encodes the answer; it holds no model
 logic. Every error is OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. The
-routes are in `dreambooth.serve.routes`, the Prometheus metrics in `dreambooth.serve.metrics`.
+routes are in `dreambooth.serve.routes`, the served models and limits they consult in
+`dreambooth.serve.state`, the Prometheus metrics in `dreambooth.serve.metrics`.
 """
 
 from __future__ import annotations
@@ -55,15 +56,14 @@ try:
     from dreambooth.serve.job_routes import JOBS_PATH, Jobs, jobs_router
     from dreambooth.serve.jobs import MAX_PHOTOS
     from dreambooth.serve.metrics import RequestMetrics, ServeMetrics
-    from dreambooth.serve.routes import (
+    from dreambooth.serve.routes import public_router, router
+    from dreambooth.serve.schemas import APIError, validation_error
+    from dreambooth.serve.state import (
         DEFAULT_MAX_WORK,
         ServedModel,
         ServerState,
-        public_router,
         read_trigger_phrase,
-        router,
     )
-    from dreambooth.serve.schemas import APIError, validation_error
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"`dreambooth serve` needs the `serve` extra ({error.name} is missing): "
@@ -292,7 +292,7 @@ def create_app(
     KEY`. Per model, at most `max_queue` requests wait (one more gets 429) and a batch holds at
     most `max_batch` images, gathered for up to `batch_wait_ms`. Bodies over `max_upload_mb`
     get 413; image sides are multiples of 8 up to `max_image_size`; at most `max_steps` steps.
-    A request's work (`dreambooth.serve.routes.work`: megapixels x images x (steps + 1) x an
+    A request's work (`dreambooth.serve.state.work`: megapixels x images x (steps + 1) x an
     attention factor) is at most `max_work`; a UNet batch holds at most `max_batch_megapixels`
     of images (fewer large images per batch). Each client (API key, or address) has at most
     `max_client_requests` POSTs in flight. On shutdown, queued requests get 503 and a running

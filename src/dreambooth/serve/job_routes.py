@@ -59,8 +59,8 @@ from dreambooth.serve.jobs import (
     result_files,
     validation_image,
 )
-from dreambooth.serve.routes import ServerState
 from dreambooth.serve.schemas import APIError
+from dreambooth.serve.state import ServerState
 
 logger = logging.getLogger(__name__)
 
