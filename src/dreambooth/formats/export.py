@@ -48,6 +48,7 @@ from dreambooth.formats.single_file import (
     load_single_file,
     read_header,
 )
+from dreambooth.formats.transformer_keys import TRANSFORMER_FAMILIES, transformer_variant
 from dreambooth.models import (
     DTYPES,
     TRAINING_CONFIG_FILE,
@@ -87,8 +88,9 @@ def resolve_pipeline_folder(model: str | Path, prediction_type: str | None = Non
 
 
 def _stored_dtype(folder: Path) -> torch.dtype:
-    """dtype of the UNet's weights on disk (float32 when it cannot be told)."""
-    for file in sorted((folder / "unet").glob("*.safetensors")):
+    """dtype of the UNet's (or transformer's) weights on disk (float32 when it cannot be told)."""
+    denoiser = "transformer" if (folder / "transformer").is_dir() else "unet"
+    for file in sorted((folder / denoiser).glob("*.safetensors")):
         header = read_header(file)
         for tensor in header.tensors.values():
             if tensor.is_floating_point():
@@ -175,9 +177,15 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
             state[V_PRED_KEY] = torch.tensor([])  # ComfyUI's marker; readers ignore it
         source = Path(str(model))
         title = source.stem if _is_single_file(source) else source.name
-        resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+        variant = None
+        if family in TRANSFORMER_FAMILIES:
+            variant = transformer_variant(family, pipeline.transformer.config)
+            resolution = pipeline.default_sample_size * pipeline.vae_scale_factor
+        else:
+            resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         metadata = {"format": "pt",
-                    **modelspec(family, prediction, title=title, resolution=resolution),
+                    **modelspec(family, prediction, title=title, resolution=resolution,
+                                variant=variant),
                     "dreambooth.export": json.dumps(provenance, sort_keys=True)}
         from safetensors.torch import save_file
 

@@ -44,22 +44,25 @@ class Fused:
     swap_halves: bool = False  # (scale, shift) in diffusers, (shift, scale) in the original
 
 
+# Block prefixes: a diffusers block `D`/`S` and the original block it is (`\1` its number).
+D, S = r"transformer_blocks\.(\d+)\.", r"single_transformer_blocks\.(\d+)\."
+DB, SB, JB = r"double_blocks.\1.", r"single_blocks.\1.", r"joint_blocks.\1."
 # (diffusers module regex, original module, position among the fused parts, number of parts)
 _FLUX_MODULES = (
-    (r"transformer_blocks\.(\d+)\.attn\.to_([qkv])", r"double_blocks.\1.img_attn.qkv", 3),
-    (r"transformer_blocks\.(\d+)\.attn\.add_([qkv])_proj", r"double_blocks.\1.txt_attn.qkv", 3),
-    (r"transformer_blocks\.(\d+)\.attn\.to_out\.0", r"double_blocks.\1.img_attn.proj", 1),
-    (r"transformer_blocks\.(\d+)\.attn\.to_add_out", r"double_blocks.\1.txt_attn.proj", 1),
-    (r"transformer_blocks\.(\d+)\.norm1\.linear", r"double_blocks.\1.img_mod.lin", 1),
-    (r"transformer_blocks\.(\d+)\.norm1_context\.linear", r"double_blocks.\1.txt_mod.lin", 1),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj", r"double_blocks.\1.img_mlp.0", 1),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.2", r"double_blocks.\1.img_mlp.2", 1),
-    (r"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj", r"double_blocks.\1.txt_mlp.0", 1),
-    (r"transformer_blocks\.(\d+)\.ff_context\.net\.2", r"double_blocks.\1.txt_mlp.2", 1),
-    (r"single_transformer_blocks\.(\d+)\.attn\.to_([qkv])", r"single_blocks.\1.linear1", 4),
-    (r"single_transformer_blocks\.(\d+)\.(proj_mlp)", r"single_blocks.\1.linear1", 4),
-    (r"single_transformer_blocks\.(\d+)\.proj_out", r"single_blocks.\1.linear2", 1),
-    (r"single_transformer_blocks\.(\d+)\.norm\.linear", r"single_blocks.\1.modulation.lin", 1),
+    (D + r"attn\.to_([qkv])", DB + r"img_attn.qkv", 3),
+    (D + r"attn\.add_([qkv])_proj", DB + r"txt_attn.qkv", 3),
+    (D + r"attn\.to_out\.0", DB + r"img_attn.proj", 1),
+    (D + r"attn\.to_add_out", DB + r"txt_attn.proj", 1),
+    (D + r"norm1\.linear", DB + r"img_mod.lin", 1),
+    (D + r"norm1_context\.linear", DB + r"txt_mod.lin", 1),
+    (D + r"ff\.net\.0\.proj", DB + r"img_mlp.0", 1),
+    (D + r"ff\.net\.2", DB + r"img_mlp.2", 1),
+    (D + r"ff_context\.net\.0\.proj", DB + r"txt_mlp.0", 1),
+    (D + r"ff_context\.net\.2", DB + r"txt_mlp.2", 1),
+    (S + r"attn\.to_([qkv])", SB + r"linear1", 4),
+    (S + r"(proj_mlp)", SB + r"linear1", 4),
+    (S + r"proj_out", SB + r"linear2", 1),
+    (S + r"norm\.linear", SB + r"modulation.lin", 1),
     (r"x_embedder", "img_in", 1),
     (r"context_embedder", "txt_in", 1),
     (r"time_text_embed\.timestep_embedder\.linear_1", "time_in.in_layer", 1),
@@ -72,26 +75,26 @@ _FLUX_MODULES = (
     (r"norm_out\.linear", "final_layer.adaLN_modulation.1", 1),
 )
 _FLUX_PARAMETERS = (  # RMSNorm scales: parameters, not modules
-    (r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"double_blocks.\1.img_attn.norm.query_norm.scale"),
-    (r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"double_blocks.\1.img_attn.norm.key_norm.scale"),
-    (r"transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight", r"double_blocks.\1.txt_attn.norm.query_norm.scale"),
-    (r"transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight", r"double_blocks.\1.txt_attn.norm.key_norm.scale"),
-    (r"single_transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"single_blocks.\1.norm.query_norm.scale"),
-    (r"single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"single_blocks.\1.norm.key_norm.scale"),
+    (D + r"attn\.norm_q\.weight", DB + r"img_attn.norm.query_norm.scale"),
+    (D + r"attn\.norm_k\.weight", DB + r"img_attn.norm.key_norm.scale"),
+    (D + r"attn\.norm_added_q\.weight", DB + r"txt_attn.norm.query_norm.scale"),
+    (D + r"attn\.norm_added_k\.weight", DB + r"txt_attn.norm.key_norm.scale"),
+    (S + r"attn\.norm_q\.weight", SB + r"norm.query_norm.scale"),
+    (S + r"attn\.norm_k\.weight", SB + r"norm.key_norm.scale"),
 )
 _SD3_MODULES = (
-    (r"transformer_blocks\.(\d+)\.attn\.to_([qkv])", r"joint_blocks.\1.x_block.attn.qkv", 3),
-    (r"transformer_blocks\.(\d+)\.attn\.add_([qkv])_proj", r"joint_blocks.\1.context_block.attn.qkv", 3),
-    (r"transformer_blocks\.(\d+)\.attn\.to_out\.0", r"joint_blocks.\1.x_block.attn.proj", 1),
-    (r"transformer_blocks\.(\d+)\.attn\.to_add_out", r"joint_blocks.\1.context_block.attn.proj", 1),
-    (r"transformer_blocks\.(\d+)\.attn2\.to_([qkv])", r"joint_blocks.\1.x_block.attn2.qkv", 3),
-    (r"transformer_blocks\.(\d+)\.attn2\.to_out\.0", r"joint_blocks.\1.x_block.attn2.proj", 1),
-    (r"transformer_blocks\.(\d+)\.norm1\.linear", r"joint_blocks.\1.x_block.adaLN_modulation.1", 1),
-    (r"transformer_blocks\.(\d+)\.norm1_context\.linear", r"joint_blocks.\1.context_block.adaLN_modulation.1", 1),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj", r"joint_blocks.\1.x_block.mlp.fc1", 1),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.2", r"joint_blocks.\1.x_block.mlp.fc2", 1),
-    (r"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj", r"joint_blocks.\1.context_block.mlp.fc1", 1),
-    (r"transformer_blocks\.(\d+)\.ff_context\.net\.2", r"joint_blocks.\1.context_block.mlp.fc2", 1),
+    (D + r"attn\.to_([qkv])", JB + r"x_block.attn.qkv", 3),
+    (D + r"attn\.add_([qkv])_proj", JB + r"context_block.attn.qkv", 3),
+    (D + r"attn\.to_out\.0", JB + r"x_block.attn.proj", 1),
+    (D + r"attn\.to_add_out", JB + r"context_block.attn.proj", 1),
+    (D + r"attn2\.to_([qkv])", JB + r"x_block.attn2.qkv", 3),
+    (D + r"attn2\.to_out\.0", JB + r"x_block.attn2.proj", 1),
+    (D + r"norm1\.linear", JB + r"x_block.adaLN_modulation.1", 1),
+    (D + r"norm1_context\.linear", JB + r"context_block.adaLN_modulation.1", 1),
+    (D + r"ff\.net\.0\.proj", JB + r"x_block.mlp.fc1", 1),
+    (D + r"ff\.net\.2", JB + r"x_block.mlp.fc2", 1),
+    (D + r"ff_context\.net\.0\.proj", JB + r"context_block.mlp.fc1", 1),
+    (D + r"ff_context\.net\.2", JB + r"context_block.mlp.fc2", 1),
     (r"pos_embed\.proj", "x_embedder.proj", 1),
     (r"context_embedder", "context_embedder", 1),
     (r"time_text_embed\.timestep_embedder\.linear_1", "t_embedder.mlp.0", 1),
@@ -102,12 +105,12 @@ _SD3_MODULES = (
     (r"norm_out\.linear", "final_layer.adaLN_modulation.1", 1),
 )
 _SD3_PARAMETERS = (
-    (r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"joint_blocks.\1.x_block.attn.ln_q.weight"),
-    (r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"joint_blocks.\1.x_block.attn.ln_k.weight"),
-    (r"transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight", r"joint_blocks.\1.context_block.attn.ln_q.weight"),
-    (r"transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight", r"joint_blocks.\1.context_block.attn.ln_k.weight"),
-    (r"transformer_blocks\.(\d+)\.attn2\.norm_q\.weight", r"joint_blocks.\1.x_block.attn2.ln_q.weight"),
-    (r"transformer_blocks\.(\d+)\.attn2\.norm_k\.weight", r"joint_blocks.\1.x_block.attn2.ln_k.weight"),
+    (D + r"attn\.norm_q\.weight", JB + r"x_block.attn.ln_q.weight"),
+    (D + r"attn\.norm_k\.weight", JB + r"x_block.attn.ln_k.weight"),
+    (D + r"attn\.norm_added_q\.weight", JB + r"context_block.attn.ln_q.weight"),
+    (D + r"attn\.norm_added_k\.weight", JB + r"context_block.attn.ln_k.weight"),
+    (D + r"attn2\.norm_q\.weight", JB + r"x_block.attn2.ln_q.weight"),
+    (D + r"attn2\.norm_k\.weight", JB + r"x_block.attn2.ln_k.weight"),
     (r"pos_embed\.pos_embed", "pos_embed"),
 )
 _TABLES = {"flux": (_FLUX_MODULES, _FLUX_PARAMETERS), "sd3": (_SD3_MODULES, _SD3_PARAMETERS)}
@@ -214,7 +217,8 @@ def from_original(state: dict[str, torch.Tensor], family: str,
                   shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
     """The inverse of `to_original` for a model whose diffusers state-dict shapes are `shapes`:
     fused layers are cut on dim 0 at the parts' output sizes. Tensors the model does not have
-    are ignored; KeyError names one it needs that `state` lacks."""
+    are ignored; KeyError names one it needs that `state` lacks, ValueError one of another
+    width."""
     result = {}
     for layer in module_map(family, shapes):
         for kind in ("weight", "bias"):
@@ -225,6 +229,9 @@ def from_original(state: dict[str, torch.Tensor], family: str,
             if layer.swap_halves:
                 tensor = _swap_halves(tensor)
             sizes = [shapes[name][0] for name in names]
+            if tensor.shape[0] != sum(sizes):
+                raise ValueError(f"'{layer.original}.{kind}' has {tensor.shape[0]} rows where "
+                                 f"the model's {', '.join(layer.parts)} have {sum(sizes)}")
             for name, piece in zip(names, torch.split(tensor, sizes, dim=0)):
                 result[name] = piece
     for key, original in _parameter_map(family, shapes).items():
@@ -288,6 +295,10 @@ def lora_to_original(loras: dict[str, ModuleLora], family: str) -> dict[str, Mod
                                              (sample.up.shape[0], sample.down.shape[1])):
             up = _swap_halves(up)
         alpha = len(parts) * sample.alpha if uniform else float(len(parts) * rank)
+        if original.startswith("final_layer.") and alpha != rank:
+            # diffusers' kohya FLUX reader takes final_layer's LoRA without its alpha: the
+            # scale goes into `up` and alpha = rank, which every reader merges the same.
+            up, alpha = up * (alpha / rank), float(rank)
         result[original] = ModuleLora(torch.cat(downs, dim=0), up, float(alpha))
     return result
 
@@ -312,19 +323,17 @@ def lora_delta(lora: ModuleLora) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 TRANSFORMER_PREFIX = "model.diffusion_model."
-_MARKERS = {  # a key only this family's original transformer has
-    "flux": "double_blocks.0.img_attn.qkv.weight",
-    "sd3": "joint_blocks.0.x_block.attn.qkv.weight",
-}
+_MARKERS = {"flux": "double_blocks.", "sd3": "joint_blocks."}  # only that family's blocks
 
 
 def transformer_file_family(keys) -> str | None:
     """'sd3' or 'flux' when a single file's keys hold that original transformer (with or without
     the `model.diffusion_model.` prefix of full checkpoints), else None. For families.py."""
-    keys = set(keys)
-    for family, marker in _MARKERS.items():
-        if marker in keys or TRANSFORMER_PREFIX + marker in keys:
-            return family
+    for key in keys:
+        key = key.removeprefix(TRANSFORMER_PREFIX)
+        for family, marker in _MARKERS.items():
+            if key.startswith(marker):
+                return family
     return None
 
 
