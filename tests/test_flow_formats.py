@@ -217,6 +217,13 @@ def test_shipped_configs_describe_the_released_transformers():
         assert model.inner_dim == widths[variant]
         original = to_original(model.state_dict(), family)
         assert transformer_file_family(original) == family
+        # What we write for the released model is what diffusers' own reader takes (on meta
+        # tensors: names and shapes, no memory).
+        convert = (sfu.convert_flux_transformer_checkpoint_to_diffusers if family == "flux"
+                   else sfu.convert_sd3_transformer_checkpoint_to_diffusers)
+        back = convert({"model.diffusion_model." + k: v for k, v in original.items()})
+        assert {k: tuple(v.shape) for k, v in back.items()} == \
+            {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,6 +455,9 @@ def test_a_lora_of_the_other_family_gets_one_clear_error(tmp_path):
     save_file(state, tmp_path / "wider.safetensors")
     with pytest.raises(LoraFileError, match="does not fit this SD3 model.*48-wide"):
         merge_lora(sd3, tmp_path / "wider.safetensors", "sd3")
+    dora = {**load_file(flux_lora), "transformer.proj_out.lora_magnitude_vector": torch.ones(64)}
+    with pytest.raises(LoraFileError, match="DoRA.*diffusers file"):
+        peft_to_kohya(dora, {}, family="flux")
     with pytest.raises(LoraFileError, match="not a layer of the SD3"):
         peft_to_kohya(load_file(flux_lora), {}, family="sd3")
     truncated = tmp_path / "truncated.safetensors"
@@ -455,3 +465,22 @@ def test_a_lora_of_the_other_family_gets_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="truncated"):
         merge_lora(_tiny("flux"), truncated, "flux")
     assert (tmp_path / "flux-lora" / DIFFUSERS_LORA_FILE).exists()
+
+
+def test_single_files_become_pipeline_folders_with_their_base(tmp_path, sd3_folder):
+    from dreambooth.formats.single_file import load_single_file
+
+    flux_base = tmp_path / "tiny-flux"
+    save_tiny_pipeline(flux_base, family="flux")
+    for base in (sd3_folder, flux_base):
+        path = export_model(base, "single-file", tmp_path / f"{base.name}.safetensors")
+        with pytest.raises(SingleFileError, match="pass the diffusers folder"):
+            load_single_file(path)
+        folder = load_single_file(path, config=base)
+        assert load_single_file(path, config=base) == folder  # cached
+        original = FluxTransformer2DModel if base == flux_base else SD3Transformer2DModel
+        ours = original.from_pretrained(base, subfolder="transformer").state_dict()
+        theirs = original.from_pretrained(folder, subfolder="transformer").state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with pytest.raises(SingleFileError, match="not a FLUX.1 pipeline folder"):
+        load_single_file(tmp_path / "tiny-flux.safetensors", config=sd3_folder)

@@ -244,3 +244,55 @@ def sd3_pipeline_from_single_file(path: str | Path, config: str | Path,
     with quiet_dtype_deprecation():
         return StableDiffusion3Pipeline.from_single_file(
             str(path), config=str(config), local_files_only=True, torch_dtype=torch_dtype)
+
+
+def transformer_file_to_folder(path: str | Path, base: str | Path | None,
+                               torch_dtype: torch.dtype = torch.float32) -> Path:
+    """A diffusers pipeline folder for an SD3/FLUX single file, cached like
+    single_file.load_single_file's. The file's parts replace those of `base`, a diffusers
+    pipeline folder of the same family (e.g. a download of black-forest-labs/FLUX.1-dev),
+    which gives what the file lacks: the tokenizers always (T5's vocabulary is not shipped in
+    this package), and for a transformer-only file the VAE and text encoders too."""
+    from dreambooth.families import detect_family
+    from dreambooth.files import atomic_folder
+    from dreambooth.formats.single_file import (
+        _tree_digest,
+        cache_root,
+        file_sha256,
+        quiet_dtype_deprecation,
+    )
+    from dreambooth.models import pipeline_class
+
+    path = Path(path).expanduser().resolve()
+    header = read_header(path)
+    family = transformer_file_family(header.keys)
+    if family is None:
+        raise SingleFileError(f"'{path}' holds no SD3 or FLUX transformer")
+    name = {"flux": "FLUX.1", "sd3": "SD 3.x"}[family]
+    if base is None:
+        raise SingleFileError(
+            f"'{path}' is a {name} single file; its tokenizers (and, for a transformer-only "
+            "file, its VAE and text encoders) are not in it: pass the diffusers folder of the "
+            f"{name} model it was made from as the config / base model")
+    base = Path(base).expanduser().resolve()
+    if detect_family(base) != family:
+        raise SingleFileError(f"'{base}' is not a {name} pipeline folder, so it cannot complete "
+                              f"the {family} file '{path}'")
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    target = cache_root() / "single-file" / (
+        f"{file_sha256(path)[:16]}-{family}-{dtype_name}-base-{_tree_digest(base)[:8]}")
+    if (target / "model_index.json").is_file():
+        return target
+    whole = family == "sd3" and any(key.startswith(VAE_PREFIX) for key in header.keys)
+    with atomic_folder(target, existing="keep") as staging:
+        if whole:
+            pipeline = sd3_pipeline_from_single_file(path, base, torch_dtype)
+        else:
+            transformer = load_transformer_file(path, config=base, torch_dtype=torch_dtype)
+            with quiet_dtype_deprecation():
+                pipeline = pipeline_class(family).from_pretrained(
+                    base, transformer=transformer, torch_dtype=torch_dtype,
+                    local_files_only=True)
+        pipeline.save_pretrained(staging, safe_serialization=True)
+    log.info("converted %s single file '%s' into '%s'", family, path, target)
+    return target
