@@ -484,3 +484,28 @@ def test_single_files_become_pipeline_folders_with_their_base(tmp_path, sd3_fold
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     with pytest.raises(SingleFileError, match="not a FLUX.1 pipeline folder"):
         load_single_file(tmp_path / "tiny-flux.safetensors", config=sd3_folder)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kohya_file_from_a_lora_that_diffusers_wrote(tmp_path, family):
+    """An SD3/FLUX run's LoRA written by the pipeline's own `save_lora_weights` (what training
+    writes) gets the same kohya file as save_lora_files writes."""
+    from peft.utils import get_peft_model_state_dict
+
+    from dreambooth.formats.lora_files import write_kohya_lora
+    from dreambooth.models import pipeline_class
+
+    pipeline, _, ours = _lora_files(tmp_path, family)
+    transformer = _with_random_lora(_tiny(family).transformer)
+    config = {k: sorted(v) if isinstance(v, set) else v
+              for k, v in SETTINGS.peft_config(TARGETS).to_dict().items()}
+    pipeline_class(family).save_lora_weights(
+        tmp_path / "diffusers-writer", weight_name=DIFFUSERS_LORA_FILE,
+        transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name="default"),
+        transformer_lora_adapter_metadata=config)
+    kohya = write_kohya_lora(tmp_path / "diffusers-writer" / DIFFUSERS_LORA_FILE,
+                             tmp_path / "kohya.safetensors", metadata=_metadata(family, pipeline),
+                             family=family)
+    theirs, expected = load_file(kohya), load_file(ours)
+    assert theirs.keys() == expected.keys()
+    assert all(torch.equal(theirs[k], expected[k]) for k in theirs)

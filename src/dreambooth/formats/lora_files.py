@@ -39,7 +39,7 @@ from dreambooth.formats.transformer_keys import (
     ModuleLora,
     lora_to_original,
 )
-from dreambooth.models import read_training_config
+from dreambooth.models import read_training_config, resolve_model_path
 from dreambooth.train.lora import LoraSettings, lora_state_dicts
 
 log = logging.getLogger(__name__)
@@ -410,13 +410,40 @@ def save_lora_files(output_dir: str | Path, unet, text_encoders: list, *,
     diffusers_path = output_dir / DIFFUSERS_LORA_FILE
     with atomic_path(diffusers_path) as tmp:
         save_file(diffusers_state, str(tmp), metadata=diffusers_metadata)
-    kohya_path = output_dir / f"{output_name}.safetensors"
-    kohya_state = peft_to_kohya(diffusers_state, diffusers_metadata, family=family)
+    kohya_path = write_kohya_lora(diffusers_path, output_dir / f"{output_name}.safetensors",
+                                  metadata=metadata, family=family)
+    return diffusers_path, kohya_path
+
+
+def write_kohya_lora(diffusers_path: str | Path, kohya_path: str | Path, *,
+                     metadata: dict[str, str], family: str) -> Path:
+    """The kohya-layout file of a diffusers/peft LoRA file (`peft_to_kohya`), atomically, with
+    `metadata` (`lora_metadata`'s ss_* and ModelSpec keys) and kohya's `sshs_*` hashes. For an
+    SD3/FLUX run whose diffusers file diffusers' `save_lora_weights` wrote, this adds the file
+    ComfyUI and kohya's tools load."""
+    from safetensors import safe_open
+
+    with safe_open(str(diffusers_path), framework="pt") as handle:
+        diffusers_metadata = handle.metadata() or {}
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    kohya_state = peft_to_kohya(state, diffusers_metadata, family=family)
     model_hash, legacy_hash = safetensors_hashes(kohya_state, metadata)
     kohya_metadata = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
+    kohya_path = Path(kohya_path)
     with atomic_path(kohya_path) as tmp:
         save_file(kohya_state, str(tmp), metadata=kohya_metadata)
-    return diffusers_path, kohya_path
+    return kohya_path
+
+
+def _run_family(folder: Path) -> str | None:
+    """The family of a LoRA run's base model, from its training_config.yaml (None if unknown)."""
+    from dreambooth.families import detect_family
+
+    base = read_training_config(folder).get("pretrained_model_name_or_path")
+    try:
+        return detect_family(resolve_model_path(base)) if base else None
+    except (OSError, ValueError):
+        return None
 
 
 def export_lora(source: str | Path, output: Path, *, kohya: bool,
@@ -432,7 +459,10 @@ def export_lora(source: str | Path, output: Path, *, kohya: bool,
     metadata = dict(header.metadata)
     is_kohya = all(key.startswith("lora_") for key in state)
     if kohya and not is_kohya:
-        state = peft_to_kohya(state, metadata, family=lora_family(list(state), metadata))
+        family = lora_family(list(state), metadata)
+        if family is None and Path(source).expanduser().is_dir():
+            family = _run_family(Path(source).expanduser())
+        state = peft_to_kohya(state, metadata, family=family)
         metadata.pop("lora_adapter_metadata", None)
     elif not kohya and is_kohya:
         raise LoraFileError(f"'{path}' is a kohya-layout LoRA; writing the diffusers layout needs "
