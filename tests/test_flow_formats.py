@@ -455,6 +455,15 @@ def test_a_lora_of_the_other_family_gets_one_clear_error(tmp_path):
     save_file(state, tmp_path / "wider.safetensors")
     with pytest.raises(LoraFileError, match="does not fit this SD3 model.*48-wide"):
         merge_lora(sd3, tmp_path / "wider.safetensors", "sd3")
+    # A kohya-layout FLUX LoRA stripped of its metadata names layers SD3 does not have.
+    save_file(load_file(flux_kohya), tmp_path / "anonymous-kohya.safetensors")
+    with pytest.raises(LoraFileError, match="made for FLUX|does not fit this SD3"):
+        merge_lora(sd3, tmp_path / "anonymous-kohya.safetensors", "sd3")
+    kohya = load_file(tmp_path / "sd3" / "sd3-lora" / "tiny.safetensors")
+    kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"] = torch.zeros(12, 48)
+    save_file(kohya, tmp_path / "wider-kohya.safetensors")
+    with pytest.raises(LoraFileError, match="does not fit this SD3 model.*qkv.*48-wide"):
+        merge_lora(sd3, tmp_path / "wider-kohya.safetensors", "sd3")
     dora = {**load_file(flux_lora), "transformer.proj_out.lora_magnitude_vector": torch.ones(64)}
     with pytest.raises(LoraFileError, match="DoRA.*diffusers file"):
         peft_to_kohya(dora, {}, family="flux")

@@ -172,12 +172,25 @@ def check_lora_fits(lora_path: Path, pipeline, family: str) -> None:
 
 
 def _check_transformer_widths(lora_path: Path, tensors: dict, transformer, family: str) -> None:
-    shapes = {key: tuple(value.shape) for key, value in transformer.state_dict().items()}
+    """Each adapted layer must exist in the model and take the LoRA's input width: diffusers
+    names against the model's modules, kohya names against its original (fused) layers."""
+    from dreambooth.formats.transformer_keys import to_original
+
+    shapes = {key.replace(".base_layer.", "."): tuple(value.shape)
+              for key, value in transformer.state_dict().items() if "lora_" not in key}
+    meta = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
+    try:
+        original = {key.removesuffix(".weight").replace(".", "_"): tuple(value.shape)
+                    for key, value in to_original(meta, family).items()}
+    except ValueError:
+        original = {}
     for key, tensor in tensors.items():
-        m = re.fullmatch(r"transformer\.(.+)\.lora_A\.weight", key)
-        if not m:
+        if m := re.fullmatch(r"transformer\.(.+)\.lora_A\.weight", key):
+            weight = shapes.get(f"{m[1]}.weight")
+        elif m := re.fullmatch(r"lora_unet_(.+)\.lora_down\.weight", key):
+            weight = original.get(m[1])
+        else:
             continue
-        weight = shapes.get(f"{m[1]}.weight") or shapes.get(f"{m[1]}.base_layer.weight")
         if weight is None or weight[-1] != tensor.shape[-1]:
             found = "no such layer" if weight is None else f"it takes {weight[-1]} features"
             raise LoraFileError(
@@ -194,7 +207,8 @@ def merge_lora(pipeline, lora: str | Path, family: str, scale: float = 1.0) -> N
         pipeline.load_lora_weights(str(lora_path), adapter_name="merged")
         pipeline.fuse_lora(lora_scale=scale, adapter_names=["merged"])
         pipeline.unload_lora_weights()
-    except (ValueError, RuntimeError, KeyError) as error:
+    except (ValueError, RuntimeError, KeyError, AssertionError) as error:
+        # (diffusers' kohya FLUX reader asserts FLUX.1's widths)
         raise LoraFileError(f"LoRA '{lora_path}' could not be merged into this {family.upper()} "
                             f"model ({type(error).__name__}: {str(error)[:300]}); is it made for "
                             "this base model?") from error
