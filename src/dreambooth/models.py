@@ -35,6 +35,9 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # Short names of the models that ship inside the package (diffusers folders in assets/).
 BUNDLED_MODELS = {"demo": Path(__file__).parent / "assets" / "world_model"}
 DEFAULT_GUIDANCE_SCALE = 7.5  # Stable Diffusion's
+# The flow-matching pipelines' own defaults: SD 3's classifier-free guidance scale, and the
+# guidance input of guidance-distilled FLUX.1-dev (schnell ignores it).
+FAMILY_GUIDANCE_SCALES = {"sd3": 7.0, "flux": 3.5}
 # The world model samples best at a lower classifier-free guidance scale: on 30 caption
 # combinations it trained on, 0.98 of its images had every asked attribute at 3, 0.90 at 4
 # (BENCHMARKS.md, "The world model").
@@ -110,7 +113,8 @@ def default_guidance_scale(model) -> float:
     """The classifier-free guidance scale to sample `model` (a name, a folder or a loaded
     pipeline) with when none is given: a bundled model's own (by short name or folder), the
     validation scale a model trained by this tool recorded in its training_config.yaml (the
-    demo's model: the world model's), else SD's 7.5."""
+    demo's model: the world model's), else its family's (FAMILY_GUIDANCE_SCALES), else SD's
+    7.5."""
     text = str(getattr(model, "name_or_path", model) or "")
     if text in BUNDLED_GUIDANCE_SCALES:
         return BUNDLED_GUIDANCE_SCALES[text]
@@ -123,7 +127,11 @@ def default_guidance_scale(model) -> float:
     scale = read_training_config(path).get("validation_guidance_scale")
     if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale >= 0:
         return float(scale)
-    return DEFAULT_GUIDANCE_SCALE
+    try:
+        family = detect_family(path)
+    except ValueError:
+        return DEFAULT_GUIDANCE_SCALE
+    return FAMILY_GUIDANCE_SCALES.get(family, DEFAULT_GUIDANCE_SCALE)
 
 
 def _check_pipeline_folder(path: Path, shown_name: str) -> Path:
