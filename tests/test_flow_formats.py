@@ -518,3 +518,34 @@ def test_kohya_file_from_a_lora_that_diffusers_wrote(tmp_path, family):
     theirs, expected = load_file(kohya), load_file(ours)
     assert theirs.keys() == expected.keys()
     assert all(torch.equal(theirs[k], expected[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_trained_lora_exports_to_the_kohya_layout_comfyui_merges(tmp_path, family,
+                                                                   instance_dir):
+    """A real SD3/FLUX LoRA run (transformer and CLIP adapted) -> `export --format lora-kohya`
+    -> ComfyUI's merge of its `lora_unet_*` keys gives the weights diffusers' fused LoRA gives."""
+    from conftest import tiny_config
+
+    from dreambooth.models import load_pipeline
+    from dreambooth.train.run import train
+
+    base = tmp_path / f"tiny-{family}"
+    save_tiny_pipeline(base, family=family)
+    output = train(tiny_config(base, instance_dir, tmp_path / "run", use_lora=True, rank=2,
+                               lora_alpha=4.0, train_text_encoder=True, max_train_steps=2,
+                               learning_rate=5e-2, train_batch_size=1, max_sequence_length=16))
+    out = export_model(output, "lora-kohya", tmp_path / "kohya.safetensors")
+    kohya = load_file(out)
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_") for k in kohya)
+    unet = {k: v for k, v in kohya.items() if k.startswith("lora_unet_")}
+    assert unet and all(torch.isfinite(v).all() for v in unet.values())
+
+    pipeline = load_pipeline(base, device="cpu")
+    original = to_original({k: v.clone() for k, v in pipeline.transformer.state_dict().items()},
+                           family)
+    merged = _comfy_merge(original, unet)
+    expected = to_original(_fused(pipeline, output / DIFFUSERS_LORA_FILE), family)
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-6)
+    assert sum(not torch.equal(original[k], expected[k]) for k in expected) >= 4
