@@ -526,7 +526,6 @@ def test_a_trained_lora_exports_to_the_kohya_layout_comfyui_merges(tmp_path, fam
     """A real SD3/FLUX LoRA run (transformer and CLIP adapted) -> `export --format lora-kohya`
     -> ComfyUI's merge of its `lora_unet_*` keys gives the weights diffusers' fused LoRA gives."""
     from conftest import tiny_config
-
     from dreambooth.models import load_pipeline
     from dreambooth.train.run import train
 
