@@ -548,3 +548,38 @@ def test_a_trained_lora_exports_to_the_kohya_layout_comfyui_merges(tmp_path, fam
     for key, value in expected.items():
         torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-6)
     assert sum(not torch.equal(original[k], expected[k]) for k in expected) >= 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_our_merge_of_a_kohya_lora_equals_the_diffusers_lora(tmp_path, family, instance_dir):
+    """merge_lora reads kohya-layout SD3/FLUX LoRAs itself (diffusers reads none for SD3, and
+    at FLUX.1's widths only): every layer, fused or not, text encoders included."""
+    from conftest import tiny_config
+    from dreambooth.models import load_pipeline
+    from dreambooth.train.run import train
+
+    base = tmp_path / f"tiny-{family}"
+    save_tiny_pipeline(base, family=family)
+    output = train(tiny_config(base, instance_dir, tmp_path / "run", use_lora=True, rank=2,
+                               lora_alpha=4.0, train_text_encoder=True, max_train_steps=2,
+                               learning_rate=5e-2, train_batch_size=1, max_sequence_length=16))
+    kohya = export_model(output, "lora-kohya", tmp_path / "kohya.safetensors")
+    _, full_diffusers, full_kohya = _lora_files(tmp_path, family)  # every TARGETS layer
+    untouched = load_pipeline(base, device="cpu")
+    untouched = {f"{name}.{k}": v for name in ("transformer", "text_encoder")
+                 for k, v in getattr(untouched, name).state_dict().items()}
+    for diffusers_file, kohya_file, adapted in ((output / DIFFUSERS_LORA_FILE, kohya,
+                                                 ("transformer.", "text_encoder.")),
+                                                (full_diffusers, full_kohya, ("transformer.",))):
+        merged = []
+        for path in (diffusers_file, kohya_file):
+            pipeline = load_pipeline(base, device="cpu")
+            merge_lora(pipeline, path, family, scale=0.5)
+            merged.append({f"{name}.{k}": v for name in ("transformer", "text_encoder")
+                           for k, v in getattr(pipeline, name).state_dict().items()})
+        assert merged[0].keys() == merged[1].keys() == untouched.keys()
+        for key, value in merged[0].items():
+            torch.testing.assert_close(merged[1][key], value, rtol=1e-5, atol=1e-6)
+        for prefix in adapted:  # the LoRA changed each part it adapts
+            assert any(not torch.equal(untouched[k], v) for k, v in merged[1].items()
+                       if k.startswith(prefix)), prefix

@@ -53,6 +53,11 @@ _KOHYA_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_
                              "flux-dev": "flux1", "flux-schnell": "flux1",
                              "sd3-medium": "medium", "sd3.5-large": "5-large",
                              "sd3.5-medium": "5-medium"}
+# The parts of each family's pipeline a LoRA file may adapt (diffusers' LoRA loader mixins).
+_LORA_COMPONENTS = {"sd1": ("unet", "text_encoder"), "sd2": ("unet", "text_encoder"),
+                    "sdxl": ("unet", "text_encoder", "text_encoder_2"),
+                    "sd3": ("transformer", "text_encoder", "text_encoder_2"),
+                    "flux": ("transformer", "text_encoder")}
 _KOHYA_NETWORK_MODULE = {"sd3": "networks.lora_sd3", "flux": "networks.lora_flux"}
 
 
@@ -203,15 +208,97 @@ def merge_lora(pipeline, lora: str | Path, family: str, scale: float = 1.0) -> N
     """Fuse a LoRA into the pipeline's weights in place: W <- W + scale * (alpha / r) * B A."""
     lora_path = lora_file(lora)
     check_lora_fits(lora_path, pipeline, family)
+    source = lora_for_diffusers(lora_path, pipeline, family)
     try:
-        pipeline.load_lora_weights(str(lora_path), adapter_name="merged")
-        pipeline.fuse_lora(lora_scale=scale, adapter_names=["merged"])
+        pipeline.load_lora_weights(source, adapter_name="merged")
+        # FluxPipeline.fuse_lora fuses only the transformer unless told: name every part.
+        pipeline.fuse_lora(components=list(_LORA_COMPONENTS[family]), lora_scale=scale,
+                           adapter_names=["merged"])
         pipeline.unload_lora_weights()
     except (ValueError, RuntimeError, KeyError, AssertionError) as error:
         # (diffusers' kohya FLUX reader asserts FLUX.1's widths)
         raise LoraFileError(f"LoRA '{lora_path}' could not be merged into this {family.upper()} "
                             f"model ({type(error).__name__}: {str(error)[:300]}); is it made for "
                             "this base model?") from error
+
+
+def lora_for_diffusers(lora_path: Path, pipeline, family: str):
+    """What to give `pipeline.load_lora_weights` for a LoRA file: its path, or for a kohya-layout
+    SD3/FLUX file the diffusers-layout state dict `kohya_to_diffusers` makes of it (diffusers
+    reads no kohya SD3 LoRAs, and its kohya FLUX reader fixes FLUX.1's widths and drops the
+    LoRAs outside the blocks)."""
+    if family not in TRANSFORMER_FAMILIES:
+        return str(lora_path)
+    header = read_header(lora_path)
+    if not header.keys or not all(key.startswith("lora_") for key in header.keys):
+        return str(lora_path)
+    from safetensors.torch import load_file
+
+    return kohya_to_diffusers(load_file(str(lora_path)), pipeline, family)
+
+
+def kohya_to_diffusers(state: dict[str, torch.Tensor], pipeline,
+                       family: str) -> dict[str, torch.Tensor]:
+    """A kohya-layout SD3/FLUX LoRA (original layer names, q/k/v fused) -> diffusers/peft keys for
+    `pipeline`, each module's scale alpha / rank folded into its `lora_B` (diffusers then reads
+    alpha = rank). A fused layer's LoRA is cut by output rows into its parts' LoRAs: a
+    block-diagonal one (as this tool and kohya's split_qkv write) into its diagonal blocks,
+    any other with the whole `lora_down` shared by every part; either way the merged delta is
+    unchanged."""
+    from dreambooth.formats.transformer_keys import module_map
+
+    shapes = {key.replace(".base_layer.", "."): tuple(value.shape)
+              for key, value in pipeline.transformer.state_dict().items() if "lora_" not in key}
+    layers = {layer.original.replace(".", "_"): layer for layer in module_map(family, shapes)}
+    heads = _kohya_heads(family)
+    encoders = {}
+    for component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        model = getattr(pipeline, component, None)
+        if model is None:
+            continue
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                full = name if _is_t5(component, family) or name.startswith("text_model.") \
+                    else "text_model." + name
+                encoders[heads[component] + full.replace(".", "_")] = f"{component}.{full}"
+    result: dict[str, torch.Tensor] = {}
+    for key in state:
+        if key.endswith((".lora_up.weight", ".alpha")):
+            continue
+        name, _, kind = key.partition(".")
+        if kind != "lora_down.weight":
+            raise LoraFileError(f"LoRA key '{key}' is not a kohya LoRA weight (lora_down/lora_up/"
+                                "alpha); other adapters (DoRA, LoHa ...) are not read here")
+        down, up = state[key].float(), state[f"{name}.lora_up.weight"].float()
+        rank = down.shape[0]
+        scale = state[f"{name}.alpha"].item() / rank if f"{name}.alpha" in state else 1.0
+        up = up * scale
+        if name in encoders:
+            result[f"{encoders[name]}.lora_A.weight"] = down
+            result[f"{encoders[name]}.lora_B.weight"] = up
+            continue
+        layer = layers.get(name.removeprefix("lora_unet_")) if name.startswith("lora_unet_") \
+            else None
+        if layer is None:
+            raise LoraFileError(f"LoRA key '{key}' names no layer of this {family.upper()} model")
+        if layer.swap_halves:
+            first, second = up.chunk(2, dim=0)
+            up = torch.cat([second, first], dim=0)
+        widths = [shapes[f"{part}.weight"][0] for part in layer.parts]
+        ups = torch.split(up, widths, dim=0)
+        count = len(layer.parts)
+        block = rank // count
+        diagonal = count > 1 and rank % count == 0 and all(
+            not piece[:, j * block:(j + 1) * block].any()
+            for i, piece in enumerate(ups) for j in range(count) if j != i)
+        for i, (part, piece) in enumerate(zip(layer.parts, ups)):
+            if diagonal:
+                result[f"transformer.{part}.lora_A.weight"] = down[i * block:(i + 1) * block]
+                result[f"transformer.{part}.lora_B.weight"] = piece[:, i * block:(i + 1) * block]
+            else:
+                result[f"transformer.{part}.lora_A.weight"] = down
+                result[f"transformer.{part}.lora_B.weight"] = piece.contiguous()
+    return result
 
 
 # --------------------------------------------------------------------------------------------
