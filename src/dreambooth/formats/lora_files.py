@@ -38,6 +38,8 @@ from dreambooth.formats.transformer_keys import (
     TRANSFORMER_FAMILIES,
     ModuleLora,
     lora_to_original,
+    module_map,
+    to_original,
 )
 from dreambooth.models import read_training_config, resolve_model_path
 from dreambooth.train.lora import LoraSettings, lora_state_dicts
@@ -179,8 +181,6 @@ def check_lora_fits(lora_path: Path, pipeline, family: str) -> None:
 def _check_transformer_widths(lora_path: Path, tensors: dict, transformer, family: str) -> None:
     """Each adapted layer must exist in the model and take the LoRA's input width: diffusers
     names against the model's modules, kohya names against its original (fused) layers."""
-    from dreambooth.formats.transformer_keys import to_original
-
     shapes = {key.replace(".base_layer.", "."): tuple(value.shape)
               for key, value in transformer.state_dict().items() if "lora_" not in key}
     meta = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
@@ -245,8 +245,6 @@ def kohya_to_diffusers(state: dict[str, torch.Tensor], pipeline,
     block-diagonal one (as this tool and kohya's split_qkv write) into its diagonal blocks,
     any other with the whole `lora_down` shared by every part; either way the merged delta is
     unchanged."""
-    from dreambooth.formats.transformer_keys import module_map
-
     shapes = {key.replace(".base_layer.", "."): tuple(value.shape)
               for key, value in pipeline.transformer.state_dict().items() if "lora_" not in key}
     layers = {layer.original.replace(".", "_"): layer for layer in module_map(family, shapes)}
