@@ -586,3 +586,24 @@ def test_our_merge_of_a_kohya_lora_equals_the_diffusers_lora(tmp_path, family, i
         for prefix in adapted:  # the LoRA changed each part it adapts
             assert any(not torch.equal(untouched[k], v) for k, v in merged[1].items()
                        if k.startswith(prefix)), prefix
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_diffusers_export_of_a_flow_model_loads_back_whole(tmp_path, family):
+    """`export --format diffusers` (fp16) keeps every part; the T5 encoder's names stay T5's
+    (the transformers-4 `text_model.` level is for CLIP only)."""
+    from dreambooth.models import pipeline_class
+
+    folder = tmp_path / f"tiny-{family}"
+    save_tiny_pipeline(folder, family=family)
+    out = export_model(folder, "diffusers", tmp_path / "out", dtype="fp16")
+    info = json.loads((out / "export.json").read_text())
+    assert info["family"] == family and info["prediction_type"] is None
+    cls = pipeline_class(family)
+    original, loaded = (cls.from_pretrained(path) for path in (folder, out))
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(original, name, None) is None:
+            continue
+        ours, theirs = getattr(original, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        assert all(torch.equal(ours[k].half(), theirs[k]) for k in ours), name
