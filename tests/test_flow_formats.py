@@ -607,3 +607,29 @@ def test_diffusers_export_of_a_flow_model_loads_back_whole(tmp_path, family):
         ours, theirs = getattr(original, name).state_dict(), getattr(loaded, name).state_dict()
         assert ours.keys() == theirs.keys(), name
         assert all(torch.equal(ours[k].half(), theirs[k]) for k in ours), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_exports_a_single_file_with_a_kohya_lora_merged(tmp_path, family):
+    """`dreambooth export --format single-file --merge_lora KOHYA.safetensors`: the file is the
+    base file with ComfyUI's merge of that LoRA applied."""
+    from dreambooth.cli import main
+
+    _, _, kohya_path = _lora_files(tmp_path, family)
+    folder = tmp_path / f"tiny-{family}"
+    pipeline = _tiny(family)
+    pipeline.save_pretrained(folder)
+    base, merged = tmp_path / "base.safetensors", tmp_path / "merged.safetensors"
+    assert main(["export", "--model", str(folder), "--format", "single-file",
+                 "--output", str(base)]) == 0
+    assert main(["export", "--model", str(folder), "--format", "single-file", "--merge_lora",
+                 str(kohya_path), "--output", str(merged)]) == 0
+    prefix = "model.diffusion_model." if family == "sd3" else ""
+    base_state, merged_state = load_file(base), load_file(merged)
+    transformer = {k.removeprefix(prefix): v for k, v in base_state.items()
+                   if k.startswith(prefix) and not k.startswith(("first_stage_model.",
+                                                                 "text_encoders."))}
+    expected = _comfy_merge(transformer, load_file(kohya_path))
+    for key, value in expected.items():
+        torch.testing.assert_close(merged_state[prefix + key], value, rtol=1e-5, atol=1e-6)
+    assert sum(not torch.equal(transformer[k], expected[k]) for k in expected) > 10
