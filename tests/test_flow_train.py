@@ -220,7 +220,8 @@ def test_lora_with_prior_saves_a_file_diffusers_restores_exactly(flow_model, tmp
 def test_full_fine_tune_with_prior_saves_a_pipeline_diffusers_loads(flow_model, tmp_path,
                                                                    instance_dir):
     family, folder = flow_model
-    output = train(flow_config(folder, instance_dir, tmp_path / "out", learning_rate=1e-3))
+    output = train(flow_config(folder, instance_dir, tmp_path / "out", learning_rate=1e-3,
+                               use_ema=True, ema_decay=0.5, ema_warmup=False))
     assert detect_family(output) == family
     reloaded = pipeline_class(family).from_pretrained(output)
     base = pipeline_class(family).from_pretrained(folder)
@@ -232,6 +233,18 @@ def test_full_fine_tune_with_prior_saves_a_pipeline_diffusers_loads(flow_model, 
             assert torch.equal(a, b)
     saved = yaml.safe_load((output / "training_config.yaml").read_text())
     assert saved["max_sequence_length"] == 16
+
+
+def test_shuffled_captions_keep_t5_for_prompts_no_table_holds(tmp_path, instance_dir):
+    folder = save_tiny_pipeline(tmp_path / "flux", family="flux")
+    for index, photo in enumerate(sorted(instance_dir.glob("*.png"))):
+        photo.with_suffix(".txt").write_text(f"[trigger], red, ball {index}, on the beach")
+    keep = KeepModule()
+    output = train(flow_config(folder, instance_dir, tmp_path / "out", use_lora=True, rank=2,
+                               shuffle_caption=True, keep_tokens=1, max_train_steps=3),
+                   callbacks=[keep])
+    assert keep.module._t5[1] is not None  # shuffled tags make new prompts every step
+    assert (output / "pytorch_lora_weights.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------------- resume
@@ -353,3 +366,27 @@ def importlib_missing(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is None
+
+
+@pytest.mark.skipif(importlib_missing("torchao"), reason="needs the 'quantize' extra (torchao)")
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_lora_on_a_quantized_base_trains_and_saves_a_full_precision_lora(kind, tmp_path,
+                                                                        instance_dir):
+    folder = save_tiny_pipeline(tmp_path / "flux", family="flux")
+    keep = KeepModule()
+    output = train(flow_config(folder, instance_dir, tmp_path / "out", use_lora=True, rank=2,
+                               quantize_base=kind, learning_rate=5e-2), callbacks=[keep])
+    to_q = keep.module.transformer.transformer_blocks[0].attn.to_q
+    assert type(to_q.base_layer.weight.data).__name__ in ("Int8Tensor",
+                                                           "IntxUnpackedToInt8Tensor")
+    state = load_file(output / "pytorch_lora_weights.safetensors")
+    assert state and {v.dtype for v in state.values()} == {torch.float32}
+    assert all(torch.isfinite(v).all() for v in state.values())
+    pipeline = load_pipeline(folder, device="cpu")  # the LoRA applies to the full base
+    pipeline.load_lora_weights(output)
+    image = sampling.sample_images(pipeline, "a photo of sks dog", seeds=[0],
+                                   num_inference_steps=2, guidance_scale=1.0, height=32,
+                                   width=32, max_sequence_length=16)[0]
+    assert np.asarray(image).std() > 0
+    with pytest.raises(Exception, match="needs use_lora"):
+        flow_config(folder, instance_dir, tmp_path / "x", quantize_base=kind)

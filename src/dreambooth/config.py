@@ -37,7 +37,7 @@ PRECISIONS = ("no", "fp32", "fp16", "bf16")
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens: FLUX.1's and SD 3's T5-XXL limit
 # The flow-matching keys; None means the family's own value, and a UNet family refuses any set.
 FLOW_KEYS = ("weighting_scheme", "precondition_outputs", "guidance_scale", "max_sequence_length",
-             "lora_layers", "lora_blocks")
+             "lora_layers", "lora_blocks", "quantize_base")
 
 
 def option(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -211,6 +211,10 @@ class AdapterConfig:
         None, "SD 3.x / FLUX.1: comma-separated transformer modules that get LoRA layers, e.g. "
         "'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0' (default: diffusers' list of the "
         "family's attention (and FLUX.1's feed-forward) projections).")
+    quantize_base: str | None = option(
+        None, "SD 3.x / FLUX.1 LoRA: quantize the frozen base transformer's Linear weights to "
+        "int8 or int4 (torchao, extra 'quantize'); the LoRA is trained and saved in full "
+        "precision.", (None, "int8", "int4"))
     lora_blocks: str | None = option(
         None, "SD 3.x / FLUX.1: comma-separated indices of the transformer blocks that get LoRA "
         "layers, e.g. '12,13' (default: all).")
@@ -589,6 +593,9 @@ def validate(config: TrainConfig) -> list[str]:
     if blocks is not None and not all(part.strip().isdigit() for part in blocks.split(",")):
         problems.append(f"lora_blocks={blocks!r} must be comma-separated block indices, "
                         "e.g. '0,1,12'")
+    if flat["quantize_base"] and not flat["use_lora"]:
+        problems.append(f"quantize_base={flat['quantize_base']!r} needs use_lora (a quantized "
+                        "base is not fine-tuned in full): add --use_lora or drop --quantize_base")
     if flat["pre_compute_text_embeddings"] and flat["train_text_encoder"]:
         problems.append("pre_compute_text_embeddings cannot be used with train_text_encoder "
                         "(a trained text encoder changes the embeddings)")

@@ -38,6 +38,7 @@ from dreambooth.flow.objective import (
 from dreambooth.models import DiffusionComponents
 from dreambooth.train.lora import LoraSettings, add_lora_adapters
 from dreambooth.train.module import PROMPT_CHUNK, DreamBoothModule
+from dreambooth.train.quantize import is_quantized, quantize_base
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class FlowMatchingModule(DreamBoothModule):
     def __init__(self, components: DiffusionComponents, *, prompts: Sequence[str],
                  prior_loss_weight: float, optim: OptimizationConfig, max_train_steps: int,
                  flow: FlowSettings, pre_compute_text_embeddings: bool = False,
-                 lora: LoraSettings | None = None, closed_prompts: bool = True):
+                 lora: LoraSettings | None = None, closed_prompts: bool = True,
+                 quantize: str | None = None, base_dtype: torch.dtype = torch.float32):
         L.LightningModule.__init__(self)
         self.family = components.family
         self.spec = family_module(components.family)
@@ -80,9 +82,18 @@ class FlowMatchingModule(DreamBoothModule):
                 model.to(dtype=torch.float32)
         self.vae.requires_grad_(False).eval()
         self._t5[1].requires_grad_(False).eval()
+        if quantize is not None:
+            if lora is None:
+                raise ValueError("quantize_base needs use_lora: a quantized base cannot be "
+                                 "fine-tuned in full; add --use_lora")
+            count = quantize_base(self.transformer, quantize, base_dtype)
+            log.info("base transformer quantized to %s (%d Linear layers)", quantize, count)
         if lora is not None:
             add_lora_adapters(self.transformer, self.text_encoders, lora,
                               train_text_encoder=optim.train_text_encoder)
+            for parameter in self.parameters():  # adapters on a bf16 base start in bf16
+                if parameter.requires_grad and parameter.dtype != torch.float32:
+                    parameter.data = parameter.data.float()
         else:
             for encoder in self.text_encoders:
                 encoder.requires_grad_(optim.train_text_encoder)
@@ -119,7 +130,7 @@ class FlowMatchingModule(DreamBoothModule):
                 self.vae.to(dtype=half)
             for model in (self.transformer, *self.text_encoders):
                 for parameter in model.parameters():
-                    if not parameter.requires_grad:
+                    if not parameter.requires_grad and not is_quantized(parameter):
                         parameter.data = parameter.data.to(half)
         self.table_prompts(half if mixed and self.device.type == "cuda" else None)
 

@@ -75,7 +75,7 @@ RESUME_INVARIANTS = ("pretrained_model_name_or_path", "train_text_encoder", "tra
                      "bucket_reso_steps", "bucket_no_upscale", "mask_dir", "alpha_mask",
                      "unmasked_weight", "weighting_scheme", "logit_mean", "logit_std",
                      "mode_scale", "precondition_outputs", "guidance_scale",
-                     "max_sequence_length", "lora_layers", "lora_blocks")
+                     "max_sequence_length", "lora_layers", "lora_blocks", "quantize_base")
 
 
 class RunMetadata(L.Callback):
@@ -298,7 +298,9 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
             prior_loss_weight=config.prior.prior_loss_weight, optim=config.optim,
             max_train_steps=max_steps, flow=flow,
             pre_compute_text_embeddings=config.hardware.pre_compute_text_embeddings, lora=lora,
-            closed_prompts=not data.shuffle_caption)
+            closed_prompts=not data.shuffle_caption, quantize=config.adapter.quantize_base,
+            base_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+                config.optim.mixed_precision, torch.float32))
     max_sequence_length = None if flow is None else flow.max_sequence_length
     datamodule = DreamBoothDataModule(
         concepts=concepts, captions=captions, num_class_images=config.prior.num_class_images,
