@@ -295,6 +295,9 @@ def test_a_transformer_file_that_does_not_fit_gets_one_clear_error(tmp_path):
     truncated.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(UnreadableCheckpointError, match="truncated"):
         load_transformer_file(truncated, config=folder)
+    save_tiny_pipeline(tmp_path / "tiny-sd3", family="sd3")
+    with pytest.raises(SingleFileError, match="flux transformer but the config.*SD3Transformer"):
+        load_transformer_file(path, config=tmp_path / "tiny-sd3")
     state = load_file(path)
     del state["double_blocks.0.img_attn.qkv.weight"]
     save_file(state, tmp_path / "incomplete.safetensors")

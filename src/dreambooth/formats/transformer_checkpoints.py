@@ -200,6 +200,10 @@ def load_transformer_file(path: str | Path, *, config: str | Path | None = None,
     except (OSError, ValueError) as error:
         raise SingleFileError(f"cannot read the transformer config in '{folder}': {error}") \
             from None
+    if model_config.get("_class_name", cls.__name__) != cls.__name__:
+        raise SingleFileError(f"'{path}' is a {family} transformer but the config in '{folder}' "
+                              f"is a {model_config['_class_name']}: pass the config of a "
+                              f"{family} model")
     with torch.device("meta"):
         shapes = {key: tuple(value.shape)
                   for key, value in cls.from_config(model_config).state_dict().items()}
