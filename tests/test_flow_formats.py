@@ -415,6 +415,37 @@ def test_lora_parts_of_different_rank_and_alpha_keep_their_delta():
     torch.testing.assert_close(delta[32:], lora_delta(parts["transformer_blocks.0.attn.to_v"]))
 
 
+def test_fused_loras_cut_back_into_parts_keep_their_delta():
+    """lora_from_original inverts lora_to_original (block-diagonal: diagonal blocks back), and
+    cuts a dense LoRA trained on the fused layer itself (kohya without split_qkv) by rows."""
+    from dreambooth.formats.transformer_keys import lora_from_original
+
+    model = build_tiny_pipeline(family="flux").transformer
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    parts = {f"single_transformer_blocks.0.{name}": ModuleLora(
+                 torch.randn(2, 32, generator=generator),
+                 torch.randn(shapes[f"single_transformer_blocks.0.{name}.weight"][0], 2,
+                             generator=generator), 4.0)
+             for name in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+    parts["norm_out.linear"] = ModuleLora(torch.randn(2, 32, generator=generator),
+                                          torch.randn(64, 2, generator=generator), 2.0)
+    back = lora_from_original(lora_to_original(parts, "flux"), "flux", shapes)
+    assert back.keys() == parts.keys()
+    for name, lora in parts.items():
+        assert back[name].down.shape == lora.down.shape  # the diagonal blocks, not padded
+        torch.testing.assert_close(lora_delta(back[name]), lora_delta(lora))
+    dense = ModuleLora(torch.randn(3, 32, generator=generator),
+                       torch.randn(3 * 32 + 128, 3, generator=generator), 6.0)
+    cut = lora_from_original({"single_blocks.0.linear1": dense}, "flux", shapes)
+    stacked = torch.cat([lora_delta(cut[f"single_transformer_blocks.0.{name}"])
+                         for name in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")])
+    torch.testing.assert_close(stacked, lora_delta(dense))
+    with pytest.raises(ValueError, match="output rows"):
+        lora_from_original({"single_blocks.0.linear1": ModuleLora(
+            dense.down, dense.up[:100], 6.0)}, "flux", shapes)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_metadata_names_the_model(tmp_path, family):
     _, diffusers_path, kohya_path = _lora_files(tmp_path, family)

@@ -37,6 +37,7 @@ from dreambooth.formats.single_file import read_header
 from dreambooth.formats.transformer_keys import (
     TRANSFORMER_FAMILIES,
     ModuleLora,
+    lora_from_original,
     lora_to_original,
     module_map,
     to_original,
@@ -241,13 +242,12 @@ def kohya_to_diffusers(state: dict[str, torch.Tensor], pipeline,
                        family: str) -> dict[str, torch.Tensor]:
     """A kohya-layout SD3/FLUX LoRA (original layer names, q/k/v fused) -> diffusers/peft keys for
     `pipeline`, each module's scale alpha / rank folded into its `lora_B` (diffusers then reads
-    alpha = rank). A fused layer's LoRA is cut by output rows into its parts' LoRAs: a
-    block-diagonal one (as this tool and kohya's split_qkv write) into its diagonal blocks,
-    any other with the whole `lora_down` shared by every part; either way the merged delta is
-    unchanged."""
+    alpha = rank). A fused layer's LoRA is cut by output rows into its parts' LoRAs
+    (transformer_keys.lora_from_original), which leaves the merged delta unchanged."""
     shapes = {key.replace(".base_layer.", "."): tuple(value.shape)
               for key, value in pipeline.transformer.state_dict().items() if "lora_" not in key}
-    layers = {layer.original.replace(".", "_"): layer for layer in module_map(family, shapes)}
+    originals = {layer.original.replace(".", "_"): layer.original
+                 for layer in module_map(family, shapes)}
     heads = _kohya_heads(family)
     encoders = {}
     for component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -259,7 +259,8 @@ def kohya_to_diffusers(state: dict[str, torch.Tensor], pipeline,
                 full = name if _is_t5(component, family) or name.startswith("text_model.") \
                     else "text_model." + name
                 encoders[heads[component] + full.replace(".", "_")] = f"{component}.{full}"
-    result: dict[str, torch.Tensor] = {}
+    modules: dict[str, ModuleLora] = {}
+    fused: dict[str, ModuleLora] = {}
     for key in state:
         if key.endswith((".lora_up.weight", ".alpha")):
             continue
@@ -267,35 +268,25 @@ def kohya_to_diffusers(state: dict[str, torch.Tensor], pipeline,
         if kind != "lora_down.weight":
             raise LoraFileError(f"LoRA key '{key}' is not a kohya LoRA weight (lora_down/lora_up/"
                                 "alpha); other adapters (DoRA, LoHa ...) are not read here")
-        down, up = state[key].float(), state[f"{name}.lora_up.weight"].float()
-        rank = down.shape[0]
-        scale = state[f"{name}.alpha"].item() / rank if f"{name}.alpha" in state else 1.0
-        up = up * scale
+        down = state[key].float()
+        alpha = state[f"{name}.alpha"].item() if f"{name}.alpha" in state else down.shape[0]
+        lora = ModuleLora(down, state[f"{name}.lora_up.weight"].float(), float(alpha))
         if name in encoders:
-            result[f"{encoders[name]}.lora_A.weight"] = down
-            result[f"{encoders[name]}.lora_B.weight"] = up
-            continue
-        layer = layers.get(name.removeprefix("lora_unet_")) if name.startswith("lora_unet_") \
-            else None
-        if layer is None:
+            modules[encoders[name]] = lora
+        elif name.startswith("lora_unet_") and name.removeprefix("lora_unet_") in originals:
+            fused[originals[name.removeprefix("lora_unet_")]] = lora
+        else:
             raise LoraFileError(f"LoRA key '{key}' names no layer of this {family.upper()} model")
-        if layer.swap_halves:
-            first, second = up.chunk(2, dim=0)
-            up = torch.cat([second, first], dim=0)
-        widths = [shapes[f"{part}.weight"][0] for part in layer.parts]
-        ups = torch.split(up, widths, dim=0)
-        count = len(layer.parts)
-        block = rank // count
-        diagonal = count > 1 and rank % count == 0 and all(
-            not piece[:, j * block:(j + 1) * block].any()
-            for i, piece in enumerate(ups) for j in range(count) if j != i)
-        for i, (part, piece) in enumerate(zip(layer.parts, ups)):
-            if diagonal:
-                result[f"transformer.{part}.lora_A.weight"] = down[i * block:(i + 1) * block]
-                result[f"transformer.{part}.lora_B.weight"] = piece[:, i * block:(i + 1) * block]
-            else:
-                result[f"transformer.{part}.lora_A.weight"] = down
-                result[f"transformer.{part}.lora_B.weight"] = piece.contiguous()
+    try:
+        parts = lora_from_original(fused, family, shapes)
+    except ValueError as error:
+        raise LoraFileError(f"this LoRA does not fit the {family.upper()} model: {error}") \
+            from None
+    modules.update({f"transformer.{part}": lora for part, lora in parts.items()})
+    result: dict[str, torch.Tensor] = {}
+    for module, lora in modules.items():
+        result[f"{module}.lora_A.weight"] = lora.down
+        result[f"{module}.lora_B.weight"] = lora.up * (lora.alpha / lora.down.shape[0])
     return result
 
 

@@ -303,6 +303,39 @@ def lora_to_original(loras: dict[str, ModuleLora], family: str) -> dict[str, Mod
     return result
 
 
+def lora_from_original(loras: dict[str, ModuleLora], family: str,
+                       shapes: dict[str, tuple]) -> dict[str, ModuleLora]:
+    """The inverse of `lora_to_original` for a model whose diffusers state-dict shapes are
+    `shapes`: each original layer's LoRA ({original layer: ModuleLora}, original names with
+    dots) is cut by output rows into its parts' LoRAs. A block-diagonal one (as written here
+    and by kohya's split_qkv) gives each part its diagonal block, rank / n with alpha / n;
+    any other shares the whole `down` among the parts. The merged deltas are unchanged.
+    KeyError names a layer the model does not have."""
+    layers = {layer.original: layer for layer in module_map(family, shapes)}
+    result = {}
+    for original, lora in loras.items():
+        layer = layers[original]
+        up = _swap_halves(lora.up) if layer.swap_halves else lora.up
+        widths = [shapes[f"{part}.weight"][0] for part in layer.parts]
+        if up.shape[0] != sum(widths):
+            raise ValueError(f"the LoRA on '{original}' has {up.shape[0]} output rows where the "
+                             f"model's {', '.join(layer.parts)} have {sum(widths)}")
+        ups = torch.split(up, widths, dim=0)
+        count, rank = len(layer.parts), lora.down.shape[0]
+        block = rank // count
+        diagonal = count > 1 and rank % count == 0 and all(
+            not piece[:, j * block:(j + 1) * block].any()
+            for i, piece in enumerate(ups) for j in range(count) if j != i)
+        for i, (part, piece) in enumerate(zip(layer.parts, ups)):
+            if diagonal:
+                result[part] = ModuleLora(lora.down[i * block:(i + 1) * block],
+                                          piece[:, i * block:(i + 1) * block].contiguous(),
+                                          lora.alpha / count)
+            else:
+                result[part] = ModuleLora(lora.down, piece.contiguous(), lora.alpha)
+    return result
+
+
 def _part_widths(widths: list[int | None]) -> list[int]:
     """Output widths of a fused layer's parts, those of parts without a LoRA filled in: q, k
     and v are equally wide, FLUX's proj_mlp (the 4th part) is 4 times as wide (mlp_ratio 4)."""
