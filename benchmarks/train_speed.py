@@ -6,6 +6,7 @@ Usage (from the repository root, with the package installed):
     python benchmarks/train_speed.py                  # sd15-gpu suite when CUDA is available
     python benchmarks/train_speed.py --suite all      # both suites (GPU machine)
     python benchmarks/train_speed.py --sd15           # SD-1.5-size suite even without CUDA
+    python benchmarks/train_speed.py --suite flux-gpu # FLUX.1-dev-size LoRA (GPU, ~80 GB)
 
 Suites (every model has random weights built in-process; nothing is downloaded):
 
@@ -17,6 +18,15 @@ Suites (every model has random weights built in-process; nothing is downloaded):
   UNet + text encoder trained, bf16-mixed, gradient checkpointing off and on. The tokenizer is
   the tiny one of `dreambooth.tiny.build_tiny_tokenizer()` (~600 tokens), so the text model is
   SD-1.5-sized except for its token-embedding table (~0.5M instead of 38M parameters).
+- tiny-cpu also has the tiny SD 3.x and FLUX.1 pipelines (transformer only and LoRA r4, T5
+  prompts of 16 tokens).
+- sd35m-gpu / flux-gpu (opt-in: `--suite`): SD 3.5-medium (MMDiT-X, 24 blocks of 1536, CLIP-L,
+  CLIP-G, T5-XXL) and FLUX.1-dev (19 double + 38 single blocks of 3072, guidance embedding,
+  CLIP-L, T5-XXL) architectures at 1024 px, random weights built on the GPU in bf16 and saved
+  once (~35 GB of disk for FLUX), LoRA rank 16 on diffusers' default targets, bf16-mixed,
+  gradient checkpointing, batch 1 instance + 1 prior; T5 over the tiny T5 vocabulary (its
+  embedding table is all that is smaller than the real one). FLUX trains with
+  guidance_scale 1 (diffusers' README), also on an int8 base (`--quantize_base int8`, torchao).
 
 Each configuration runs `train(config, callbacks=[StepTimer])` in its own child process, so
 peak memory is that configuration's alone. The timer stamps `time.perf_counter()` at the end
@@ -69,7 +79,10 @@ class Configuration:
 
     @property
     def trained(self) -> str:
-        parts = "UNet + text encoder" if self.overrides.get("train_text_encoder") else "UNet"
+        flow = self.model.startswith(("tiny-sd3", "tiny-flux", "sd35m", "flux"))
+        denoiser = "transformer" if flow else "UNet"
+        parts = (f"{denoiser} + text encoder" if self.overrides.get("train_text_encoder")
+                 else denoiser)
         if self.overrides.get("use_lora"):
             return f"LoRA r{self.overrides.get('rank', 4)} on {parts}"
         return parts
@@ -86,6 +99,12 @@ CONFIGURATIONS = (
     Configuration("tiny-sdxl-32-unet", "tiny-cpu", "tiny-sdxl-32", 32, 2),
     Configuration("tiny-sdxl-32-lora", "tiny-cpu", "tiny-sdxl-32", 32, 2,
                   {"use_lora": True, "rank": 4}),
+    Configuration("tiny-sd3-32", "tiny-cpu", "tiny-sd3-32", 32, 2, {"max_sequence_length": 16}),
+    Configuration("tiny-sd3-32-lora", "tiny-cpu", "tiny-sd3-32", 32, 2,
+                  {"use_lora": True, "rank": 4, "max_sequence_length": 16}),
+    Configuration("tiny-flux-32", "tiny-cpu", "tiny-flux-32", 32, 2, {"max_sequence_length": 16}),
+    Configuration("tiny-flux-32-lora", "tiny-cpu", "tiny-flux-32", 32, 2,
+                  {"use_lora": True, "rank": 4, "max_sequence_length": 16}),
     Configuration("sd15-512-unet+te", "sd15-gpu", "sd15", 512, 1,
                   {"train_text_encoder": True, "mixed_precision": "bf16",
                    "gradient_checkpointing": False}, baseline=True),
@@ -100,8 +119,18 @@ CONFIGURATIONS = (
     Configuration("sdxl-1024-lora+te", "sdxl-gpu", "sdxl", 1024, 1,
                   {"use_lora": True, "rank": 16, "train_text_encoder": True,
                    "mixed_precision": "bf16", "gradient_checkpointing": True}),
+    Configuration("sd35m-1024-lora", "sd35m-gpu", "sd35m", 1024, 1,
+                  {"use_lora": True, "rank": 16, "mixed_precision": "bf16",
+                   "gradient_checkpointing": True}, baseline=True),
+    Configuration("flux-dev-1024-lora", "flux-gpu", "flux-dev", 1024, 1,
+                  {"use_lora": True, "rank": 16, "mixed_precision": "bf16",
+                   "gradient_checkpointing": True, "guidance_scale": 1.0}, baseline=True),
+    Configuration("flux-dev-1024-lora-int8", "flux-gpu", "flux-dev", 1024, 1,
+                  {"use_lora": True, "rank": 16, "mixed_precision": "bf16",
+                   "gradient_checkpointing": True, "guidance_scale": 1.0,
+                   "quantize_base": "int8"}),
 )
-SUITES = ("tiny-cpu", "sd15-gpu", "sdxl-gpu")
+SUITES = ("tiny-cpu", "sd15-gpu", "sdxl-gpu", "sd35m-gpu", "flux-gpu")
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -202,6 +231,108 @@ def build_sdxl_pipeline(seed: int):
         tokenizer_2=build_tiny_tokenizer(), unet=unet, scheduler=scheduler)
 
 
+def _full_size_text_parts():
+    """CLIP-L and a T5-XXL-size encoder over the tiny tokenizers (full-size flow suites)."""
+    from transformers import CLIPTextConfig, T5Config, T5EncoderModel
+
+    from dreambooth.tiny import build_tiny_t5_tokenizer, build_tiny_tokenizer
+
+    tokenizer, t5_tokenizer = build_tiny_tokenizer(), build_tiny_t5_tokenizer()
+    clip = dict(vocab_size=len(tokenizer), max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768,
+                            **clip)
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+        num_heads=64, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        pad_token_id=t5_tokenizer.pad_token_id, eos_token_id=t5_tokenizer.eos_token_id))
+    return tokenizer, t5_tokenizer, clip, clip_l, t5
+
+
+def _flow_vae(shift_factor: float, scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, latent_channels=16, sample_size=1024, shift_factor=shift_factor,
+        scaling_factor=scaling_factor, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def build_sd35m_pipeline(seed: int):
+    """An SD 3.5-medium-size StableDiffusion3Pipeline with random weights (~2.5B transformer:
+    24 MMDiT-X blocks of 1536 with dual attention in the first 13 and RMS q/k norms)."""
+    import torch
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from dreambooth.tiny import build_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer, t5_tokenizer, clip, clip_l, t5 = _full_size_text_parts()
+    clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                            num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+                            **clip)
+    transformer = SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    return StableDiffusion3Pipeline(
+        transformer=transformer, vae=_flow_vae(0.0609, 1.5305),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=CLIPTextModelWithProjection(clip_l), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(clip_g), tokenizer_2=build_tiny_tokenizer(),
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+
+
+def build_flux_dev_pipeline(seed: int):
+    """A FLUX.1-dev-size FluxPipeline with random weights (~12B transformer: 19 double and 38
+    single blocks of 24 x 128, guidance embedding, RoPE axes 16/56/56)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer, t5_tokenizer, _, clip_l, t5 = _full_size_text_parts()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+        pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, vae=_flow_vae(0.1159, 0.3611),
+                        scheduler=scheduler, text_encoder=CLIPTextModel(clip_l),
+                        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer)
+
+
+def _save_full_size(build, path: Path, seed: int) -> Path:
+    """Build on the GPU in bf16 (minutes on a CPU, and 2x the memory) and save in bf16."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            pipeline = build(seed)
+    finally:
+        torch.set_default_dtype(previous)
+    pipeline.save_pretrained(path)
+    del pipeline
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return path
+
+
 def save_model(key: str, path: Path, seed: int) -> Path:
     from dreambooth.tiny import save_tiny_pipeline
 
@@ -211,6 +342,12 @@ def save_model(key: str, path: Path, seed: int) -> Path:
         return save_tiny_pipeline(path, seed=seed, sample_size=64, block_channels=(32, 64))
     if key == "tiny-sdxl-32":
         return save_tiny_pipeline(path, seed=seed, family="sdxl", sample_size=32)
+    if key in ("tiny-sd3-32", "tiny-flux-32"):
+        return save_tiny_pipeline(path, seed=seed, family=key.split("-")[1], sample_size=32)
+    if key == "sd35m":
+        return _save_full_size(build_sd35m_pipeline, path, seed)
+    if key == "flux-dev":
+        return _save_full_size(build_flux_dev_pipeline, path, seed)
     if key == "sd15":
         build_sd15_pipeline(seed).save_pretrained(path)
         return path

@@ -61,8 +61,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser,
         flag = f"--{leaf.name}"
         unset = argparse.SUPPRESS if as_text else default
         if value_type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=unset,
-                                help=help_text)
+            parser.add_argument(flag, action=BooleanFlag, default=unset, help=help_text)
         elif as_text:
             parser.add_argument(flag, default=unset, metavar=_metavar(value_type, choices),
                                 help=f"{help_text} (default: {default})")
@@ -70,6 +69,25 @@ def add_dataclass_flags(parser: argparse.ArgumentParser,
             parser.add_argument(flag, type=_parse_text(value_type), default=unset,
                                 choices=choices or None, metavar=_metavar(value_type, choices),
                                 help=f"{help_text} (default: {default})")
+
+
+class BooleanFlag(argparse.BooleanOptionalAction):
+    """`--name` / `--no-name`, and `--name VALUE` (true/false, yes/no, 1/0) as diffusers'
+    scripts write their `type=bool` and `type=int` switches (`--precondition_outputs 1`)."""
+
+    WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+    def __init__(self, option_strings, dest, default=None, **kwargs):
+        super().__init__(option_strings, dest, default=default, **kwargs)
+        self.nargs = "?"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = not option_string.startswith("--no-")
+        if values is not None:
+            if str(values).lower() not in self.WORDS:
+                parser.error(f"argument {option_string}: expected true or false, not {values!r}")
+            value = value == self.WORDS[str(values).lower()]
+        setattr(namespace, self.dest, value)
 
 
 def _metavar(value_type: Any, choices: Sequence) -> str:

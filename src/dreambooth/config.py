@@ -1,7 +1,8 @@
 """Typed training configuration: one dataclass per concern, flat user-facing keys.
 
 Every leaf field's name is the flag of diffusers' `examples/dreambooth/train_dreambooth.py`
-(or a new flag of ours), unique across sections, so a YAML file and the command line use the
+(and of its `train_dreambooth_lora_sd3.py` / `_flux.py` for SD 3.x and FLUX.1) or a new flag of
+ours, unique across sections, so a YAML file and the command line use the
 same flat keys (`resolution: 512`, `--resolution 512`). Values flow one way:
 YAML file -> command-line overrides -> `TrainConfig` -> explicit constructor arguments.
 `parse_train_config` collects every problem and raises once, naming each key and value.
@@ -31,6 +32,12 @@ SIZE_LIMITS = {"train_batch_size": 1024, "sample_batch_size": 1024, "num_class_i
                "num_validation_images": 1024, "rank": 4096, "repeats": 10_000,
                "class_inference_steps": 1000, "validation_inference_steps": 1000}
 TRACKERS = ("tensorboard", "wandb", "mlflow", "csv")
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+PRECISIONS = ("no", "fp32", "fp16", "bf16")
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens: FLUX.1's and SD 3's T5-XXL limit
+# The flow-matching keys; None means the family's own value, and a UNet family refuses any set.
+FLOW_KEYS = ("weighting_scheme", "precondition_outputs", "guidance_scale", "max_sequence_length",
+             "lora_layers", "lora_blocks", "quantize_base")
 
 
 def option(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -115,7 +122,10 @@ class PriorConfig:
     class_inference_steps: int = option(50, "Denoising steps when generating class images.")
     class_guidance_scale: float | None = option(
         None, "Classifier-free guidance scale for class images (default: the base model's own, "
-        "models.default_guidance_scale: 3 for demo, else 7.5).")
+        "models.default_guidance_scale: 3 for demo, 7 for SD 3.x, 3.5 for FLUX.1, else 7.5).")
+    prior_generation_precision: str | None = option(
+        None, "Precision of the base model that generates class images, loaded apart from the "
+        "one trained (default: the live model, in the training precision).", (None, *PRECISIONS))
 
 
 @dataclass
@@ -154,7 +164,34 @@ class OptimizationConfig:
         None, "Min-SNR loss weighting gamma (Hang et al. 2023); 5.0 is usual.")
     mixed_precision: str = option(
         "no", "Autocast precision with fp32 master weights.", MIXED_PRECISION)
+    prodigy_beta3: float | None = option(
+        None, "Prodigy's beta3 (default: its own, sqrt(beta2)).")
+    prodigy_decouple: bool = option(True, "Prodigy: decoupled (AdamW-style) weight decay.")
+    prodigy_use_bias_correction: bool = option(True, "Prodigy: Adam's bias correction.")
+    prodigy_safeguard_warmup: bool = option(
+        True, "Prodigy: leave the learning rate out of the D estimate during warmup.")
     seed: int | None = option(None, "Seed: batches and noise of step k depend on (seed, k) only.")
+
+
+@dataclass
+class FlowConfig:
+    """The flow-matching objective of SD 3.x and FLUX.1 (flow/objective.py); diffusers' flags."""
+
+    weighting_scheme: str | None = option(
+        None, "How training sigmas are drawn and the loss weighted: logit_normal, mode "
+        "(sampling), sigma_sqrt, cosmap (weighting) or none (default: logit_normal for SD 3.x, "
+        "none for FLUX.1, as diffusers' scripts).", (None, *WEIGHTING_SCHEMES))
+    logit_mean: float = option(0.0, "Mean of the logit-normal sigma density.")
+    logit_std: float = option(1.0, "Standard deviation of the logit-normal sigma density.")
+    mode_scale: float = option(1.29, "Scale of the `mode` sigma density.")
+    precondition_outputs: bool | None = option(
+        None, "Regress the clean latents x_t - sigma v_hat instead of the velocity (default: "
+        "on for SD 3.x, as diffusers' script; off for FLUX.1).")
+    guidance_scale: float | None = option(
+        None, "Guidance input of a guidance-distilled transformer (FLUX.1-dev) during training "
+        "(default 3.5, diffusers' default; its README trains with 1.0).")
+    max_sequence_length: int | None = option(
+        None, "T5 tokens per prompt (default: 77 for SD 3.x, 512 for FLUX.1; at most 512).")
 
 
 @dataclass
@@ -170,6 +207,17 @@ class AdapterConfig:
     lora_text_encoder_target_modules: str = option(
         "q_proj,k_proj,v_proj,out_proj",
         "Comma-separated text encoder modules that get LoRA layers (with train_text_encoder).")
+    lora_layers: str | None = option(
+        None, "SD 3.x / FLUX.1: comma-separated transformer modules that get LoRA layers, e.g. "
+        "'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0' (default: diffusers' list of the "
+        "family's attention (and FLUX.1's feed-forward) projections).")
+    quantize_base: str | None = option(
+        None, "SD 3.x / FLUX.1 LoRA: quantize the frozen base transformer's Linear weights to "
+        "int8 or int4 (torchao, extra 'quantize'); the LoRA is trained and saved in full "
+        "precision.", (None, "int8", "int4"))
+    lora_blocks: str | None = option(
+        None, "SD 3.x / FLUX.1: comma-separated indices of the transformer blocks that get LoRA "
+        "layers, e.g. '12,13' (default: all).")
 
 
 @dataclass
@@ -198,6 +246,9 @@ class CheckpointConfig:
         None, "LoRA runs: name of the kohya LoRA file (NAME.safetensors) and its ss_output_name, "
         "the name AUTOMATIC1111 lists it under (default: output_dir's folder name).")
     checkpointing_steps: int = option(500, "Write a full-state checkpoint every N optimizer steps.")
+    upcast_before_saving: bool = option(
+        False, "SD 3.x / FLUX.1: save trained weights in fp32; without it they are saved in the "
+        "mixed-precision dtype (fp32 when mixed_precision is no), as diffusers' scripts.")
     checkpoints_total_limit: int | None = option(None, "Keep only the newest N checkpoints.")
     resume_from_checkpoint: str | None = option(
         None, "'latest' or a checkpoint path to resume training from.")
@@ -255,6 +306,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     optim: OptimizationConfig = field(default_factory=OptimizationConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -281,7 +333,10 @@ IGNORED_FLAGS = {
     "hub_token": "this tool never uploads",
     "hub_model_id": "this tool never uploads",
     "set_grads_to_none": "gradients are always set to None after each step",
-    "prior_generation_precision": "class images are generated in the training precision",
+    "cache_latents": "latents are always computed once and cached",
+    "validation_epochs": "validation runs every --validation_steps optimizer steps",
+    "image_interpolation_mode": "photos are resized with LANCZOS (shrinking) or BICUBIC "
+                                "(enlarging)",
 }
 
 
@@ -298,6 +353,11 @@ UNSUPPORTED_FLAGS = {
     "image_column": "datasets are not supported; use --instance_data_dir",
     "train_text_encoder_ti": "pivotal tuning (textual inversion) is not implemented",
     "do_edm_style_training": "EDM-style training is not implemented",
+    "dataset_config_name": "hub datasets are not downloaded; use --instance_data_dir",
+    "cache_dir": "models are read from the local Hugging Face cache; set HF_HUB_CACHE to use "
+                 "another folder",
+    "aspect_ratio_buckets": "use --aspect_buckets (whole photos in buckets of about "
+                            "resolution^2 pixels)",
 }
 
 
@@ -416,6 +476,8 @@ def parse_train_config(values: dict[str, Any], source: str = "configuration") ->
             problems.append(f"unknown key '{key}'{hint}")
             continue
         section, leaf = leaves[key]
+        if key == "optimizer" and isinstance(value, str):
+            value = value.lower()  # diffusers' scripts take 'AdamW' and 'prodigy' in any case
         try:
             setattr(getattr(config, section), key, _coerce(key, value, section, leaf))
         except ValueError as error:
@@ -519,6 +581,21 @@ def validate(config: TrainConfig) -> list[str]:
         problems.append(f"use_ema with strategy={flat['strategy']!r}: the EMA follows whole "
                         "weights, not shards; use ddp (or a single device)")
     problems += _validate_data(flat)
+    length = flat["max_sequence_length"]
+    if length is not None and not 1 <= length <= MAX_SEQUENCE_LENGTH:
+        problems.append(f"max_sequence_length={length} must be between 1 and "
+                        f"{MAX_SEQUENCE_LENGTH} (T5's limit)")
+    if flat["logit_std"] <= 0:
+        problems.append(f"logit_std={flat['logit_std']} must be positive")
+    if flat["guidance_scale"] is not None and flat["guidance_scale"] < 0:
+        problems.append(f"guidance_scale={flat['guidance_scale']} must not be negative")
+    blocks = flat["lora_blocks"]
+    if blocks is not None and not all(part.strip().isdigit() for part in blocks.split(",")):
+        problems.append(f"lora_blocks={blocks!r} must be comma-separated block indices, "
+                        "e.g. '0,1,12'")
+    if flat["quantize_base"] and not flat["use_lora"]:
+        problems.append(f"quantize_base={flat['quantize_base']!r} needs use_lora (a quantized "
+                        "base is not fine-tuned in full): add --use_lora or drop --quantize_base")
     if flat["pre_compute_text_embeddings"] and flat["train_text_encoder"]:
         problems.append("pre_compute_text_embeddings cannot be used with train_text_encoder "
                         "(a trained text encoder changes the embeddings)")

@@ -1,7 +1,9 @@
-"""Which Stable Diffusion family a model is: the one detector, for folders and single files.
+"""Which model family a model is: the one detector, for folders and single files.
 
 A diffusers pipeline folder and a single-file checkpoint (CompVis key names) are read into the
-same facts (which parts the model has), and FAMILY_PARTS decides the family from them.
+same facts (which parts the model has), and FAMILY_PARTS decides the family from them. The
+flow-matching transformer families (SD 3.x, FLUX.1; their code is in dreambooth.flow) are told
+apart by the pipeline class their model_index.json names.
 """
 
 from __future__ import annotations
@@ -15,8 +17,22 @@ UNET_PREFIX = "model.diffusion_model."  # the UNet's weights in a single-file ch
 
 
 class UnknownArchitectureError(ValueError):
-    """A model that is no supported family (SD 1.x, SD 2.x, SDXL base); the message says what
-    it looks like instead."""
+    """A model that is no supported family (SD 1.x, SD 2.x, SDXL base, SD 3.x, FLUX.1); the
+    message says what it looks like instead."""
+
+
+UNET_FAMILIES = ("sd1", "sd2", "sdxl")  # denoising UNets trained on noise (or v) prediction
+# Diffusion transformers trained on the rectified-flow velocity (dreambooth.flow).
+FLOW_MATCHING_FAMILIES = ("sd3", "flux")
+FAMILIES = UNET_FAMILIES + FLOW_MATCHING_FAMILIES
+# model_index.json's `_class_name` of each flow-matching family's diffusers pipeline, and the
+# parts it must name: SD 3.x has CLIP-L, CLIP-G (both with projection) and T5-XXL; FLUX.1 has
+# CLIP-L (pooled only) and T5-XXL.
+FLOW_PIPELINES = {
+    "StableDiffusion3Pipeline": ("sd3", ("transformer", "vae", "text_encoder", "text_encoder_2",
+                                         "text_encoder_3")),
+    "FluxPipeline": ("flux", ("transformer", "vae", "text_encoder", "text_encoder_2")),
+}
 
 
 # What sets each family apart, tried in this order: SDXL adds a second text encoder (OpenCLIP
@@ -37,15 +53,23 @@ _KEY_PARTS = {
 }
 
 
-def detect_family(model: str | Path | Iterable[str]) -> str:
-    """'sd1', 'sd2' or 'sdxl' (FAMILY_PARTS) for a diffusers pipeline folder or for the key
-    names of a single-file checkpoint.
+def is_flow_matching(family: str) -> bool:
+    """Whether a family trains on the rectified-flow objective (SD 3.x, FLUX.1)."""
+    return family in FLOW_MATCHING_FAMILIES
 
-    A folder or keys of no SD 1.x, 2.x or SDXL base model raise UnknownArchitectureError (for
-    keys, with a description of what they look like).
+
+def detect_family(model: str | Path | Iterable[str]) -> str:
+    """'sd1', 'sd2' or 'sdxl' (FAMILY_PARTS), 'sd3' or 'flux' (FLOW_PIPELINES) for a diffusers
+    pipeline folder; 'sd1', 'sd2' or 'sdxl' for the key names of a single-file checkpoint.
+
+    A folder or keys of no supported model raise UnknownArchitectureError (for keys, with a
+    description of what they look like).
     """
     if isinstance(model, (str, Path)):
         folder = Path(model)
+        flow = _flow_family(folder)
+        if flow is not None:
+            return flow
         parts = _folder_parts(folder)
     else:
         folder, keys = None, list(model)
@@ -77,8 +101,42 @@ def detect_family(model: str | Path | Iterable[str]) -> str:
         "base checkpoints with CompVis key names.")
 
 
+def _model_index(folder: Path) -> dict:
+    path = folder / "model_index.json"
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UnknownArchitectureError(f"'{folder}' is not a diffusers pipeline folder: it has "
+                                       "no model_index.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnknownArchitectureError(f"cannot read '{path}': {error}") from None
+    if not isinstance(index, dict):
+        raise UnknownArchitectureError(f"'{path}' must hold a JSON object")
+    return index
+
+
+def _flow_family(folder: Path) -> str | None:
+    """'sd3' or 'flux' when model_index.json names that pipeline, None for any other class."""
+    index = _model_index(folder)
+    known = FLOW_PIPELINES.get(index.get("_class_name"))
+    if known is None:
+        if "transformer" in index and "unet" not in index:
+            raise UnknownArchitectureError(
+                f"'{folder}' is a {index.get('_class_name')} (a diffusion transformer), which "
+                f"this tool does not train; supported transformers are "
+                f"{', '.join(FLOW_PIPELINES)}")
+        return None
+    family, needed = known
+    missing = [name for name in needed if not (index.get(name) or [None])[0]]
+    if missing:
+        raise UnknownArchitectureError(
+            f"'{folder}' is a {index['_class_name']} without {', '.join(missing)} (its "
+            "model_index.json names none); pass the complete pipeline folder")
+    return family
+
+
 def _folder_parts(folder: Path) -> set[str]:
-    index = json.loads((folder / "model_index.json").read_text())
+    index = _model_index(folder)
     parts = {name for name in ("unet", "text_encoder", "text_encoder_2")
              if (index.get(name) or [None])[0]}
     if "unet" in parts:

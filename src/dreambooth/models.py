@@ -1,4 +1,5 @@
-"""Finding and loading the Stable Diffusion components that DreamBooth trains and samples with.
+"""Finding and loading the components that DreamBooth trains and samples with, for every family
+(SD 1.x, 2.x, SDXL with a UNet; SD 3.x and FLUX.1 with a diffusion transformer).
 
 Models come from the user's disk or the local Hugging Face cache, never from the network here:
 a hub id is resolved with `local_files_only=True` and fails with instructions when it is not
@@ -16,13 +17,27 @@ from typing import Any
 import torch
 import yaml
 
-from dreambooth.families import detect_family
+from dreambooth.families import FLOW_PIPELINES, detect_family, is_flow_matching
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# The subfolders each flow-matching family's pipeline must have.
+FLOW_SUBFOLDERS = {
+    "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+            "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"),
+    "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+             "scheduler"),
+}
+# diffusers pipeline class of each family.
+PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+                    "sdxl": "StableDiffusionXLPipeline",
+                    **{family: name for name, (family, _) in FLOW_PIPELINES.items()}}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # Short names of the models that ship inside the package (diffusers folders in assets/).
 BUNDLED_MODELS = {"demo": Path(__file__).parent / "assets" / "world_model"}
 DEFAULT_GUIDANCE_SCALE = 7.5  # Stable Diffusion's
+# The flow-matching pipelines' own defaults: SD 3's classifier-free guidance scale, and the
+# guidance input of guidance-distilled FLUX.1-dev (schnell ignores it).
+FAMILY_GUIDANCE_SCALES = {"sd3": 7.0, "flux": 3.5}
 # The world model samples best at a lower classifier-free guidance scale: on 30 caption
 # combinations it trained on, 0.98 of its images had every asked attribute at 3, 0.90 at 4
 # (BENCHMARKS.md, "The world model").
@@ -98,7 +113,8 @@ def default_guidance_scale(model) -> float:
     """The classifier-free guidance scale to sample `model` (a name, a folder or a loaded
     pipeline) with when none is given: a bundled model's own (by short name or folder), the
     validation scale a model trained by this tool recorded in its training_config.yaml (the
-    demo's model: the world model's), else SD's 7.5."""
+    demo's model: the world model's), else its family's (FAMILY_GUIDANCE_SCALES), else SD's
+    7.5."""
     text = str(getattr(model, "name_or_path", model) or "")
     if text in BUNDLED_GUIDANCE_SCALES:
         return BUNDLED_GUIDANCE_SCALES[text]
@@ -111,7 +127,11 @@ def default_guidance_scale(model) -> float:
     scale = read_training_config(path).get("validation_guidance_scale")
     if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale >= 0:
         return float(scale)
-    return DEFAULT_GUIDANCE_SCALE
+    try:
+        family = detect_family(path)
+    except ValueError:
+        return DEFAULT_GUIDANCE_SCALE
+    return FAMILY_GUIDANCE_SCALES.get(family, DEFAULT_GUIDANCE_SCALE)
 
 
 def _check_pipeline_folder(path: Path, shown_name: str) -> Path:
@@ -126,10 +146,16 @@ def _check_pipeline_folder(path: Path, shown_name: str) -> Path:
             "Pass a folder saved by `save_pretrained` (with unet/, vae/, text_encoder/, "
             "tokenizer/ and scheduler/)."
         )
-    missing = [name for name in REQUIRED_SUBFOLDERS if not (path / name).is_dir()]
+    try:
+        family = detect_family(path)
+    except ValueError:  # UnknownArchitectureError: the loaders say what the folder lacks
+        family = None
+    required = FLOW_SUBFOLDERS.get(family, REQUIRED_SUBFOLDERS)
+    missing = [name for name in required if not (path / name).is_dir()]
     if missing:
+        kind = PIPELINE_CLASSES.get(family, "Stable Diffusion")
         raise ModelLoadError(
-            f"model folder '{path}' is not a complete Stable Diffusion pipeline: missing "
+            f"model folder '{path}' is not a complete {kind} pipeline: missing "
             f"{', '.join(f'{name}/' for name in missing)}."
         )
     return path
@@ -137,10 +163,12 @@ def _check_pipeline_folder(path: Path, shown_name: str) -> Path:
 
 @dataclass
 class DiffusionComponents:
-    """The parts of a Stable Diffusion pipeline that training touches.
+    """The parts of a pipeline that training touches.
 
-    `family` is "sd1", "sd2" or "sdxl"; SDXL adds a second tokenizer and text encoder (the
-    latter with a projection that gives the pooled embedding).
+    `family` is one of families.FAMILIES. SDXL adds a second tokenizer and text encoder (the
+    latter with a projection that gives the pooled embedding). The flow-matching families
+    have a `transformer` instead of a `unet` (None for them): SD 3.x with CLIP-L, CLIP-G and
+    T5 (`text_encoder_3`), FLUX.1 with CLIP-L and T5 (`text_encoder_2`).
     """
 
     path: Path
@@ -149,12 +177,29 @@ class DiffusionComponents:
     text_encoder: Any
     vae: Any
     unet: Any
-    noise_scheduler: Any  # DDPMScheduler with the model's training config
+    # DDPMScheduler with the model's training config; the flow-matching families' own
+    # FlowMatchEulerDiscreteScheduler, whose sigmas training samples.
+    noise_scheduler: Any
     tokenizer_2: Any = None
     text_encoder_2: Any = None
+    transformer: Any = None
+    tokenizer_3: Any = None
+    text_encoder_3: Any = None
+
+    @property
+    def denoiser(self) -> Any:
+        """The network training fine-tunes: the UNet, or the flow families' transformer."""
+        return self.transformer if self.unet is None else self.unet
+
+    @property
+    def is_flow_matching(self) -> bool:
+        return is_flow_matching(self.family)
 
     @property
     def prediction_type(self) -> str:
+        """epsilon or v_prediction (UNet families); 'flow_matching' (velocity) otherwise."""
+        if self.is_flow_matching:
+            return "flow_matching"
         return self.noise_scheduler.config.prediction_type
 
     @property
@@ -163,23 +208,35 @@ class DiffusionComponents:
 
     @property
     def text_encoders(self) -> list:
-        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+                if e is not None]
+
+    @property
+    def tokenizers(self) -> list:
+        return [t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None]
 
     @property
     def pipeline_modules(self) -> dict[str, Any]:
         """Keyword arguments naming the modules of this family's diffusers pipeline."""
-        modules = dict(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                       unet=self.unet)
-        if self.family == "sdxl":
+        modules = dict(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer)
+        if self.is_flow_matching:
+            modules["transformer"] = self.transformer
+        else:
+            modules["unet"] = self.unet
+        if self.family in ("sdxl", "sd3", "flux"):
             modules.update(text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
+        if self.family == "sd3":
+            modules.update(text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
         return modules
 
 
 def pipeline_class(family: str):
-    """The diffusers text-to-image pipeline class of a family."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The diffusers text-to-image pipeline class of a family (PIPELINE_CLASSES)."""
+    import diffusers
 
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    if family not in PIPELINE_CLASSES:
+        raise ValueError(f"family={family!r} is not one of {', '.join(PIPELINE_CLASSES)}")
+    return getattr(diffusers, PIPELINE_CLASSES[family])
 
 
 def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str = "auto"):
@@ -199,8 +256,8 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str = 
     if dtype == "auto":
         dtype = "fp16" if torch.device(device).type == "cuda" else "fp32"
     logger.info("loading %s on %s as %s", path, device, dtype)
-    extra = ({} if family == "sdxl"
-             else {"safety_checker": None, "requires_safety_checker": False})
+    extra = ({"safety_checker": None, "requires_safety_checker": False}
+             if family in ("sd1", "sd2") else {})
     # diffusers renamed from_pretrained's `torch_dtype` to `dtype` (PR #14205); older releases
     # only know `torch_dtype`.
     extra["dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"] = \
@@ -213,11 +270,13 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str = 
 def load_components(name_or_path: str | Path, revision: str | None = None, *,
                     vae_name_or_path: str | Path | None = None, variant: str | None = None,
                     prediction_type: str | None = None) -> DiffusionComponents:
-    """Load tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler.
+    """Load tokenizer(s), text encoder(s), VAE, UNet (or transformer) and the training noise
+    scheduler.
 
-    `prediction_type` overrides the scheduler's (and tells a single SD2 file's kind).
-    `vae_name_or_path` swaps in another VAE (a pipeline folder with vae/ or a VAE folder), as
-    diffusers' `--pretrained_vae_model_name_or_path` does for SDXL's fp16-safe VAE.
+    `prediction_type` overrides the scheduler's (and tells a single SD2 file's kind; UNet
+    families only). `vae_name_or_path` swaps in another VAE (a pipeline folder with vae/ or a
+    VAE folder), as diffusers' `--pretrained_vae_model_name_or_path` does for SDXL's fp16-safe
+    VAE.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -225,6 +284,15 @@ def load_components(name_or_path: str | Path, revision: str | None = None, *,
     path = resolve_model_path(name_or_path, revision, prediction_type=prediction_type)
     family = detect_family(path)
     weights = dict(variant=variant) if variant else {}
+    if is_flow_matching(family):
+        if prediction_type:
+            raise ModelLoadError(
+                f"prediction_type={prediction_type!r} does not apply to {family} models, which "
+                "predict the flow velocity; drop --prediction_type")
+        components = _load_flow_components(path, family, weights)
+        if vae_name_or_path:
+            components.vae = _load_vae(vae_name_or_path)
+        return components
     try:
         components = DiffusionComponents(
             path=path, family=family,
@@ -248,6 +316,30 @@ def load_components(name_or_path: str | Path, revision: str | None = None, *,
     return components
 
 
+def _load_flow_components(path: Path, family: str, weights: dict) -> DiffusionComponents:
+    """The parts of an SD 3.x or FLUX.1 folder, each with the class its model_index.json names
+    (diffusers' transformer, VAE and FlowMatchEulerDiscreteScheduler; transformers' CLIP and T5
+    encoders and tokenizers)."""
+    import importlib
+
+    index = json.loads((path / "model_index.json").read_text())
+    parts: dict[str, Any] = {}
+    try:
+        for name in FLOW_SUBFOLDERS[family]:
+            library, class_name = index[name]
+            cls = getattr(importlib.import_module(library), class_name)
+            if name == "scheduler" or name.startswith("tokenizer"):
+                parts[name] = cls.from_pretrained(path / name)
+            else:
+                parts[name] = cls.from_pretrained(path / name, **weights)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as error:
+        raise ModelLoadError(f"could not load the {family} pipeline in '{path}': "
+                             f"{type(error).__name__}: {error}") from error
+    scheduler = parts.pop("scheduler")
+    return DiffusionComponents(path=path, family=family, unet=None, noise_scheduler=scheduler,
+                               **parts)
+
+
 def _load_vae(name_or_path: str | Path):
     from diffusers import AutoencoderKL
 
@@ -269,14 +361,10 @@ def load_inference_scheduler(path: Path):
 
 def assemble_pipeline(components: DiffusionComponents, *, scheduler=None):
     """A diffusers pipeline over the live modules (no copy), for sampling during training."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     scheduler = scheduler or load_inference_scheduler(components.path)
-    if components.family == "sdxl":
-        pipeline = StableDiffusionXLPipeline(**components.pipeline_modules, scheduler=scheduler)
-    else:
-        pipeline = StableDiffusionPipeline(
-            **components.pipeline_modules, scheduler=scheduler, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+    extra = ({"safety_checker": None, "feature_extractor": None,
+              "requires_safety_checker": False} if components.family in ("sd1", "sd2") else {})
+    pipeline = pipeline_class(components.family)(**components.pipeline_modules,
+                                                 scheduler=scheduler, **extra)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

@@ -1,8 +1,10 @@
-"""Tiny Stable-Diffusion-architecture pipelines built from config, for tests and the quick start.
+"""Tiny pipelines of every family built from config, for tests and the quick start.
 
-Nothing here downloads anything: the tokenizer vocabulary is made in-process (byte-level BPE
-over the 256 byte symbols plus merges for a handful of words), and every model gets random
-weights from a seeded generator, so two builds with the same seed are identical.
+SD 1.x, 2.x and SDXL (UNets), SD 3.x and FLUX.1 (diffusion transformers with a T5 encoder).
+Nothing here downloads anything: the CLIP tokenizer vocabulary is made in-process (byte-level
+BPE over the 256 byte symbols plus merges for a handful of words), the T5 tokenizer is a
+Unigram model over those words and single characters, and every model gets random weights
+from a seeded generator, so two builds with the same seed are identical.
 """
 
 from __future__ import annotations
@@ -55,7 +57,19 @@ def build_tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+def build_tiny_t5_tokenizer(model_max_length: int = 512):
+    """A T5 tokenizer (sentencepiece-style Unigram) with a ~90-entry vocabulary: the words
+    above as whole pieces, then single characters; anything else is <unk>."""
+    from transformers import T5TokenizerFast
+
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789.,'-!?"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + word, -1.0) for word in _TINY_WORDS]
+    vocab += [(c, -5.0) for c in characters] + [("\u2581" + c, -5.5) for c in characters]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 
 
 def _tiny_text_encoder(tokenizer, *, with_projection: bool = False):
@@ -78,13 +92,18 @@ def build_tiny_pipeline(
     sample_size: int = 32,
     block_channels: tuple[int, ...] = (32, 64),
 ):
-    """A Stable Diffusion pipeline of the given family with ~1M parameters.
+    """A pipeline of the given family with ~1M parameters.
 
     - sd1: UNet with conv projections in its transformer blocks, one CLIP text encoder.
     - sd2: linear projections (`use_linear_projection`, as SD 2.x), per-block head dims.
     - sdxl: two text encoders (the second with a projection giving pooled embeddings), the UNet
       conditioned on pooled text + size/crop "time ids" (`addition_embed_type="text_time"`).
+    - sd3: SD3Transformer2DModel (2 joint blocks) on 16 latent channels, CLIP-L and CLIP-G
+      with projections and a T5 encoder (`_tiny_flow_pipeline`).
+    - flux: FluxTransformer2DModel (1 double + 1 single block, guidance embedding as
+      FLUX.1-dev) on 16 latent channels packed 2x2, CLIP-L (pooled) and T5.
     `sample_size` is the image size in pixels; latents are `sample_size // 4` with this VAE.
+    `prediction_type` and `block_channels` apply to the UNet families only.
     """
     from diffusers import (
         AutoencoderKL,
@@ -97,6 +116,8 @@ def build_tiny_pipeline(
 
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is not one of {', '.join(FAMILIES)}")
+    if family in ("sd3", "flux"):
+        return _tiny_flow_pipeline(family, seed=seed, sample_size=sample_size)
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
     blocks = len(block_channels)
@@ -137,6 +158,72 @@ def build_tiny_pipeline(
         scheduler=PNDMScheduler(skip_prk_steps=True, **scheduler_kwargs),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+# Latent normalisation of the real models' VAEs: latents = (z - shift) * scale.
+_FLOW_VAE_FACTORS = {"sd3": (0.0609, 1.5305), "flux": (0.1159, 0.3611)}
+
+
+def _tiny_t5_encoder(tokenizer, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model,
+        num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        relative_attention_max_distance=32, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id))
+
+
+def _tiny_flow_pipeline(family: str, *, seed: int, sample_size: int):
+    """SD 3.x or FLUX.1 architecture at toy size (see build_tiny_pipeline)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    torch.manual_seed(seed)
+    shift_factor, scaling_factor = _FLOW_VAE_FACTORS[family]
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=16, norm_num_groups=16, sample_size=sample_size,
+        shift_factor=shift_factor, scaling_factor=scaling_factor,
+        use_quant_conv=False, use_post_quant_conv=False)
+    clip_tokenizer = build_tiny_tokenizer()
+    if family == "sd3":
+        # Joint text tokens: CLIP-L (32) + CLIP-G (32) hidden states side by side = 64 wide,
+        # T5's width too; pooled: the two CLIP projections (32 + 32).
+        transformer = SD3Transformer2DModel(
+            sample_size=sample_size // 4, patch_size=2, in_channels=16, out_channels=16,
+            num_layers=2, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+            caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32)
+        t5_tokenizer = build_tiny_t5_tokenizer(model_max_length=256)
+        return StableDiffusion3Pipeline(
+            transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            text_encoder=_tiny_text_encoder(clip_tokenizer, with_projection=True),
+            tokenizer=clip_tokenizer,
+            text_encoder_2=_tiny_text_encoder(clip_tokenizer, with_projection=True),
+            tokenizer_2=build_tiny_tokenizer(),
+            text_encoder_3=_tiny_t5_encoder(t5_tokenizer, 64), tokenizer_3=t5_tokenizer)
+    # FLUX.1: 16 latent channels packed 2x2 -> 64 per token; RoPE axes (4, 4, 8) sum to the
+    # head dim 16; pooled from CLIP-L (32), text tokens from T5 (32).
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    t5_tokenizer = build_tiny_t5_tokenizer(model_max_length=512)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(
+        transformer=transformer, vae=vae, scheduler=scheduler,
+        text_encoder=_tiny_text_encoder(clip_tokenizer), tokenizer=clip_tokenizer,
+        text_encoder_2=_tiny_t5_encoder(t5_tokenizer, 32), tokenizer_2=t5_tokenizer)
 
 
 def save_tiny_pipeline(path: str | Path, **kwargs) -> Path:

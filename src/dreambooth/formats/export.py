@@ -48,6 +48,7 @@ from dreambooth.formats.single_file import (
     load_single_file,
     read_header,
 )
+from dreambooth.formats.transformer_keys import TRANSFORMER_FAMILIES, transformer_variant
 from dreambooth.models import (
     DTYPES,
     TRAINING_CONFIG_FILE,
@@ -87,8 +88,9 @@ def resolve_pipeline_folder(model: str | Path, prediction_type: str | None = Non
 
 
 def _stored_dtype(folder: Path) -> torch.dtype:
-    """dtype of the UNet's weights on disk (float32 when it cannot be told)."""
-    for file in sorted((folder / "unet").glob("*.safetensors")):
+    """dtype of the UNet's (or transformer's) weights on disk (float32 when it cannot be told)."""
+    denoiser = "transformer" if (folder / "transformer").is_dir() else "unet"
+    for file in sorted((folder / denoiser).glob("*.safetensors")):
         header = read_header(file)
         for tensor in header.tensors.values():
             if tensor.is_floating_point():
@@ -161,7 +163,9 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
     pipeline = load_pipeline(folder, device="cpu", dtype="fp32")
     if merge_lora_path is not None:
         merge_lora(pipeline, merge_lora_path, family, lora_scale)
-    prediction = pipeline.scheduler.config.get("prediction_type", "epsilon")
+    # SD3/FLUX learn a rectified-flow velocity: no prediction type in the SD sense.
+    prediction = (None if family in TRANSFORMER_FAMILIES
+                  else pipeline.scheduler.config.get("prediction_type", "epsilon"))
     provenance = {"source": str(model), "format": fmt, "family": family,
                   "dtype": str(torch_dtype).removeprefix("torch."), "prediction_type": prediction,
                   "merged_lora": str(merge_lora_path) if merge_lora_path is not None else None,
@@ -175,9 +179,15 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
             state[V_PRED_KEY] = torch.tensor([])  # ComfyUI's marker; readers ignore it
         source = Path(str(model))
         title = source.stem if _is_single_file(source) else source.name
-        resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+        variant = None
+        if family in TRANSFORMER_FAMILIES:
+            variant = transformer_variant(family, pipeline.transformer.config)
+            resolution = pipeline.default_sample_size * pipeline.vae_scale_factor
+        else:
+            resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         metadata = {"format": "pt",
-                    **modelspec(family, prediction, title=title, resolution=resolution),
+                    **modelspec(family, prediction, title=title, resolution=resolution,
+                                variant=variant),
                     "dreambooth.export": json.dumps(provenance, sort_keys=True)}
         from safetensors.torch import save_file
 
@@ -243,7 +253,8 @@ def for_older_stacks(folder: Path, base: Path) -> None:
 
     - transformers 5 writes CLIP text models without the `text_model.` level in their weight
       names; 4.x then finds none of them and initialises the encoder at random (with only a
-      warning). Names are written with it, which 5 reads as well.
+      warning). Names are written with it, which 5 reads as well. Only CLIP's: T5 encoders
+      (SD3, FLUX) have no such level.
     - A tokenizer saved by transformers 5 may hold only `tokenizer.json`; the slow
       CLIPTokenizer that model_index.json names needs `vocab.json` and `merges.txt`, copied
       from the base model when it has them.
@@ -252,6 +263,8 @@ def for_older_stacks(folder: Path, base: Path) -> None:
     from safetensors.torch import save_file
 
     for encoder in sorted(folder.glob("text_encoder*")):
+        if not _is_clip(encoder):
+            continue  # T5 (SD3, FLUX) never had the level
         for weights in sorted(encoder.glob("*.safetensors")):
             with safe_open(str(weights), framework="pt") as handle:
                 metadata = handle.metadata() or {"format": "pt"}
@@ -267,6 +280,14 @@ def for_older_stacks(folder: Path, base: Path) -> None:
             source = base / tokenizer.name / name
             if source.is_file() and not (tokenizer / name).exists():
                 shutil.copyfile(source, tokenizer / name)
+
+
+def _is_clip(encoder: Path) -> bool:
+    try:
+        config = json.loads((encoder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return str(config.get("model_type", "")).startswith("clip")
 
 
 def _with_text_model(key: str) -> str:

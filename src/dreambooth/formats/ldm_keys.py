@@ -165,7 +165,13 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, t
 def single_file_state_dict(pipeline, family: str) -> dict[str, torch.Tensor]:
     """A live SD/SDXL pipeline's weights under CompVis names, checked against diffusers' reader:
     raises ExportError unless `from_single_file` would give back every tensor unchanged in name
-    and shape."""
+    and shape. SD3 and FLUX have their own layouts (formats/transformer_checkpoints.py)."""
+    if family in ("sd3", "flux"):
+        from dreambooth.formats.transformer_checkpoints import (
+            transformer_single_file_state_dict,
+        )
+
+        return transformer_single_file_state_dict(pipeline, family)
     components = {"unet": pipeline.unet, "vae": pipeline.vae, "text_encoder": pipeline.text_encoder}
     if family == "sdxl":
         components["text_encoder_2"] = pipeline.text_encoder_2

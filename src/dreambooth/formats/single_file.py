@@ -506,6 +506,8 @@ def load_single_file(path: str | Path, *, prediction_type: str | None = None,
       For SD 2.x it also picks the config: 'sd2' (512, epsilon) or 'sd2-v' (768, v-prediction).
     - `config`: a diffusers folder whose configs describe the architecture, instead of the
       shipped one for the detected family (for fine-tunes with another architecture, and tests).
+      SD 3.x / FLUX.1 files need it: the diffusers folder of the model, which gives what the
+      file lacks (transformer_checkpoints.transformer_file_to_folder).
     - `torch_dtype`: dtype of the weights written (float32 by default, as training wants).
 
     The folder lives under `<cache>/single-file/<sha256 prefix>-...` and is reused by later
@@ -513,8 +515,14 @@ def load_single_file(path: str | Path, *, prediction_type: str | None = None,
     conversion leaves nothing half-written. Raises SingleFileError subclasses (ValueError) naming
     the file for unreadable files, unknown architectures and missing or mis-shaped tensors.
     """
+    from dreambooth.formats.transformer_keys import transformer_file_family
+
     path = Path(path).expanduser().resolve()
     header = read_header(path)
+    if transformer_file_family(header.keys) is not None:  # SD 3.x / FLUX.1
+        from dreambooth.formats.transformer_checkpoints import transformer_file_to_folder
+
+        return transformer_file_to_folder(path, config, torch_dtype)
     try:
         family = detect_family(header.keys)
     except UnknownArchitectureError as error:

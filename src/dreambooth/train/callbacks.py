@@ -31,8 +31,8 @@ def sampling_context(trainer, pl_module, *, move_encoders: bool = True):
     encoders = pl_module.text_encoders
     encoder_devices = [encoder.device for encoder in encoders]
     modes = [(module, module.training)
-             for root in (pl_module.unet, *encoders) for module in root.modules()]
-    pl_module.unet.eval()
+             for root in (pl_module.denoiser, *encoders) for module in root.modules()]
+    pl_module.denoiser.eval()
     for encoder in encoders:
         (encoder.to(pl_module.device) if move_encoders else encoder).eval()
     try:
@@ -49,18 +49,23 @@ class ClassImageGeneration(Callback):
     """Before training, the frozen base model fills `class_data_dir` up to `num_class_images`.
 
     Every rank computes the same list of missing images, then generates its share
-    (indices[rank::world_size]) on its own device; a barrier waits for all of them.
+    (indices[rank::world_size]) on its own device; a barrier waits for all of them. With
+    `precision` (prior_generation_precision) the base model is loaded apart in that precision
+    for it, else the live (not yet trained) modules generate. `max_sequence_length`: T5 tokens
+    of SD 3.x and FLUX.1 prompts (None for the UNet families).
     """
 
     def __init__(self, components: DiffusionComponents, *, class_data_dir: str | Path,
                  class_prompt: str, num_class_images: int, seed: int, sample_batch_size: int,
-                 num_inference_steps: int, guidance_scale: float, resolution: int):
+                 num_inference_steps: int, guidance_scale: float, resolution: int,
+                 precision: str | None = None, max_sequence_length: int | None = None):
         self.components = components
         self.class_data_dir = Path(class_data_dir)
         self.class_prompt, self.num_class_images = class_prompt, num_class_images
         self.seed, self.sample_batch_size = seed, sample_batch_size
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         self.resolution = resolution
+        self.precision, self.max_sequence_length = precision, max_sequence_length
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         missing = missing_class_images(self.class_data_dir, self.num_class_images)
@@ -73,16 +78,25 @@ class ClassImageGeneration(Callback):
             from dreambooth.train.class_images import generate_class_images
 
             device = trainer.strategy.root_device
-            for module in (pl_module.unet, pl_module.vae, *pl_module.text_encoders):
-                module.to(device)
-            pipeline = assemble_pipeline(self.components)
-            with sampling_context(trainer, pl_module):
-                generate_class_images(
-                    pipeline, self.class_data_dir, share, class_prompt=self.class_prompt,
-                    seed=self.seed, batch_size=self.sample_batch_size,
-                    num_inference_steps=self.num_inference_steps,
-                    guidance_scale=self.guidance_scale, resolution=self.resolution,
-                    show_progress=trainer.is_global_zero)
+            arguments = dict(
+                class_prompt=self.class_prompt, seed=self.seed, batch_size=self.sample_batch_size,
+                num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                resolution=self.resolution, show_progress=trainer.is_global_zero,
+                max_sequence_length=self.max_sequence_length)
+            if self.precision is not None:
+                from dreambooth.models import load_pipeline
+
+                dtype = "fp32" if self.precision == "no" else self.precision
+                pipeline = load_pipeline(self.components.path, device=str(device), dtype=dtype)
+                generate_class_images(pipeline, self.class_data_dir, share, **arguments)
+                del pipeline
+            else:
+                for module in (pl_module.denoiser, pl_module.vae,
+                               *self.components.text_encoders):
+                    module.to(device)
+                pipeline = assemble_pipeline(self.components)
+                with sampling_context(trainer, pl_module):
+                    generate_class_images(pipeline, self.class_data_dir, share, **arguments)
         trainer.strategy.barrier("class-images-written")
 
 
@@ -94,7 +108,7 @@ class ValidationSamples(Callback):
 
     def __init__(self, components: DiffusionComponents, *, prompts: list[str], every_n_steps: int,
                  num_images: int, num_inference_steps: int, guidance_scale: float, seed: int,
-                 resolution: int, output_dir: str | Path):
+                 resolution: int, output_dir: str | Path, max_sequence_length: int | None = None):
         if not prompts:
             raise ValueError("ValidationSamples needs at least one prompt")
         self.components = components
@@ -103,6 +117,7 @@ class ValidationSamples(Callback):
         self.seeds = seeding.validation_seeds(seed, num_images)
         self.resolution = resolution
         self.output_dir = Path(output_dir)
+        self.max_sequence_length = max_sequence_length  # SD 3.x / FLUX.1: sampled with T5
         self._last_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -128,6 +143,17 @@ class ValidationSamples(Callback):
             # One batch per prompt (all its seeds): a prompt's images are the same bits
             # whatever other prompts are validated beside it.
             for prompt in self.prompts:
+                if self.max_sequence_length is not None:
+                    from dreambooth.flow import sampling
+
+                    # The module's text tables: T5 may be released by now.
+                    rows.append(sampling.sample_images(
+                        pipeline, prompt, seeds=self.seeds,
+                        num_inference_steps=self.num_inference_steps,
+                        guidance_scale=self.guidance_scale, height=self.resolution,
+                        width=self.resolution, max_sequence_length=self.max_sequence_length,
+                        conditioning=pl_module.text_conditioning))
+                    continue
                 rows.append(sample_images(pipeline, prompt, seeds=self.seeds,
                                           num_inference_steps=self.num_inference_steps,
                                           guidance_scale=self.guidance_scale,

@@ -3,6 +3,8 @@
 Image k is written as `class-{k:05d}.png` from its own seed, derived from (seed, k), so the set
 is the same whatever the batching or the number of GPUs, and an interrupted generation resumes
 by generating only the files that are not there yet. Each PNG carries its prompt and seed.
+SD 3.x and FLUX.1 pipelines sample through dreambooth.flow.sampling (T5 prompts of
+`max_sequence_length` tokens), the others through dreambooth.generate.
 """
 
 from __future__ import annotations
@@ -44,8 +46,12 @@ def missing_class_images(class_data_dir: str | Path, num_class_images: int) -> l
 def generate_class_images(pipeline, class_data_dir: str | Path, indices: list[int], *,
                           class_prompt: str, seed: int, batch_size: int = 4,
                           num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                          resolution: int | None = None, show_progress: bool = True) -> list[Path]:
-    """Generate and atomically write the class images with the given indices; return their paths."""
+                          resolution: int | None = None, show_progress: bool = True,
+                          max_sequence_length: int | None = None) -> list[Path]:
+    """Generate and atomically write the class images with the given indices; return their paths.
+
+    `max_sequence_length` (T5 tokens) is for SD 3.x and FLUX.1 pipelines only.
+    """
     from dreambooth.generate import sample_images, set_scheduler  # diffusers' pipelines: slow
 
     class_data_dir = Path(class_data_dir)
@@ -56,9 +62,18 @@ def generate_class_images(pipeline, class_data_dir: str | Path, indices: list[in
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         seeds = [seeding.derive_seed(seed, seeding.CLASS_IMAGE, index) % 2**32 for index in chunk]
-        images = sample_images(pipeline, class_prompt, seeds=seeds,
-                               num_inference_steps=num_inference_steps,
-                               guidance_scale=guidance_scale, height=resolution, width=resolution)
+        if max_sequence_length is None:
+            images = sample_images(pipeline, class_prompt, seeds=seeds,
+                                   num_inference_steps=num_inference_steps,
+                                   guidance_scale=guidance_scale, height=resolution,
+                                   width=resolution)
+        else:
+            from dreambooth.flow import sampling
+
+            images = sampling.sample_images(
+                pipeline, class_prompt, seeds=seeds, num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale, height=resolution or 1024,
+                width=resolution or 1024, max_sequence_length=max_sequence_length)
         for index, image_seed, image in zip(chunk, seeds, images):
             parameters = format_parameters(
                 prompt=class_prompt, negative_prompt="", steps=num_inference_steps,

@@ -170,7 +170,8 @@ class ClassSet:
 class MicroStepBatches(Dataset):
     """Item i is this rank's batch for micro-step i (see the module docstring).
 
-    Returns `latents` (B + P, C, h, w) scaled by the VAE's scaling factor, B instance samples
+    Returns `latents` (B + P, C, h, w) normalised as the VAE's config says, (z - shift_factor)
+    x scaling_factor (SD 3.x and FLUX.1 VAEs have a shift, the others none), B instance samples
     first and then P class samples (one per instance sample whose concept has a prior);
     `seeds` from which the training step draws noise and timesteps; `time_ids` (B + P, 6) for
     SDXL; `is_prior`; `prompts` (B + P strings); `weights` (B + P, 1, h, w) mask weights of the
@@ -180,11 +181,12 @@ class MicroStepBatches(Dataset):
     def __init__(self, instance: list[CachedImage], class_sets: list[ClassSet],
                  concepts: list[Concept], *, batch_size: int, num_micro_steps: int, seed: int,
                  rank: int, world_size: int, scaling_factor: float,
-                 captions: CaptionSettings = CaptionSettings()):
+                 captions: CaptionSettings = CaptionSettings(), shift_factor: float = 0.0):
         self.instance, self.class_sets, self.concepts = instance, class_sets, concepts
         self.batch_size, self.num_micro_steps = batch_size, num_micro_steps
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.scaling_factor, self.captions = scaling_factor, captions
+        self.shift_factor = shift_factor
         keys = [concept.class_key for concept in concepts]
         distinct = list(dict.fromkeys(key for key in keys if key is not None))
         self.class_of = [None if key is None else distinct.index(key) for key in keys]
@@ -246,7 +248,10 @@ class MicroStepBatches(Dataset):
         eps = torch.randn(mean.shape, generator=sample_generator)
         weights = (image.weights[view] if image.weights is not None
                    else torch.ones(1, *mean.shape[1:]))
-        return {"latents": (mean + std * eps) * self.scaling_factor,  # (C, h, w)
+        latents = mean + std * eps  # z ~ the posterior, (C, h, w)
+        if self.shift_factor:
+            latents = latents - self.shift_factor
+        return {"latents": latents * self.scaling_factor,
                 "seeds": seeding.derive_seed(self.seed, seeding.SAMPLE, kind, n, 1),
                 "time_ids": image.time_ids[view], "weights": weights}
 
@@ -426,6 +431,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
             scaling_factor=self.vae.config.scaling_factor, captions=self.caption_settings,
+            shift_factor=self.vae.config.get("shift_factor") or 0.0,
         )
         sampler = ResumingSampler(
             num_micro_steps,

@@ -7,6 +7,9 @@ where the target is the noise eps for epsilon-prediction models and the velocity
 v = alpha_t * eps - sigma_t * z_0 for v-prediction models (SD 2.x 768 px); c is each sample's
 own caption (or class prompt); m is the sample's mask weight per latent pixel (1 without a
 mask, masks.py) and w_concept its concept's `loss_weight` (1 for a single concept).
+
+The flow-matching families (SD 3.x, FLUX.1) train the same sum on the rectified-flow velocity
+instead: train/flow_matching.py.
 """
 
 from __future__ import annotations
@@ -122,6 +125,11 @@ class DreamBoothModule(L.LightningModule):
     def text_encoders(self) -> list[torch.nn.Module]:
         return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network the loss trains: here the UNet."""
+        return self.unet
+
     # ----------------------------------------------------------------------- setup
     def on_fit_start(self) -> None:
         mixed = self.trainer.precision in ("16-mixed", "bf16-mixed")
@@ -216,7 +224,7 @@ class DreamBoothModule(L.LightningModule):
         latents = batch["latents"]
         self._mkldnn_was = torch.backends.mkldnn.enabled
         if cpu.use_native_conv(latents.shape[0] * latents.shape[2] * latents.shape[3],
-                               latents.device, self.unet.dtype):
+                               latents.device, self.denoiser.dtype):
             torch.backends.mkldnn.enabled = False
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -227,7 +235,6 @@ class DreamBoothModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         latents = batch["latents"]  # (B, 4, H/8, W/8), instance samples then class samples
-        is_prior = batch["is_prior"]
         noise, timesteps = draw_noise_and_timesteps(
             batch["seeds"].cpu(), tuple(latents.shape[1:]),
             num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
@@ -243,6 +250,13 @@ class DreamBoothModule(L.LightningModule):
         if self.optim.snr_gamma is not None:
             per_sample = per_sample * min_snr_weights(self.noise_scheduler, timesteps,
                                                       self.optim.snr_gamma)
+        return self.dreambooth_loss(per_sample, batch)
+
+    def dreambooth_loss(self, per_sample: torch.Tensor, batch: dict[str, torch.Tensor]
+                        ) -> torch.Tensor:
+        """Eq. 2 from per-sample losses (B + P,): the instance mean plus lambda times the prior
+        mean, each sample weighted by its concept's loss_weight; logged, checked finite."""
+        is_prior = batch["is_prior"]
         per_sample = per_sample * batch["loss_weights"].float()  # concepts' loss_weight
         instance_loss = per_sample[~is_prior].mean()
         loss = instance_loss
@@ -277,7 +291,7 @@ class DreamBoothModule(L.LightningModule):
         unet_lr, text_lr = self.learning_rates()
         decay = self.optim.adam_weight_decay
         text_decay = self.optim.adam_weight_decay_text_encoder
-        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad],
+        groups = [{"params": [p for p in self.denoiser.parameters() if p.requires_grad],
                    "lr": unet_lr, "weight_decay": decay}]
         if self.optim.train_text_encoder:
             groups.append({"params": [p for encoder in self.text_encoders
@@ -292,6 +306,10 @@ class DreamBoothModule(L.LightningModule):
         if (cls is torch.optim.AdamW and self.trainer.precision != "16-mixed"
                 and can_fuse(p for group in groups for p in group["params"])):
             options["fused"] = True
+        if self.optim.optimizer == "prodigy":
+            options.update(beta3=self.optim.prodigy_beta3, decouple=self.optim.prodigy_decouple,
+                           use_bias_correction=self.optim.prodigy_use_bias_correction,
+                           safeguard_warmup=self.optim.prodigy_safeguard_warmup)
         optimizer = cls(groups, betas=(self.optim.adam_beta1, self.optim.adam_beta2),
                         weight_decay=decay, eps=self.optim.adam_epsilon, **options)
         scheduler = get_scheduler(self.optim.lr_scheduler, optimizer,
@@ -365,7 +383,8 @@ def optimizer_class(optim: OptimizationConfig):
             from prodigyopt import Prodigy
         except ImportError as error:
             raise ImportError("optimizer=prodigy needs the prodigyopt package: "
-                              "pip install prodigyopt") from error
+                              "pip install 'dreambooth[prodigy]' (or --optimizer adamw)"
+                              ) from error
         return Prodigy
     if not optim.use_8bit_adam:
         return torch.optim.AdamW

@@ -1,8 +1,9 @@
 """`train(config)`: one DreamBooth run from a validated TrainConfig to a saved pipeline.
 
 Wires the pieces together and hands the loop to Lightning's Trainer: DreamBoothModule (loss,
-what is trained), DreamBoothDataModule (images -> cached latents -> batches), callbacks (class
-images, validation samples, checkpoints) and loggers. Nothing here computes a loss.
+what is trained; FlowMatchingModule for SD 3.x and FLUX.1), DreamBoothDataModule (images ->
+cached latents -> batches), callbacks (class images, validation samples, checkpoints) and
+loggers. Nothing here computes a loss.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ import torch
 
 import dreambooth.train.checkpointing as checkpointing
 from dreambooth import cpu
-from dreambooth.config import TrainConfig, dump_yaml, instance_prompt_warnings, parse_train_config
+from dreambooth.config import (
+    FLOW_KEYS,
+    TrainConfig,
+    dump_yaml,
+    instance_prompt_warnings,
+    parse_train_config,
+)
+from dreambooth.flow import family_module
+from dreambooth.flow.objective import FlowSettings
 from dreambooth.formats.export import save_trained_pipeline, write_run_files
 from dreambooth.formats.lora_files import (
     default_output_name,
@@ -42,6 +51,8 @@ from dreambooth.train.captions import (
 from dreambooth.train.concepts import Concept, resolve_concepts
 from dreambooth.train.data import DreamBoothDataModule, steps_for_epochs
 from dreambooth.train.ema import EMAWeights
+from dreambooth.train.flow_export import save_flow_lora, save_flow_pipeline
+from dreambooth.train.flow_matching import FlowMatchingModule
 from dreambooth.train.lora import LoraSettings
 from dreambooth.train.masks import MaskSettings
 from dreambooth.train.module import DreamBoothModule, optimizer_class
@@ -62,7 +73,9 @@ RESUME_INVARIANTS = ("pretrained_model_name_or_path", "train_text_encoder", "tra
                      "concepts", "caption_extension", "caption_dropout_rate", "shuffle_caption",
                      "keep_tokens", "aspect_buckets", "min_bucket_reso", "max_bucket_reso",
                      "bucket_reso_steps", "bucket_no_upscale", "mask_dir", "alpha_mask",
-                     "unmasked_weight")
+                     "unmasked_weight", "weighting_scheme", "logit_mean", "logit_std",
+                     "mode_scale", "precondition_outputs", "guidance_scale",
+                     "max_sequence_length", "lora_layers", "lora_blocks", "quantize_base")
 
 
 class RunMetadata(L.Callback):
@@ -227,6 +240,7 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
     if resume_path is not None:
         checkpointing.check_resume(resume_path, saved, config.to_flat_dict(), RESUME_INVARIANTS,
                                    advice="Use the checkpoint's values or start anew.")
+        log.info("resuming from %s", resume_path)
     if config.hardware.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -261,18 +275,33 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
         config.model.pretrained_model_name_or_path, config.model.revision,
         vae_name_or_path=config.model.pretrained_vae_model_name_or_path,
         variant=config.model.variant, prediction_type=config.model.prediction_type)
+    flow = check_family_options(config, components)
     check_resolution(config.data.resolution, components)
     check_bucket_steps(config, components)
     warn_truncated({str(path): text for path, text in captions.items()},
                    components.tokenizer)
     _choose_threads(config, meter, resumed_threads)  # the load measured while models loaded
-    lora = lora_settings(config)
-    module = DreamBoothModule(
-        components, prompts=[*captions.values(), *(prompt for _, prompt in class_counts),
-                             *([""] if data.caption_dropout_rate else [])],
-        prior_loss_weight=config.prior.prior_loss_weight, optim=config.optim,
-        max_train_steps=max_steps,
-        pre_compute_text_embeddings=config.hardware.pre_compute_text_embeddings, lora=lora)
+    lora = lora_settings(config, components.family)
+    prompts = [*captions.values(), *(prompt for _, prompt in class_counts),
+               *([""] if data.caption_dropout_rate else [])]
+    if flow is None:
+        module = DreamBoothModule(
+            components, prompts=prompts,
+            prior_loss_weight=config.prior.prior_loss_weight, optim=config.optim,
+            max_train_steps=max_steps,
+            pre_compute_text_embeddings=config.hardware.pre_compute_text_embeddings, lora=lora)
+    else:
+        # Validation prompts (and SD3's negative "") are tabled too: T5 is released after.
+        module = FlowMatchingModule(
+            components, prompts=[*prompts, *validation_prompts,
+                                 *([""] if validation_prompts else [])],
+            prior_loss_weight=config.prior.prior_loss_weight, optim=config.optim,
+            max_train_steps=max_steps, flow=flow,
+            pre_compute_text_embeddings=config.hardware.pre_compute_text_embeddings, lora=lora,
+            closed_prompts=not data.shuffle_caption, quantize=config.adapter.quantize_base,
+            base_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+                config.optim.mixed_precision, torch.float32))
+    max_sequence_length = None if flow is None else flow.max_sequence_length
     datamodule = DreamBoothDataModule(
         concepts=concepts, captions=captions, num_class_images=config.prior.num_class_images,
         buckets=BucketSettings(
@@ -308,7 +337,9 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
                 sample_batch_size=config.prior.sample_batch_size,
                 num_inference_steps=config.prior.class_inference_steps,
                 guidance_scale=config.prior.class_guidance_scale,
-                resolution=config.data.resolution))
+                resolution=config.data.resolution,
+                precision=config.prior.prior_generation_precision,
+                max_sequence_length=max_sequence_length))
     if validation_prompts:
         run_callbacks.append(ValidationSamples(
             components, prompts=validation_prompts,
@@ -316,7 +347,8 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
             num_images=config.validation.num_validation_images,
             num_inference_steps=config.validation.validation_inference_steps,
             guidance_scale=config.validation.validation_guidance_scale, seed=seed,
-            resolution=config.data.resolution, output_dir=output_dir / "validation"))
+            resolution=config.data.resolution, output_dir=output_dir / "validation",
+            max_sequence_length=max_sequence_length))
     if config.validation.validation_data_dir:
         run_callbacks.append(ValidationLoss(
             config.validation.validation_data_dir, instance_prompt=config.data.instance_prompt,
@@ -345,7 +377,9 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
     if ema is not None and not config.ema.export_raw_weights:
         ema.copy_to_module()  # the model (or LoRA) saved is the average
     module.check_finite_weights()  # NonFiniteError: an existing model is never replaced by NaN
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and flow is not None:
+        save_flow_outputs(config, components, module, lora, output_dir)
+    elif trainer.is_global_zero:
         if lora is None:
             save_trained_pipeline(components, output_dir, config_yaml=dump_yaml(config))
             log.info("trained pipeline saved to %s", output_dir)
@@ -371,10 +405,86 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
     return output_dir
 
 
+def save_flow_outputs(config: TrainConfig, components, module, lora, output_dir: Path) -> None:
+    """An SD 3.x / FLUX.1 run's model: the pipeline folder, or the diffusers LoRA file."""
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    dtype = (torch.float32 if config.checkpoint.upcast_before_saving
+             else half.get(config.optim.mixed_precision, torch.float32))
+    if lora is None:
+        trained = {"transformer": components.transformer}
+        if config.optim.train_text_encoder:
+            trained.update({name: getattr(components, name) for name in module.clip_names})
+        save_flow_pipeline(components, trained, output_dir, config_yaml=dump_yaml(config),
+                           dtype=dtype)
+        log.info("trained pipeline saved to %s", output_dir)
+        return
+    path = save_flow_lora(output_dir, components.family, components.transformer,
+                          module.text_encoders, settings=lora, dtype=dtype,
+                          text_encoder_names=module.clip_names)
+    write_run_files(output_dir, dump_yaml(config))
+    log.info("LoRA weights saved: %s", path)
+
+
+def check_family_options(config: TrainConfig, components) -> FlowSettings | None:
+    """The flow-matching settings of an SD 3.x / FLUX.1 run (the family's defaults where a key
+    is unset), None for the UNet families; options that do not apply to the model are refused
+    with what to do instead."""
+    flat = config.to_flat_dict()
+    family = components.family
+    if not components.is_flow_matching:
+        given = [key for key in FLOW_KEYS if flat[key] is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to SD 3.x and FLUX.1 models only; "
+                             f"this is an {family.upper()} model: drop them")
+        return None
+    refused = {
+        "snr_gamma": "Min-SNR weighting is for noise prediction; use --weighting_scheme",
+        "offset_noise": "offset noise is for noise prediction; drop --offset_noise",
+        "validation_data_dir": "the held-out loss is written for the UNet families; drop "
+                               "--validation_data_dir (use --validation_prompt)",
+    }
+    problems = [f"{key} does not apply to {family} models: {why}"
+                for key, why in refused.items() if flat[key]]
+    if flat["lora_unet_target_modules"] != "to_k,to_q,to_v,to_out.0":
+        problems.append(f"lora_unet_target_modules names UNet modules; for {family} models "
+                        "pass --lora_layers (e.g. 'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0')")
+    if problems:
+        raise ValueError("; ".join(problems))
+    spec = family_module(family)
+    scheme = flat["weighting_scheme"] or ("logit_normal" if family == "sd3" else "none")
+    precondition = flat["precondition_outputs"]
+    guidance = flat["guidance_scale"]
+    if guidance is not None and not components.transformer.config.get("guidance_embeds"):
+        log.warning("guidance_scale=%s is not used: this transformer has no guidance input "
+                    "(only guidance-distilled models such as FLUX.1-dev do)", guidance)
+    return FlowSettings(
+        weighting_scheme=scheme, logit_mean=flat["logit_mean"], logit_std=flat["logit_std"],
+        mode_scale=flat["mode_scale"],
+        precondition_outputs=(family == "sd3") if precondition is None else precondition,
+        guidance_scale=3.5 if guidance is None else guidance,
+        max_sequence_length=flat["max_sequence_length"] or spec.DEFAULT_MAX_SEQUENCE_LENGTH)
+
+
+def native_resolution(components) -> int | None:
+    """The image side a model was trained at (None where its config does not say: FLUX.1)."""
+    config = components.denoiser.config
+    if config.get("sample_size") is None or components.family == "flux":
+        return None
+    return config.sample_size * components.vae_scale_factor
+
+
 def check_resolution(resolution: int, components) -> None:
     """Refuse a resolution far beyond the model's own (memory grows with its square): at most
-    twice the size the model was trained at."""
-    native = components.unet.config.sample_size * components.vae_scale_factor
+    twice the size the model was trained at, and for SD 3.x what its position embedding spans."""
+    if components.family == "sd3":
+        config = components.transformer.config
+        limit = config.pos_embed_max_size * config.patch_size * components.vae_scale_factor
+        if resolution > limit:
+            raise ValueError(f"resolution={resolution} is more than this SD3 transformer's "
+                             f"position embedding spans ({limit} px); use at most {limit}")
+    native = native_resolution(components)
+    if native is None:
+        return
     if resolution > 2 * native:
         raise ValueError(f"resolution={resolution} is more than twice the {native} px this "
                          f"{components.family.upper()} model was trained at; use at most "
@@ -386,7 +496,11 @@ def check_bucket_steps(config: TrainConfig, components) -> None:
     VAE factor x 2^(UNet down blocks - 1) (8 x 8 = 64 for SD 1.x/2.x, 8 x 4 = 32 for SDXL)."""
     if not config.data.aspect_buckets:
         return
-    unit = components.vae_scale_factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
+    if components.is_flow_matching:  # latents in 2x2 patches
+        unit = components.vae_scale_factor * 2
+    else:
+        unit = components.vae_scale_factor * 2 ** (
+            len(components.unet.config.block_out_channels) - 1)
     steps = config.data.bucket_reso_steps
     if steps % unit:
         raise ValueError(f"bucket_reso_steps={steps} would give latents this "
@@ -396,14 +510,23 @@ def check_bucket_steps(config: TrainConfig, components) -> None:
                          f"bucket_reso_steps={unit * max(1, steps // unit)}")
 
 
-def lora_settings(config: TrainConfig) -> LoraSettings | None:
+def lora_settings(config: TrainConfig, family: str = "sd1") -> LoraSettings | None:
+    """The LoRA adapters of a run; for SD 3.x / FLUX.1 the transformer's targets are
+    `lora_layers` (else diffusers' list for the family), within `lora_blocks` if given."""
     adapter = config.adapter
     if not adapter.use_lora:
         return None
     def split(text: str) -> tuple[str, ...]:
         return tuple(name.strip() for name in text.split(",") if name.strip())
 
+    targets = split(adapter.lora_unet_target_modules)
+    if family in ("sd3", "flux"):
+        spec = family_module(family)
+        targets = split(adapter.lora_layers) if adapter.lora_layers else spec.LORA_TARGETS
+        if adapter.lora_blocks:
+            targets = tuple(f"{spec.LORA_BLOCKS}.{int(block)}.{module}"
+                            for block in split(adapter.lora_blocks) for module in targets)
     return LoraSettings(rank=adapter.rank, alpha=adapter.lora_alpha or float(adapter.rank),
                         dropout=adapter.lora_dropout, use_dora=adapter.use_dora,
-                        unet_target_modules=split(adapter.lora_unet_target_modules),
+                        unet_target_modules=targets,
                         text_encoder_target_modules=split(adapter.lora_text_encoder_target_modules))
