@@ -26,7 +26,8 @@ from dreambooth.models import load_components, load_pipeline, pipeline_class
 from dreambooth.tiny import build_tiny_pipeline, save_tiny_pipeline
 from dreambooth.train.checkpointing import list_checkpoints
 from dreambooth.train.flow_matching import FlowMatchingModule
-from dreambooth.train.run import train
+from dreambooth.train.quantize import is_quantized
+from dreambooth.train.run import check_resolution, train
 
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
@@ -345,6 +346,12 @@ def test_options_that_cannot_apply_are_refused_with_what_to_do(flow_model, tmp_p
     family, folder = flow_model
     with pytest.raises(ValueError, match="snr_gamma.*weighting_scheme"):
         train(flow_config(folder, instance_dir, tmp_path / "a", snr_gamma=5.0))
+    transformer = SimpleNamespace(config={})  # FLUX.1's config names no sample size
+    real_flux = SimpleNamespace(family="flux", is_flow_matching=True, vae_scale_factor=8,
+                                transformer=transformer, denoiser=transformer)
+    with pytest.raises(ValueError, match="multiple of 16 .*e.g. 512"):  # 2x2 patches of /8
+        check_resolution(520, real_flux)
+    check_resolution(512, real_flux)
     with pytest.raises(ValueError, match="lora_layers"):
         train(flow_config(folder, instance_dir, tmp_path / "b", use_lora=True,
                           lora_unet_target_modules="to_q"))
@@ -369,14 +376,21 @@ def importlib_missing(name: str) -> bool:
 
 
 @pytest.mark.skipif(importlib_missing("torchao"), reason="needs the 'quantize' extra (torchao)")
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_lora_on_a_quantized_base_trains_and_saves_a_full_precision_lora(kind, tmp_path,
-                                                                        instance_dir):
+@pytest.mark.parametrize("kind,precision", [("int8", "bf16"), ("int4", "no")])
+def test_lora_on_a_quantized_base_trains_and_saves_a_full_precision_lora(kind, precision,
+                                                                        tmp_path, instance_dir):
     folder = save_tiny_pipeline(tmp_path / "flux", family="flux")
     keep = KeepModule()
     output = train(flow_config(folder, instance_dir, tmp_path / "out", use_lora=True, rank=2,
-                               quantize_base=kind, learning_rate=5e-2), callbacks=[keep])
-    to_q = keep.module.transformer.transformer_blocks[0].attn.to_q
+                               quantize_base=kind, learning_rate=5e-2,
+                               mixed_precision=precision, upcast_before_saving=True),
+                   callbacks=[keep])
+    transformer = keep.module.transformer
+    assert {p.dtype for p in transformer.parameters() if p.requires_grad} == {torch.float32}
+    frozen = {p.dtype for p in transformer.parameters()  # biases, norms, embeddings
+              if not p.requires_grad and not is_quantized(p)}
+    assert frozen == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    to_q = transformer.transformer_blocks[0].attn.to_q
     assert type(to_q.base_layer.weight.data).__name__ in ("Int8Tensor",
                                                            "IntxUnpackedToInt8Tensor")
     state = load_file(output / "pytorch_lora_weights.safetensors")

@@ -79,7 +79,7 @@ class BooleanFlag(argparse.BooleanOptionalAction):
 
     def __init__(self, option_strings, dest, default=None, **kwargs):
         super().__init__(option_strings, dest, default=default, **kwargs)
-        self.nargs = "?"
+        self.nargs, self.metavar = "?", "BOOL"
 
     def __call__(self, parser, namespace, values, option_string=None):
         value = not option_string.startswith("--no-")

@@ -22,17 +22,27 @@ class UnknownArchitectureError(ValueError):
 
 
 UNET_FAMILIES = ("sd1", "sd2", "sdxl")  # denoising UNets trained on noise (or v) prediction
-# Diffusion transformers trained on the rectified-flow velocity (dreambooth.flow).
-FLOW_MATCHING_FAMILIES = ("sd3", "flux")
-FAMILIES = UNET_FAMILIES + FLOW_MATCHING_FAMILIES
-# model_index.json's `_class_name` of each flow-matching family's diffusers pipeline, and the
-# parts it must name: SD 3.x has CLIP-L, CLIP-G (both with projection) and T5-XXL; FLUX.1 has
-# CLIP-L (pooled only) and T5-XXL.
+# The diffusion transformers trained on the rectified-flow velocity, one module each in
+# dreambooth.flow (dreambooth/flow/<family>.py): model_index.json's `_class_name` of the
+# family's diffusers pipeline -> (family, the models it must name). SD 3.x has CLIP-L, CLIP-G
+# (both with projection) and T5-XXL; FLUX.1 has CLIP-L (pooled only) and T5-XXL. Adding a
+# family is its module and its line here.
 FLOW_PIPELINES = {
     "StableDiffusion3Pipeline": ("sd3", ("transformer", "vae", "text_encoder", "text_encoder_2",
                                          "text_encoder_3")),
     "FluxPipeline": ("flux", ("transformer", "vae", "text_encoder", "text_encoder_2")),
 }
+FLOW_MATCHING_FAMILIES = tuple(family for family, _ in FLOW_PIPELINES.values())  # sd3, flux
+FAMILIES = UNET_FAMILIES + FLOW_MATCHING_FAMILIES
+
+
+def flow_subfolders(family: str) -> tuple[str, ...]:
+    """The subfolders a flow-matching family's pipeline folder has: its models, a tokenizer
+    per text encoder, the scheduler."""
+    models = next(parts for name, (f, parts) in FLOW_PIPELINES.items() if f == family)
+    tokenizers = tuple(part.replace("text_encoder", "tokenizer") for part in models
+                       if part.startswith("text_encoder"))
+    return models + tokenizers + ("scheduler",)
 
 
 # What sets each family apart, tried in this order: SDXL adds a second text encoder (OpenCLIP

@@ -17,16 +17,9 @@ from typing import Any
 import torch
 import yaml
 
-from dreambooth.families import FLOW_PIPELINES, detect_family, is_flow_matching
+from dreambooth.families import FLOW_PIPELINES, detect_family, flow_subfolders, is_flow_matching
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-# The subfolders each flow-matching family's pipeline must have.
-FLOW_SUBFOLDERS = {
-    "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
-            "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"),
-    "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
-             "scheduler"),
-}
 # diffusers pipeline class of each family.
 PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
                     "sdxl": "StableDiffusionXLPipeline",
@@ -35,9 +28,6 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # Short names of the models that ship inside the package (diffusers folders in assets/).
 BUNDLED_MODELS = {"demo": Path(__file__).parent / "assets" / "world_model"}
 DEFAULT_GUIDANCE_SCALE = 7.5  # Stable Diffusion's
-# The flow-matching pipelines' own defaults: SD 3's classifier-free guidance scale, and the
-# guidance input of guidance-distilled FLUX.1-dev (schnell ignores it).
-FAMILY_GUIDANCE_SCALES = {"sd3": 7.0, "flux": 3.5}
 # The world model samples best at a lower classifier-free guidance scale: on 30 caption
 # combinations it trained on, 0.98 of its images had every asked attribute at 3, 0.90 at 4
 # (BENCHMARKS.md, "The world model").
@@ -113,8 +103,8 @@ def default_guidance_scale(model) -> float:
     """The classifier-free guidance scale to sample `model` (a name, a folder or a loaded
     pipeline) with when none is given: a bundled model's own (by short name or folder), the
     validation scale a model trained by this tool recorded in its training_config.yaml (the
-    demo's model: the world model's), else its family's (FAMILY_GUIDANCE_SCALES), else SD's
-    7.5."""
+    demo's model: the world model's), else a flow-matching family's own (`GUIDANCE_SCALE` of
+    its dreambooth.flow module), else SD's 7.5."""
     text = str(getattr(model, "name_or_path", model) or "")
     if text in BUNDLED_GUIDANCE_SCALES:
         return BUNDLED_GUIDANCE_SCALES[text]
@@ -131,7 +121,11 @@ def default_guidance_scale(model) -> float:
         family = detect_family(path)
     except ValueError:
         return DEFAULT_GUIDANCE_SCALE
-    return FAMILY_GUIDANCE_SCALES.get(family, DEFAULT_GUIDANCE_SCALE)
+    if not is_flow_matching(family):
+        return DEFAULT_GUIDANCE_SCALE
+    from dreambooth.flow import family_module
+
+    return family_module(family).GUIDANCE_SCALE
 
 
 def _check_pipeline_folder(path: Path, shown_name: str) -> Path:
@@ -150,7 +144,8 @@ def _check_pipeline_folder(path: Path, shown_name: str) -> Path:
         family = detect_family(path)
     except ValueError:  # UnknownArchitectureError: the loaders say what the folder lacks
         family = None
-    required = FLOW_SUBFOLDERS.get(family, REQUIRED_SUBFOLDERS)
+    required = flow_subfolders(family) if family and is_flow_matching(family) \
+        else REQUIRED_SUBFOLDERS
     missing = [name for name in required if not (path / name).is_dir()]
     if missing:
         kind = PIPELINE_CLASSES.get(family, "Stable Diffusion")
@@ -218,15 +213,13 @@ class DiffusionComponents:
     @property
     def pipeline_modules(self) -> dict[str, Any]:
         """Keyword arguments naming the modules of this family's diffusers pipeline."""
-        modules = dict(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer)
-        if self.is_flow_matching:
-            modules["transformer"] = self.transformer
-        else:
-            modules["unet"] = self.unet
-        if self.family in ("sdxl", "sd3", "flux"):
+        if self.is_flow_matching:  # (a released T5 is passed as None)
+            return {name: getattr(self, name) for name in flow_subfolders(self.family)
+                    if name != "scheduler"}
+        modules = dict(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                       unet=self.unet)
+        if self.family == "sdxl":
             modules.update(text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
-        if self.family == "sd3":
-            modules.update(text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
         return modules
 
 
@@ -325,7 +318,7 @@ def _load_flow_components(path: Path, family: str, weights: dict) -> DiffusionCo
     index = json.loads((path / "model_index.json").read_text())
     parts: dict[str, Any] = {}
     try:
-        for name in FLOW_SUBFOLDERS[family]:
+        for name in flow_subfolders(family):
             library, class_name = index[name]
             cls = getattr(importlib.import_module(library), class_name)
             if name == "scheduler" or name.startswith("tokenizer"):

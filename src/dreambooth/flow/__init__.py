@@ -2,10 +2,14 @@
 
 A family module says how its text encoders turn prompts into the transformer's conditioning
 and how its transformer is called on latents; the objective they share is in `objective`.
-Adding a family (FLUX.2, Qwen-Image ...) is one new module with the same names, listed in
-`FAMILY_MODULES` (and its pipeline class in `dreambooth.families.FLOW_PIPELINES`):
+Adding a family (FLUX.2, Qwen-Image ...) is one new module here with the same names, named
+like the family, and its pipeline's line in `dreambooth.families.FLOW_PIPELINES`:
 
 - `PIPELINE`: the diffusers pipeline class name.
+- `WEIGHTING_SCHEME`, `PRECONDITION_OUTPUTS`: the defaults of diffusers' training script;
+  `GUIDANCE_SCALE`: the pipeline's sampling default.
+- `max_resolution(transformer, vae_scale_factor)`: the largest side its transformer takes
+  (None: no limit of its own).
 - `CLIP_ENCODERS`: the (tokenizer, text encoder) attribute pairs of the CLIP encoders, the only
   text encoders training may fine-tune (as diffusers' scripts); `T5`: T5's pair, always frozen.
 - `DEFAULT_MAX_SEQUENCE_LENGTH`: T5 tokens per prompt, as diffusers' training script.
@@ -24,15 +28,15 @@ from types import ModuleType
 
 import torch
 
-FAMILY_MODULES = {"sd3": "dreambooth.flow.sd3", "flux": "dreambooth.flow.flux"}
-
 
 def family_module(family: str) -> ModuleType:
-    """The module of a flow-matching family (FAMILY_MODULES)."""
-    if family not in FAMILY_MODULES:
+    """The module of a flow-matching family: dreambooth.flow.<family>."""
+    from dreambooth.families import FLOW_MATCHING_FAMILIES
+
+    if family not in FLOW_MATCHING_FAMILIES:
         raise ValueError(f"family={family!r} is not a flow-matching family "
-                         f"({', '.join(FAMILY_MODULES)})")
-    return importlib.import_module(FAMILY_MODULES[family])
+                         f"({', '.join(FLOW_MATCHING_FAMILIES)})")
+    return importlib.import_module(f"{__name__}.{family}")
 
 
 def encode_t5(tokenizer, encoder, prompts: list[str], max_sequence_length: int) -> torch.Tensor:

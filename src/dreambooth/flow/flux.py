@@ -20,6 +20,14 @@ LORA_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.ad
                 "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
                 "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 LORA_BLOCKS = "transformer_blocks"
+WEIGHTING_SCHEME = "none"  # diffusers' train_dreambooth_lora_flux.py defaults
+PRECONDITION_OUTPUTS = False
+GUIDANCE_SCALE = 3.5  # FluxPipeline's default guidance input (dev; schnell ignores it)
+
+
+def max_resolution(transformer, vae_scale_factor: int) -> None:
+    """None: rotary position embeddings put no limit of their own on the image size."""
+    return None
 
 
 def encode_clip(tokenizers: list, encoders: list, prompts: list[str]

@@ -18,6 +18,15 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 77  # diffusers' train_dreambooth_lora_sd3.py
 LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                 "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
 LORA_BLOCKS = "transformer_blocks"
+WEIGHTING_SCHEME = "logit_normal"  # diffusers' train_dreambooth_lora_sd3.py defaults
+PRECONDITION_OUTPUTS = True
+GUIDANCE_SCALE = 7.0  # StableDiffusion3Pipeline's classifier-free guidance default
+
+
+def max_resolution(transformer, vae_scale_factor: int) -> int:
+    """The side its learned position embedding spans (1536 px for SD 3.x's 96 x 2 x 8)."""
+    config = transformer.config
+    return config.pos_embed_max_size * config.patch_size * vae_scale_factor
 
 
 def encode_clip(tokenizers: list, encoders: list, prompts: list[str]

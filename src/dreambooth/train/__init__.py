@@ -6,7 +6,10 @@
 - `callbacks`: class-image generation and validation samples;
 - `ema`: the exponential moving average of the trained weights (`use_ema`);
 - `checkpointing`: atomic checkpoints, resume and its compatibility check;
-- `lora`: peft LoRA/DoRA adapters on the UNet and text encoders.
+- `lora`: peft LoRA/DoRA adapters on the UNet (or transformer) and text encoders;
+- `flow_matching`: `FlowMatchingModule`, the same loss on the rectified-flow objective for
+  SD 3.x and FLUX.1; `flow_export`: the pipeline folder or diffusers LoRA file they write;
+  `quantize`: their frozen base quantized with torchao (`quantize_base`).
 """
 
 __all__ = ["train"]

@@ -77,7 +77,9 @@ class FlowMatchingModule(DreamBoothModule):
         self._t5 = [getattr(components, self.spec.T5[0]), getattr(components, self.spec.T5[1])]
         self._components = components
 
-        for model in (self.transformer, self.vae, *self.text_encoders):
+        # fp32 master weights for what is trained; a quantized base goes straight to its dtype.
+        for model in (self.vae, *self.text_encoders,
+                      *([self.transformer] if quantize is None else [])):
             if model.dtype != torch.float32:
                 model.to(dtype=torch.float32)
         self.vae.requires_grad_(False).eval()
@@ -98,6 +100,13 @@ class FlowMatchingModule(DreamBoothModule):
             for encoder in self.text_encoders:
                 encoder.requires_grad_(optim.train_text_encoder)
             self.transformer.requires_grad_(True)
+        if base_dtype != torch.float32:
+            # Frozen weights only run forward: in the autocast dtype from the start (as
+            # diffusers' scripts), so neither host nor device ever holds them in fp32.
+            for model in (self.transformer, *self.text_encoders):
+                for parameter in model.parameters():
+                    if not parameter.requires_grad and not is_quantized(parameter):
+                        parameter.data = parameter.data.to(base_dtype)
         if optim.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
             if optim.train_text_encoder:

@@ -28,6 +28,7 @@ from dreambooth.config import (
     instance_prompt_warnings,
     parse_train_config,
 )
+from dreambooth.families import is_flow_matching
 from dreambooth.flow import family_module
 from dreambooth.flow.objective import FlowSettings
 from dreambooth.formats.export import save_trained_pipeline, write_run_files
@@ -451,7 +452,7 @@ def check_family_options(config: TrainConfig, components) -> FlowSettings | None
     if problems:
         raise ValueError("; ".join(problems))
     spec = family_module(family)
-    scheme = flat["weighting_scheme"] or ("logit_normal" if family == "sd3" else "none")
+    scheme = flat["weighting_scheme"] or spec.WEIGHTING_SCHEME
     precondition = flat["precondition_outputs"]
     guidance = flat["guidance_scale"]
     if guidance is not None and not components.transformer.config.get("guidance_embeds"):
@@ -460,7 +461,7 @@ def check_family_options(config: TrainConfig, components) -> FlowSettings | None
     return FlowSettings(
         weighting_scheme=scheme, logit_mean=flat["logit_mean"], logit_std=flat["logit_std"],
         mode_scale=flat["mode_scale"],
-        precondition_outputs=(family == "sd3") if precondition is None else precondition,
+        precondition_outputs=spec.PRECONDITION_OUTPUTS if precondition is None else precondition,
         guidance_scale=3.5 if guidance is None else guidance,
         max_sequence_length=flat["max_sequence_length"] or spec.DEFAULT_MAX_SEQUENCE_LENGTH)
 
@@ -468,7 +469,7 @@ def check_family_options(config: TrainConfig, components) -> FlowSettings | None
 def native_resolution(components) -> int | None:
     """The image side a model was trained at (None where its config does not say: FLUX.1)."""
     config = components.denoiser.config
-    if config.get("sample_size") is None or components.family == "flux":
+    if config.get("sample_size") is None:
         return None
     return config.sample_size * components.vae_scale_factor
 
@@ -476,12 +477,19 @@ def native_resolution(components) -> int | None:
 def check_resolution(resolution: int, components) -> None:
     """Refuse a resolution far beyond the model's own (memory grows with its square): at most
     twice the size the model was trained at, and for SD 3.x what its position embedding spans."""
-    if components.family == "sd3":
-        config = components.transformer.config
-        limit = config.pos_embed_max_size * config.patch_size * components.vae_scale_factor
-        if resolution > limit:
-            raise ValueError(f"resolution={resolution} is more than this SD3 transformer's "
-                             f"position embedding spans ({limit} px); use at most {limit}")
+    unit = 2 * components.vae_scale_factor
+    if components.is_flow_matching and resolution % unit:
+        raise ValueError(f"resolution={resolution}: {components.family} latents go to the "
+                         f"transformer in 2x2 patches, so the side must be a multiple of {unit} "
+                         f"(VAE factor {components.vae_scale_factor} x 2), e.g. "
+                         f"{unit * max(1, round(resolution / unit))}")
+    if components.is_flow_matching:
+        limit = family_module(components.family).max_resolution(components.transformer,
+                                                                 components.vae_scale_factor)
+        if limit is not None and resolution > limit:
+            raise ValueError(f"resolution={resolution} is more than this {components.family} "
+                             f"transformer's position embedding spans ({limit} px); use at most "
+                             f"{limit}")
     native = native_resolution(components)
     if native is None:
         return
@@ -520,7 +528,7 @@ def lora_settings(config: TrainConfig, family: str = "sd1") -> LoraSettings | No
         return tuple(name.strip() for name in text.split(",") if name.strip())
 
     targets = split(adapter.lora_unet_target_modules)
-    if family in ("sd3", "flux"):
+    if is_flow_matching(family):
         spec = family_module(family)
         targets = split(adapter.lora_layers) if adapter.lora_layers else spec.LORA_TARGETS
         if adapter.lora_blocks:
