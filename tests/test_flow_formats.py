@@ -59,41 +59,9 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def _tiny(family: str, seed: int = 0):
-    pipeline = build_tiny_pipeline(family=family, seed=seed)
-    if family == "sd3":
-        # SD3 uses CLIP-L's pooled output unprojected: diffusers' single-file reader gives it an
-        # identity projection, so the tiny model has one too.
-        with torch.no_grad():
-            pipeline.text_encoder.text_projection.weight.copy_(torch.eye(32))
-    return pipeline
-
-
-def _tiny_sd3_for_single_files(seed: int = 0):
-    """The tiny SD3 with CLIP-G wider than CLIP-L (48 / 32; SD3's are 1280 / 768): diffusers'
-    single-file reader tells the two encoders apart by their width, as for SDXL."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    base = _tiny("sd3", seed)
-    torch.manual_seed(seed + 1)
-    tokenizer = base.tokenizer
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, projection_dim=48, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    t5 = base.tokenizer_3
-    text_encoder_3 = T5EncoderModel(T5Config(
-        vocab_size=len(t5), d_model=96, d_kv=24, d_ff=192, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
-        feed_forward_proj="gated-gelu", pad_token_id=t5.pad_token_id,
-        eos_token_id=t5.eos_token_id, decoder_start_token_id=t5.pad_token_id))
-    transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=96,
-        caption_projection_dim=32, pooled_projection_dim=32 + 48, pos_embed_max_size=32)
-    return type(base)(transformer=transformer, vae=base.vae, scheduler=base.scheduler,
-                      text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                      text_encoder_2=text_encoder_2, tokenizer_2=base.tokenizer_2,
-                      text_encoder_3=text_encoder_3, tokenizer_3=base.tokenizer_3)
+    # The shared tiny SD3 has CLIP-G wider than CLIP-L and an identity CLIP-L projection, as
+    # diffusers' single-file reader needs (see dreambooth.tiny).
+    return build_tiny_pipeline(family=family, seed=seed)
 
 
 def _with_random_lora(transformer, settings=SETTINGS, seed: int = 1):
@@ -233,7 +201,7 @@ def test_shipped_configs_describe_the_released_transformers():
 @pytest.fixture
 def sd3_folder(tmp_path):
     folder = tmp_path / "tiny-sd3"
-    _tiny_sd3_for_single_files().save_pretrained(folder)
+    _tiny("sd3").save_pretrained(folder)
     return folder
 
 
@@ -251,7 +219,7 @@ def test_sd3_single_file_loads_back_through_diffusers(tmp_path, sd3_folder):
     assert "modelspec.prediction_type" not in metadata
 
     loaded = sd3_pipeline_from_single_file(path, sd3_folder)
-    folder = _tiny_sd3_for_single_files()
+    folder = _tiny("sd3")
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         ours, theirs = getattr(folder, name).state_dict(), getattr(loaded, name).state_dict()
         assert ours.keys() == theirs.keys(), name

@@ -143,7 +143,9 @@ def test_family_is_detected_from_the_key_layout(exported, family):
 @pytest.mark.parametrize("keys, words", [
     (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
       "lora_unet_down_blocks_0_attentions_0_proj_in.alpha"], ["'lora_unet_*' (2)", "LoRA"]),
-    (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], ["diffusion transformer"]),
+    (["transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.proj_out.weight"],
+     ["diffusers SD3/FLUX transformer", "pass the diffusers folder"]),
+    (["double_blocks.0.img_attn.qkv.lora_down.weight"], ["LoRA"]),  # not taken for FLUX
     (["down_blocks.0.resnets.0.conv1.weight", "mid_block.resnets.0.conv1.weight"],
      ["diffusers component"]),
     (["model.diffusion_model.input_blocks.0.0.weight",

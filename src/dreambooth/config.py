@@ -61,6 +61,10 @@ class ModelConfig:
         "single SD 2.x file's kind.", (None, "epsilon", "v_prediction"))
     pretrained_vae_model_name_or_path: str | None = option(
         None, "Another VAE (folder or cached id), e.g. SDXL's fp16-safe VAE.")
+    single_file_config: str | None = option(
+        None, "For a single-file base model: the diffusers folder (or cached id) of the model "
+        "it was made from, as diffusers' from_single_file(config=...). SD 3.x / FLUX.1 files "
+        "need it (tokenizers; VAE and text encoders of a transformer-only file).")
 
 
 @dataclass

@@ -55,6 +55,7 @@ from dreambooth.models import (
     DiffusionComponents,
     load_pipeline,
     resolve_model_path,
+    single_file_config_folder,
 )
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,14 @@ def _is_single_file(path: Path) -> bool:
     return path.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES and not path.is_dir()
 
 
-def resolve_pipeline_folder(model: str | Path, prediction_type: str | None = None) -> Path:
-    """A diffusers pipeline folder for a folder, a cached hub id or a single-file checkpoint."""
+def resolve_pipeline_folder(model: str | Path, prediction_type: str | None = None,
+                            single_file_config: str | Path | None = None) -> Path:
+    """A diffusers pipeline folder for a folder, a cached hub id or a single-file checkpoint
+    (`single_file_config`: see models.resolve_model_path)."""
     path = Path(model).expanduser()
     if _is_single_file(path):
-        return load_single_file(path, prediction_type=prediction_type)
+        return load_single_file(path, prediction_type=prediction_type,
+                                config=single_file_config_folder(single_file_config, path))
     if path.is_dir() and not (path / "model_index.json").exists() and (
             (path / DIFFUSERS_LORA_FILE).exists() or kohya_lora_file(path) is not None):
         raise ExportError(
@@ -113,7 +117,8 @@ def _single_output_path(output: Path) -> Path:
 
 def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str | None = None,
                  merge_lora_path: str | Path | None = None, lora_scale: float = 1.0,
-                 prediction_type: str | None = None) -> Path:
+                 prediction_type: str | None = None,
+                 single_file_config: str | Path | None = None) -> Path:
     """Write `model` in format `fmt` to `output`; return the path written.
 
     - `model`: a diffusers folder (a training output_dir), a cached hub id or a single-file
@@ -124,6 +129,8 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
     - `merge_lora_path` / `lora_scale`: fuse this LoRA into the model first (not for LoRA formats).
     - `prediction_type`: for a single-file SD 2.x input whose type cannot be told (see
       single_file.resolve_prediction_type).
+    - `single_file_config`: for a single-file input, the diffusers folder of the model it was
+      made from (needed for SD 3.x / FLUX.1 files; see models.resolve_model_path).
 
     Args:
         model: A diffusers folder (training output_dir), a cached hub id, a .safetensors/.ckpt
@@ -138,6 +145,9 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
         lora_scale: Strength of the merged LoRA (W + scale * alpha/r * BA).
         prediction_type: For a single-file SD 2.x model whose type the file does not tell
             (768-v models use v_prediction).
+        single_file_config: For a single-file model: the diffusers folder (or cached id) of
+            the model it was made from, as diffusers' from_single_file(config=...); SD 3.x and
+            FLUX.1 files need it.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
@@ -157,7 +167,7 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
         raise ExportError(f"output '{output}' already exists and is not an empty folder; "
                           "choose a new path (nothing was written)")
 
-    folder = resolve_pipeline_folder(model, prediction_type)
+    folder = resolve_pipeline_folder(model, prediction_type, single_file_config)
     family = detect_family(folder)
     torch_dtype = torch_dtype or _stored_dtype(folder)
     pipeline = load_pipeline(folder, device="cpu", dtype="fp32")

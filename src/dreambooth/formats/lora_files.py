@@ -529,9 +529,11 @@ def _run_family(folder: Path) -> str | None:
     """The family of a LoRA run's base model, from its training_config.yaml (None if unknown)."""
     from dreambooth.families import detect_family
 
-    base = read_training_config(folder).get("pretrained_model_name_or_path")
+    recorded = read_training_config(folder)
+    base = recorded.get("pretrained_model_name_or_path")
     try:
-        return detect_family(resolve_model_path(base)) if base else None
+        return detect_family(resolve_model_path(
+            base, single_file_config=recorded.get("single_file_config"))) if base else None
     except (OSError, ValueError):
         return None
 

@@ -275,9 +275,10 @@ def transformer_file_to_folder(path: str | Path, base: str | Path | None,
     name = {"flux": "FLUX.1", "sd3": "SD 3.x"}[family]
     if base is None:
         raise SingleFileError(
-            f"'{path}' is a {name} single file; its tokenizers (and, for a transformer-only "
-            "file, its VAE and text encoders) are not in it: pass the diffusers folder of the "
-            f"{name} model it was made from as the config / base model")
+            f"'{path}' is a {name} single file without the tokenizers (and, if transformer-"
+            "only, the VAE and text encoders) it needs: pass the diffusers folder of the "
+            f"{name} model it was made from with --single_file_config FOLDER "
+            "(single_file_config= in Python)")
     base = Path(base).expanduser().resolve()
     if detect_family(base) != family:
         raise SingleFileError(f"'{base}' is not a {name} pipeline folder, so it cannot complete "
