@@ -113,6 +113,29 @@ def test_a_single_file_without_its_base_folder_gets_one_error_line(tmp_path, flo
     assert "is a file; pass the diffusers folder" in capsys.readouterr().err
 
 
+def test_generate_and_serve_take_the_base_folder_of_single_files(tmp_path, flow_base, capsys):
+    """generate and serve hand their functions the converted folder of a single file (their
+    own model loading is theirs); without the flag, one error line says what to pass."""
+    from dreambooth.cli import build_parser, resolve_single_files
+
+    family, base = flow_base
+    path = export_model(base, "single-file", tmp_path / f"{family}.safetensors")
+    for command in ("generate", "serve", "export"):
+        parser = build_parser(only=command)
+        choices = next(a for a in parser._actions if a.dest == "command").choices
+        assert "--single_file_config" in choices[command].format_help(), command
+    models = resolve_single_files({"mine": str(path), "other": str(base), "demo": "demo"},
+                                  str(base))
+    assert models["other"] == str(base) and models["demo"] == "demo"
+    assert detect_family(models["mine"]) == family
+    assert models["mine"] == resolve_model_path(path, single_file_config=base)  # cached
+    capsys.readouterr()
+    assert main(["generate", "--model", str(path), "--prompt", "a photo of sks dog",
+                 "--output_dir", str(tmp_path / "images")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--single_file_config FOLDER" in error, error
+
+
 def test_a_single_file_loads_with_its_base_folder(tmp_path, flow_base):
     family, base = flow_base
     path = export_model(base, "single-file", tmp_path / f"{family}.safetensors")
