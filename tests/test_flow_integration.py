@@ -226,6 +226,28 @@ def test_a_lora_that_overflows_its_dtype_is_not_saved(tmp_path):
     assert (output / DIFFUSERS_LORA_FILE).read_bytes() == b"the previous run"
 
 
+def test_a_dora_lora_keeps_its_diffusers_file_and_says_why_there_is_no_kohya_one(tmp_path,
+                                                                                caplog):
+    from dreambooth.train.flow_export import save_flow_lora
+    from dreambooth.train.lora import LoraSettings, add_lora_adapters
+
+    transformer = build_tiny_pipeline(family="flux").transformer
+    settings = LoraSettings(rank=2, alpha=2.0, dropout=0.0, use_dora=True,
+                            unet_target_modules=("to_q", "to_k", "to_v"),
+                            text_encoder_target_modules=())
+    add_lora_adapters(transformer, [], settings, train_text_encoder=False)
+    paths = save_flow_lora(tmp_path, "flux", transformer, [], settings=settings,
+                           dtype=torch.float32, text_encoder_names=[],
+                           metadata={"ss_network_dim": "2"}, output_name="dora")
+    assert paths == (tmp_path / DIFFUSERS_LORA_FILE,)
+    assert not (tmp_path / "dora.safetensors").exists()
+    assert "no kohya-layout file written" in caplog.text and "DoRA" in caplog.text
+    state = load_file(paths[0])
+    assert any(k.endswith("lora_magnitude_vector") for k in state)
+    pipeline = build_tiny_pipeline(family="flux")
+    pipeline.load_lora_weights(str(tmp_path))  # diffusers takes the file back
+
+
 # --------------------------------------------------------------------------------------------
 # A stranger's session, command by command
 # --------------------------------------------------------------------------------------------

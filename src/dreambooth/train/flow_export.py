@@ -16,6 +16,7 @@ are saved in `dtype` (fp32 with upcast_before_saving).
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,11 +26,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dreambooth.files import atomic_folder, atomic_path
+from dreambooth.formats import ExportError
 from dreambooth.formats.export import write_run_files
-from dreambooth.formats.lora_files import DIFFUSERS_LORA_FILE, write_kohya_lora
+from dreambooth.formats.lora_files import DIFFUSERS_LORA_FILE, LoraFileError, write_kohya_lora
 from dreambooth.models import DiffusionComponents, pipeline_class
 from dreambooth.train.lora import ADAPTER_NAME, LoraSettings
 from dreambooth.train.module import NonFiniteError
+
+log = logging.getLogger(__name__)
 
 
 def save_flow_pipeline(components: DiffusionComponents, trained: dict[str, torch.nn.Module],
@@ -59,12 +63,14 @@ def _adapter_metadata(config) -> dict:
 
 def save_flow_lora(output_dir: str | Path, family: str, transformer, text_encoders: list, *,
                    settings: LoraSettings, dtype: torch.dtype, text_encoder_names: list[str],
-                   metadata: dict[str, str], output_name: str) -> tuple[Path, Path]:
+                   metadata: dict[str, str], output_name: str) -> tuple[Path, ...]:
     """Write `pytorch_lora_weights.safetensors` (diffusers' writer) and the kohya-layout
     `{output_name}.safetensors` into `output_dir`, both with `metadata` (lora_files.
-    lora_metadata's ss_* and ModelSpec keys); return their paths. `text_encoder_names` are the
-    pipeline's names of `text_encoders` (CLIP only). Raises NonFiniteError, writing nothing,
-    when a weight is NaN or infinite in `dtype` (an fp16 cast can overflow)."""
+    lora_metadata's ss_* and ModelSpec keys); return the paths written. `text_encoder_names`
+    are the pipeline's names of `text_encoders` (CLIP only). Raises NonFiniteError, writing
+    nothing, when a weight is NaN or infinite in `dtype` (an fp16 cast can overflow). A LoRA
+    the kohya layout cannot hold (DoRA on the fused q/k/v, a layer the original model does
+    not name) gets the diffusers file only, with a warning that says why."""
     from peft.utils import get_peft_model_state_dict
 
     def state(name: str, model) -> dict[str, torch.Tensor]:
@@ -102,6 +108,10 @@ def save_flow_lora(output_dir: str | Path, family: str, transformer, text_encode
             save_file(weights, str(tmp), metadata={**metadata, **own})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    kohya = write_kohya_lora(target, output_dir / f"{output_name}.safetensors",
-                             metadata=metadata, family=family)
+    try:
+        kohya = write_kohya_lora(target, output_dir / f"{output_name}.safetensors",
+                                 metadata=metadata, family=family)
+    except (LoraFileError, ExportError) as error:
+        log.warning("no kohya-layout file written (%s); %s holds the LoRA", error, target)
+        return (target,)
     return target, kohya
