@@ -113,6 +113,19 @@ def test_a_single_file_without_its_base_folder_gets_one_error_line(tmp_path, flo
     assert "is a file; pass the diffusers folder" in capsys.readouterr().err
 
 
+def test_a_lora_under_original_names_is_refused_as_a_model(tmp_path, flow_base):
+    from safetensors.torch import save_file
+
+    family, base = flow_base
+    layer = "double_blocks.0.img_attn.qkv" if family == "flux" \
+        else "model.diffusion_model.joint_blocks.0.x_block.attn.qkv"
+    path = tmp_path / "lora.safetensors"
+    save_file({f"{layer}.lora_A.weight": torch.zeros(2, 8),
+               f"{layer}.lora_B.weight": torch.zeros(8, 2)}, str(path))
+    with pytest.raises(UnknownArchitectureError, match="lora.safetensors.*looks like a LoRA"):
+        resolve_model_path(path, single_file_config=base)
+
+
 def test_generate_and_serve_take_the_base_folder_of_single_files(tmp_path, flow_base, capsys):
     """generate and serve hand their functions the converted folder of a single file (their
     own model loading is theirs); without the flag, one error line says what to pass."""

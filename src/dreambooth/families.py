@@ -3,7 +3,8 @@
 A diffusers pipeline folder and a single-file checkpoint (CompVis key names) are read into the
 same facts (which parts the model has), and FAMILY_PARTS decides the family from them. The
 flow-matching transformer families (SD 3.x, FLUX.1; their code is in dreambooth.flow) are told
-apart by the pipeline class their model_index.json names.
+apart by the pipeline class their model_index.json names, and in a single file by the original
+transformer's block names (formats.transformer_keys.transformer_file_family).
 """
 
 from __future__ import annotations

@@ -34,7 +34,12 @@ from pathlib import Path
 
 import torch
 
-from dreambooth.families import UNET_PREFIX, UnknownArchitectureError, detect_family
+from dreambooth.families import (
+    UNET_PREFIX,
+    UnknownArchitectureError,
+    detect_family,
+    is_flow_matching,
+)
 from dreambooth.files import atomic_folder, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -515,18 +520,16 @@ def load_single_file(path: str | Path, *, prediction_type: str | None = None,
     conversion leaves nothing half-written. Raises SingleFileError subclasses (ValueError) naming
     the file for unreadable files, unknown architectures and missing or mis-shaped tensors.
     """
-    from dreambooth.formats.transformer_keys import transformer_file_family
-
     path = Path(path).expanduser().resolve()
     header = read_header(path)
-    if transformer_file_family(header.keys) is not None:  # SD 3.x / FLUX.1
-        from dreambooth.formats.transformer_checkpoints import transformer_file_to_folder
-
-        return transformer_file_to_folder(path, config, torch_dtype)
     try:
         family = detect_family(header.keys)
     except UnknownArchitectureError as error:
         raise UnknownArchitectureError(f"'{path}' is {error}") from None
+    if is_flow_matching(family):  # SD 3.x / FLUX.1: the original transformer's names
+        from dreambooth.formats.transformer_checkpoints import transformer_file_to_folder
+
+        return transformer_file_to_folder(path, config, torch_dtype)
     header, renamed = _canonical_header(header)
     prediction, reason = resolve_prediction_type(header, family, prediction_type)
     folder = Path(config).expanduser().resolve() if config else config_folder(family, prediction)
