@@ -330,7 +330,7 @@ def test_full_size_exports_have_the_public_layout(name, model_type):
 
     from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, infer_diffusers_model_type
 
-    from dreambooth.formats.ldm_keys import single_file_state_dict
+    from dreambooth.formats.export import single_file_state_dict
 
     family = "sd2" if name == "sd2-v" else name
     models = single_file._meta_models(family, config_folder(name))
@@ -356,7 +356,7 @@ def test_sd15_size_single_file_round_trip_is_exact(tmp_path):
     from_single_file with the shipped config, every tensor bit for bit."""
     from diffusers import PNDMScheduler
 
-    from dreambooth.formats.ldm_keys import single_file_state_dict
+    from dreambooth.formats.export import single_file_state_dict
 
     folder = config_folder("sd1")
     torch.manual_seed(0)

@@ -35,6 +35,19 @@ FLOW_PIPELINES = {
 }
 FLOW_MATCHING_FAMILIES = tuple(family for family, _ in FLOW_PIPELINES.values())  # sd3, flux
 FAMILIES = UNET_FAMILIES + FLOW_MATCHING_FAMILIES
+# diffusers pipeline class of each family.
+PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+                    "sdxl": "StableDiffusionXLPipeline",
+                    **{family: name for name, (family, _) in FLOW_PIPELINES.items()}}
+
+
+def pipeline_class(family: str):
+    """The diffusers text-to-image pipeline class of a family (PIPELINE_CLASSES)."""
+    import diffusers
+
+    if family not in PIPELINE_CLASSES:
+        raise ValueError(f"family={family!r} is not one of {', '.join(PIPELINE_CLASSES)}")
+    return getattr(diffusers, PIPELINE_CLASSES[family])
 
 
 def flow_subfolders(family: str) -> tuple[str, ...]:

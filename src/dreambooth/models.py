@@ -17,13 +17,15 @@ from typing import Any
 import torch
 import yaml
 
-from dreambooth.families import FLOW_PIPELINES, detect_family, flow_subfolders, is_flow_matching
+from dreambooth.families import (
+    PIPELINE_CLASSES,
+    detect_family,
+    flow_subfolders,
+    is_flow_matching,
+    pipeline_class,
+)
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-# diffusers pipeline class of each family.
-PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
-                    "sdxl": "StableDiffusionXLPipeline",
-                    **{family: name for name, (family, _) in FLOW_PIPELINES.items()}}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # Short names of the models that ship inside the package (diffusers folders in assets/).
 BUNDLED_MODELS = {"demo": Path(__file__).parent / "assets" / "world_model"}
@@ -243,15 +245,6 @@ class DiffusionComponents:
         if self.family == "sdxl":
             modules.update(text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
         return modules
-
-
-def pipeline_class(family: str):
-    """The diffusers text-to-image pipeline class of a family (PIPELINE_CLASSES)."""
-    import diffusers
-
-    if family not in PIPELINE_CLASSES:
-        raise ValueError(f"family={family!r} is not one of {', '.join(PIPELINE_CLASSES)}")
-    return getattr(diffusers, PIPELINE_CLASSES[family])
 
 
 def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str = "auto"):

@@ -33,7 +33,7 @@ import torch
 from dreambooth.families import detect_family
 from dreambooth.files import atomic_folder, atomic_path, atomic_write_text
 from dreambooth.formats import ExportError
-from dreambooth.formats.ldm_keys import single_file_state_dict
+from dreambooth.formats.ldm_keys import clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 from dreambooth.formats.lora_files import (
     DIFFUSERS_LORA_FILE,
     export_lora,
@@ -44,10 +44,14 @@ from dreambooth.formats.modelspec import modelspec
 from dreambooth.formats.single_file import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
+    TEXT_ENCODER_PREFIXES,
     V_PRED_KEY,
+    compare_with_models,
+    diffusers_view,
     load_single_file,
     read_header,
 )
+from dreambooth.formats.transformer_checkpoints import transformer_single_file_state_dict
 from dreambooth.formats.transformer_keys import TRANSFORMER_FAMILIES, transformer_variant
 from dreambooth.models import (
     DTYPES,
@@ -100,6 +104,32 @@ def _stored_dtype(folder: Path) -> torch.dtype:
             if tensor.is_floating_point():
                 return tensor.dtype
     return torch.float32
+
+
+def single_file_state_dict(pipeline, family: str) -> dict[str, torch.Tensor]:
+    """A live SD/SDXL pipeline's weights under CompVis names, checked against diffusers' reader:
+    raises ExportError unless `from_single_file` would give back every tensor unchanged in name
+    and shape. SD3 and FLUX have their own layouts (transformer_checkpoints.
+    transformer_single_file_state_dict)."""
+    if family not in TEXT_ENCODER_PREFIXES:
+        raise ExportError(f"family '{family}' has no CompVis layout: SD3 and FLUX files are "
+                          "written by transformer_checkpoints.transformer_single_file_state_dict")
+    components = {"unet": pipeline.unet, "vae": pipeline.vae, "text_encoder": pipeline.text_encoder}
+    if family == "sdxl":
+        components["text_encoder_2"] = pipeline.text_encoder_2
+    state = {**unet_to_ldm(pipeline.unet.state_dict(), pipeline.unet.config),
+             **vae_to_ldm(pipeline.vae.state_dict(), pipeline.vae.config)}
+    for name, prefix in TEXT_ENCODER_PREFIXES[family].items():
+        convert = clip_to_ldm if prefix.endswith("text_model.") else open_clip_to_ldm
+        state.update(convert(components[name].state_dict(), prefix))
+    meta = {key: torch.empty(value.shape, dtype=value.dtype, device="meta")
+            for key, value in state.items()}
+    problems = compare_with_models(diffusers_view(meta, family, components), components)
+    if problems:
+        raise ExportError(f"the {family.upper()} single-file export would not load back intact "
+                          "with diffusers' from_single_file: "
+                          + "; ".join(p.describe() for p in problems))
+    return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,7 +212,8 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
                   "lora_scale": lora_scale if merge_lora_path is not None else None,
                   "versions": library_versions()}
     if fmt == "single-file":
-        state = single_file_state_dict(pipeline, family)
+        state = (transformer_single_file_state_dict(pipeline, family)
+                 if family in TRANSFORMER_FAMILIES else single_file_state_dict(pipeline, family))
         state = {key: value.to(torch_dtype).contiguous() if value.is_floating_point() else value
                  for key, value in state.items()}
         if prediction == "v_prediction":

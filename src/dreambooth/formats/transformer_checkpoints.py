@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from dreambooth.formats import ExportError
-from dreambooth.formats.single_file import (
+from dreambooth.formats.checkpoint_files import (
     VAE_PREFIX,
     MismatchedWeightsError,
     SingleFileError,
@@ -238,7 +238,7 @@ def sd3_pipeline_from_single_file(path: str | Path, config: str | Path,
     `config` is a diffusers SD3 pipeline folder (its configs and tokenizers are used)."""
     from diffusers import StableDiffusion3Pipeline
 
-    from dreambooth.formats.single_file import quiet_dtype_deprecation
+    from dreambooth.formats.checkpoint_files import quiet_dtype_deprecation
 
     header = read_header(path)
     if transformer_file_family(header.keys) != "sd3" or \
@@ -257,15 +257,14 @@ def transformer_file_to_folder(path: str | Path, base: str | Path | None,
     pipeline folder of the same family (e.g. a download of black-forest-labs/FLUX.1-dev),
     which gives what the file lacks: the tokenizers always (T5's vocabulary is not shipped in
     this package), and for a transformer-only file the VAE and text encoders too."""
-    from dreambooth.families import detect_family
+    from dreambooth.families import detect_family, pipeline_class
     from dreambooth.files import atomic_folder
-    from dreambooth.formats.single_file import (
+    from dreambooth.formats.checkpoint_files import (
         _tree_digest,
         cache_root,
         file_sha256,
         quiet_dtype_deprecation,
     )
-    from dreambooth.models import pipeline_class
 
     path = Path(path).expanduser().resolve()
     header = read_header(path)
