@@ -126,6 +126,19 @@ def test_a_lora_under_original_names_is_refused_as_a_model(tmp_path, flow_base):
         resolve_model_path(path, single_file_config=base)
 
 
+def test_a_run_from_a_single_file_samples_at_its_family_guidance(tmp_path, flow_base,
+                                                                  instance_dir):
+    from dreambooth.flow import family_module
+
+    family, base = flow_base
+    path = export_model(base, "single-file", tmp_path / f"{family}.safetensors")
+    config = tiny_config(path, instance_dir, tmp_path / "run", single_file_config=str(base))
+    scale = family_module(family).GUIDANCE_SCALE
+    assert scale != 7.5
+    assert config.validation.validation_guidance_scale == scale
+    assert config.prior.class_guidance_scale == scale
+
+
 def test_generate_and_serve_take_the_base_folder_of_single_files(tmp_path, flow_base, capsys):
     """generate and serve hand their functions the converted folder of a single file (their
     own model loading is theirs); without the flag, one error line says what to pass."""

@@ -497,12 +497,17 @@ def parse_train_config(values: dict[str, Any], source: str = "configuration") ->
 
 
 def _fill_guidance_scales(config: TrainConfig) -> None:
-    """Unset guidance scales take the base model's own (3 for the world model, else SD's 7.5)."""
+    """Unset guidance scales take the base model's own (3 for the world model, a flow family's
+    own, else SD's 7.5); a single file's are those of the folder it was made from."""
     if None not in (config.prior.class_guidance_scale, config.validation.validation_guidance_scale):
         return
-    from dreambooth.models import default_guidance_scale
+    from dreambooth.models import SINGLE_FILE_SUFFIXES, default_guidance_scale
 
-    scale = default_guidance_scale(config.model.pretrained_model_name_or_path)
+    base = config.model.pretrained_model_name_or_path
+    if config.model.single_file_config and \
+            Path(str(base)).suffix.lower() in SINGLE_FILE_SUFFIXES:
+        base = config.model.single_file_config
+    scale = default_guidance_scale(base)
     if config.prior.class_guidance_scale is None:
         config.prior.class_guidance_scale = scale
     if config.validation.validation_guidance_scale is None:
