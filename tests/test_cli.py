@@ -267,7 +267,8 @@ def test_every_flag_of_the_handwritten_parsers_still_means_the_same(tmp_path, ca
         "fp16", "--merge_lora", "l", "--lora_scale", "0.5", "--prediction_type",
         "v_prediction"], calls) == dict(
         model="m", fmt="single-file", output="o.safetensors", dtype="fp16",
-        merge_lora_path="l", lora_scale=0.5, prediction_type="v_prediction")
+        merge_lora_path="l", lora_scale=0.5, prediction_type="v_prediction",
+        single_file_config=None)
     assert run_command("eval", [
         "--model", "m", "--reference_dir", "r", "--identifier", "zwx", "--class_noun", "ball",
         "--prompts", str(prompts), "--images_per_prompt", "3", "--num_inference_steps", "5",

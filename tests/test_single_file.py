@@ -143,7 +143,9 @@ def test_family_is_detected_from_the_key_layout(exported, family):
 @pytest.mark.parametrize("keys, words", [
     (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
       "lora_unet_down_blocks_0_attentions_0_proj_in.alpha"], ["'lora_unet_*' (2)", "LoRA"]),
-    (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], ["diffusion transformer"]),
+    (["transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.proj_out.weight"],
+     ["diffusers SD3/FLUX transformer", "pass the diffusers folder"]),
+    (["double_blocks.0.img_attn.qkv.lora_down.weight"], ["LoRA"]),  # not taken for FLUX
     (["down_blocks.0.resnets.0.conv1.weight", "mid_block.resnets.0.conv1.weight"],
      ["diffusers component"]),
     (["model.diffusion_model.input_blocks.0.0.weight",
@@ -328,7 +330,7 @@ def test_full_size_exports_have_the_public_layout(name, model_type):
 
     from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, infer_diffusers_model_type
 
-    from dreambooth.formats.ldm_keys import single_file_state_dict
+    from dreambooth.formats.export import single_file_state_dict
 
     family = "sd2" if name == "sd2-v" else name
     models = single_file._meta_models(family, config_folder(name))
@@ -354,7 +356,7 @@ def test_sd15_size_single_file_round_trip_is_exact(tmp_path):
     from_single_file with the shipped config, every tensor bit for bit."""
     from diffusers import PNDMScheduler
 
-    from dreambooth.formats.ldm_keys import single_file_state_dict
+    from dreambooth.formats.export import single_file_state_dict
 
     folder = config_folder("sd1")
     torch.manual_seed(0)

@@ -131,6 +131,34 @@ class Command:
     flags: Mapping[str, Flag] = field(default_factory=dict)  # by parameter name
     options_of: Callable | None = None  # the function `function`'s `**options` are passed to
     show: Callable[[Any], None] = lambda result: None
+    # Parameters that take a model (a path or {name: path}); the command gets
+    # --single_file_config for single files among them unless its function takes it itself.
+    model_parameters: tuple[str, ...] = ()
+
+
+SINGLE_FILE_CONFIG_HELP = (
+    "For a single-file model (.safetensors/.ckpt): the diffusers folder (or cached hub id) of "
+    "the model it was made from, as diffusers' from_single_file(config=...); SD 3.x and "
+    "FLUX.1 files need it (tokenizers; VAE and text encoders of a transformer-only file).")
+
+
+def _adds_single_file_config(command: Command) -> bool:
+    return bool(command.model_parameters) and "single_file_config" not in {
+        parameter.name for parameter, _ in command_parameters(command)}
+
+
+def resolve_single_files(value: Any, config: str | None) -> Any:
+    """A model argument (a path, or {name: path}) with each single file replaced by its
+    converted diffusers folder (models.resolve_model_path with `config`); other values as
+    given, for the function's own resolution."""
+    from dreambooth.models import SINGLE_FILE_SUFFIXES, resolve_model_path
+
+    if isinstance(value, Mapping):
+        return {name: resolve_single_files(path, config) for name, path in value.items()}
+    if isinstance(value, (str, Path)) and Path(value).expanduser().is_file() and \
+            Path(value).suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return resolve_model_path(value, single_file_config=config)
+    return value
 
 
 def docstring_args(function: Callable) -> dict[str, str]:
@@ -215,6 +243,9 @@ def call(command: Command, args: argparse.Namespace) -> Any:
         flag = command.flags.get(parameter.name, Flag())
         value = getattr(args, flag.name or parameter.name)
         arguments[parameter.name] = flag.convert(value) if flag.convert else value
+    if _adds_single_file_config(command):
+        for name in command.model_parameters:
+            arguments[name] = resolve_single_files(arguments[name], args.single_file_config)
     return command.function(**arguments)
 
 
@@ -248,7 +279,7 @@ def _generate() -> Command:
     return Command(generate, "Generate images with a model.", {
         "scheduler": Flag(choices=list(SCHEDULERS)), "dtype": Flag(choices=["auto", *DTYPES]),
         "output_dir": Flag(required=True), "lora": Flag(metavar="FILE"),
-    }, show=show)
+    }, show=show, model_parameters=("model",))
 
 
 def _serve() -> Command:
@@ -265,7 +296,7 @@ def _serve() -> Command:
             "dtype": Flag(choices=["auto", *DTYPES]),
             "cors_origins": Flag(name="cors_origin", repeat=True, metavar="ORIGIN",
                                  convert=lambda values: tuple(values) if values else None),
-        }, options_of=create_app)
+        }, options_of=create_app, model_parameters=("models",))
 
 
 def _export() -> Command:
@@ -347,7 +378,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                               prefix_chars="+", add_help=False)
             unavailable.add_argument("arguments", nargs="*")
             continue
-        add_function_flags(commands.add_parser(name, help=command.help), command)
+        subparser = commands.add_parser(name, help=command.help)
+        add_function_flags(subparser, command)
+        if _adds_single_file_config(command):
+            subparser.add_argument("--single_file_config", metavar="FOLDER",
+                                   help=SINGLE_FILE_CONFIG_HELP)
     return parser
 
 

@@ -61,6 +61,10 @@ class ModelConfig:
         "single SD 2.x file's kind.", (None, "epsilon", "v_prediction"))
     pretrained_vae_model_name_or_path: str | None = option(
         None, "Another VAE (folder or cached id), e.g. SDXL's fp16-safe VAE.")
+    single_file_config: str | None = option(
+        None, "For a single-file base model: the diffusers folder (or cached id) of the model "
+        "it was made from, as diffusers' from_single_file(config=...). SD 3.x / FLUX.1 files "
+        "need it (tokenizers; VAE and text encoders of a transformer-only file).")
 
 
 @dataclass
@@ -493,12 +497,17 @@ def parse_train_config(values: dict[str, Any], source: str = "configuration") ->
 
 
 def _fill_guidance_scales(config: TrainConfig) -> None:
-    """Unset guidance scales take the base model's own (3 for the world model, else SD's 7.5)."""
+    """Unset guidance scales take the base model's own (3 for the world model, a flow family's
+    own, else SD's 7.5); a single file's are those of the folder it was made from."""
     if None not in (config.prior.class_guidance_scale, config.validation.validation_guidance_scale):
         return
-    from dreambooth.models import default_guidance_scale
+    from dreambooth.models import SINGLE_FILE_SUFFIXES, default_guidance_scale
 
-    scale = default_guidance_scale(config.model.pretrained_model_name_or_path)
+    base = config.model.pretrained_model_name_or_path
+    if config.model.single_file_config and \
+            Path(str(base)).suffix.lower() in SINGLE_FILE_SUFFIXES:
+        base = config.model.single_file_config
+    scale = default_guidance_scale(base)
     if config.prior.class_guidance_scale is None:
         config.prior.class_guidance_scale = scale
     if config.validation.validation_guidance_scale is None:

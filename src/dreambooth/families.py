@@ -3,7 +3,8 @@
 A diffusers pipeline folder and a single-file checkpoint (CompVis key names) are read into the
 same facts (which parts the model has), and FAMILY_PARTS decides the family from them. The
 flow-matching transformer families (SD 3.x, FLUX.1; their code is in dreambooth.flow) are told
-apart by the pipeline class their model_index.json names.
+apart by the pipeline class their model_index.json names, and in a single file by the original
+transformer's block names (formats.transformer_keys.transformer_file_family).
 """
 
 from __future__ import annotations
@@ -34,6 +35,19 @@ FLOW_PIPELINES = {
 }
 FLOW_MATCHING_FAMILIES = tuple(family for family, _ in FLOW_PIPELINES.values())  # sd3, flux
 FAMILIES = UNET_FAMILIES + FLOW_MATCHING_FAMILIES
+# diffusers pipeline class of each family.
+PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+                    "sdxl": "StableDiffusionXLPipeline",
+                    **{family: name for name, (family, _) in FLOW_PIPELINES.items()}}
+
+
+def pipeline_class(family: str):
+    """The diffusers text-to-image pipeline class of a family (PIPELINE_CLASSES)."""
+    import diffusers
+
+    if family not in PIPELINE_CLASSES:
+        raise ValueError(f"family={family!r} is not one of {', '.join(PIPELINE_CLASSES)}")
+    return getattr(diffusers, PIPELINE_CLASSES[family])
 
 
 def flow_subfolders(family: str) -> tuple[str, ...]:
@@ -70,7 +84,10 @@ def is_flow_matching(family: str) -> bool:
 
 def detect_family(model: str | Path | Iterable[str]) -> str:
     """'sd1', 'sd2' or 'sdxl' (FAMILY_PARTS), 'sd3' or 'flux' (FLOW_PIPELINES) for a diffusers
-    pipeline folder; 'sd1', 'sd2' or 'sdxl' for the key names of a single-file checkpoint.
+    pipeline folder; the same for the key names of a single-file checkpoint: CompVis names for
+    the UNet families, the original transformer's names (Stability's `joint_blocks.*`, Black
+    Forest Labs' `double_blocks.*`, with or without `model.diffusion_model.`) for SD3 and FLUX
+    (formats.transformer_keys.transformer_file_family).
 
     A folder or keys of no supported model raise UnknownArchitectureError (for keys, with a
     description of what they look like).
@@ -82,7 +99,12 @@ def detect_family(model: str | Path | Iterable[str]) -> str:
             return flow
         parts = _folder_parts(folder)
     else:
+        from dreambooth.formats.transformer_keys import transformer_file_family
+
         folder, keys = None, list(model)
+        flow = None if _looks_like_lora(keys) else transformer_file_family(keys)
+        if flow is not None:
+            return flow
         parts = {part for part, prefixes in _KEY_PARTS.items()
                  if any(key.startswith(prefixes) for key in keys)}
     for family, needed in FAMILY_PARTS:
@@ -108,7 +130,8 @@ def detect_family(model: str | Path | Iterable[str]) -> str:
                   "'conditioner.embedders.*')")
     raise UnknownArchitectureError(
         f"{reason}; {describe_keys(keys)}. Supported are Stable Diffusion 1.x, 2.x and SDXL "
-        "base checkpoints with CompVis key names.")
+        "base checkpoints with CompVis key names, and SD 3.x / FLUX.1 files with the original "
+        "transformer's names.")
 
 
 def _model_index(folder: Path) -> dict:
@@ -177,7 +200,7 @@ def describe_keys(keys: Iterable[str], limit: int = 6) -> str:
     more = f" and {len(groups) - limit} more groups" if len(groups) > limit else ""
     text = f"its {len(keys)} tensors are named like {shown}{more}"
     hints = []
-    if any(".lora_" in k or k.startswith("lora_") or ".lora." in k for k in keys):
+    if _looks_like_lora(keys):
         hints.append("this looks like a LoRA, not a full checkpoint: load it on top of a base "
                      "model instead")
     elif any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in keys):
@@ -185,8 +208,12 @@ def describe_keys(keys: Iterable[str], limit: int = 6) -> str:
                      "pipeline: pass the diffusers folder that holds it")
     elif any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.")) for k in keys):
         hints.append("this looks like a standalone VAE")
-    elif any(k.startswith(UNET_PREFIX) and ("double_blocks" in k or "joint_blocks" in k)
+    elif any(k.startswith(("transformer_blocks.", "single_transformer_blocks."))
              for k in keys):
-        hints.append("this looks like a diffusion transformer (Flux / SD3), not a Stable "
-                     "Diffusion UNet")
+        hints.append("this looks like a diffusers SD3/FLUX transformer's weights, not a single "
+                     "file: pass the diffusers folder that holds it")
     return text + ("; " + "; ".join(hints) if hints else "")
+
+
+def _looks_like_lora(keys: list[str]) -> bool:
+    return any(".lora_" in k or k.startswith("lora_") or ".lora." in k for k in keys)

@@ -17,13 +17,15 @@ from typing import Any
 import torch
 import yaml
 
-from dreambooth.families import FLOW_PIPELINES, detect_family, flow_subfolders, is_flow_matching
+from dreambooth.families import (
+    PIPELINE_CLASSES,
+    detect_family,
+    flow_subfolders,
+    is_flow_matching,
+    pipeline_class,
+)
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-# diffusers pipeline class of each family.
-PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
-                    "sdxl": "StableDiffusionXLPipeline",
-                    **{family: name for name, (family, _) in FLOW_PIPELINES.items()}}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # Short names of the models that ship inside the package (diffusers folders in assets/).
 BUNDLED_MODELS = {"demo": Path(__file__).parent / "assets" / "world_model"}
@@ -45,10 +47,16 @@ class ModelLoadError(ValueError):
 
 
 def resolve_model_path(name_or_path: str | Path, revision: str | None = None, *,
-                       prediction_type: str | None = None) -> Path:
+                       prediction_type: str | None = None,
+                       single_file_config: str | Path | None = None) -> Path:
     """Return the local diffusers folder for a path, a single-file checkpoint
-    (`.safetensors`/`.ckpt`, SD1/SD2/SDXL), a cached Hugging Face hub id or the short name of a
-    bundled model (`demo`: the pretrained model of the procedural world).
+    (`.safetensors`/`.ckpt`: SD1/SD2/SDXL, SD 3.x, FLUX.1), a cached Hugging Face hub id or the
+    short name of a bundled model (`demo`: the pretrained model of the procedural world).
+
+    `single_file_config` (diffusers' `from_single_file(config=...)`): the diffusers folder (or
+    cached hub id) of the model a single file was made from. SD 3.x and FLUX.1 files need it
+    for what they lack (tokenizers; VAE and text encoders of a transformer-only file); for the
+    UNet families it replaces the shipped architecture config. Other inputs ignore it.
 
     Raises ModelLoadError naming `name_or_path` if it is neither a diffusers pipeline folder nor
     a hub id present in the local cache.
@@ -57,8 +65,11 @@ def resolve_model_path(name_or_path: str | Path, revision: str | None = None, *,
     if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         from dreambooth.formats.single_file import load_single_file
 
-        # Converted once (offline, with the configs the package ships) and cached.
-        return load_single_file(path, prediction_type=prediction_type)
+        # Converted once (offline, with the configs the package ships or the config folder)
+        # and cached.
+        return load_single_file(path, prediction_type=prediction_type,
+                                config=single_file_config_folder(single_file_config, path,
+                                                                 revision))
     if path.exists():
         return _check_pipeline_folder(path, str(name_or_path))
     text = str(name_or_path)
@@ -82,6 +93,19 @@ def resolve_model_path(name_or_path: str | Path, revision: str | None = None, *,
             f"`huggingface-cli download {text}`, or pass a local diffusers folder."
         ) from error
     return _check_pipeline_folder(Path(folder), text)
+
+
+def single_file_config_folder(config: str | Path | None, single_file: Path,
+                              revision: str | None = None) -> Path | None:
+    """The diffusers folder that `single_file_config` (a folder or cached hub id) names, for
+    the single file `single_file`; None for None."""
+    if config is None or config == "":
+        return None
+    if Path(config).expanduser().is_file():
+        raise ModelLoadError(
+            f"single_file_config '{config}' is a file; pass the diffusers folder (or cached hub "
+            f"id) of the model '{single_file.name}' was made from")
+    return resolve_model_path(config, revision)
 
 
 def read_training_config(folder: str | Path | None) -> dict[str, Any]:
@@ -223,15 +247,6 @@ class DiffusionComponents:
         return modules
 
 
-def pipeline_class(family: str):
-    """The diffusers text-to-image pipeline class of a family (PIPELINE_CLASSES)."""
-    import diffusers
-
-    if family not in PIPELINE_CLASSES:
-        raise ValueError(f"family={family!r} is not one of {', '.join(PIPELINE_CLASSES)}")
-    return getattr(diffusers, PIPELINE_CLASSES[family])
-
-
 def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str = "auto"):
     """The text-to-image pipeline of `model` (anything `resolve_model_path` takes) on `device`,
     without safety checker or progress bars.
@@ -264,19 +279,21 @@ def load_pipeline(model: str | Path, *, device: str | None = None, dtype: str = 
 
 def load_components(name_or_path: str | Path, revision: str | None = None, *,
                     vae_name_or_path: str | Path | None = None, variant: str | None = None,
-                    prediction_type: str | None = None) -> DiffusionComponents:
+                    prediction_type: str | None = None,
+                    single_file_config: str | Path | None = None) -> DiffusionComponents:
     """Load tokenizer(s), text encoder(s), VAE, UNet (or transformer) and the training noise
     scheduler.
 
     `prediction_type` overrides the scheduler's (and tells a single SD2 file's kind; UNet
     families only). `vae_name_or_path` swaps in another VAE (a pipeline folder with vae/ or a
     VAE folder), as diffusers' `--pretrained_vae_model_name_or_path` does for SDXL's fp16-safe
-    VAE.
+    VAE. `single_file_config`: see resolve_model_path.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    path = resolve_model_path(name_or_path, revision, prediction_type=prediction_type)
+    path = resolve_model_path(name_or_path, revision, prediction_type=prediction_type,
+                              single_file_config=single_file_config)
     family = detect_family(path)
     weights = dict(variant=variant) if variant else {}
     if is_flow_matching(family):

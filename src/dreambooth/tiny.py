@@ -72,12 +72,13 @@ def build_tiny_t5_tokenizer(model_max_length: int = 512):
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 
 
-def _tiny_text_encoder(tokenizer, *, with_projection: bool = False):
+def _tiny_text_encoder(tokenizer, *, with_projection: bool = False, width: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+        projection_dim=width,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -98,8 +99,9 @@ def build_tiny_pipeline(
     - sd2: linear projections (`use_linear_projection`, as SD 2.x), per-block head dims.
     - sdxl: two text encoders (the second with a projection giving pooled embeddings), the UNet
       conditioned on pooled text + size/crop "time ids" (`addition_embed_type="text_time"`).
-    - sd3: SD3Transformer2DModel (2 joint blocks) on 16 latent channels, CLIP-L and CLIP-G
-      with projections and a T5 encoder (`_tiny_flow_pipeline`).
+    - sd3: SD3Transformer2DModel (2 joint blocks) on 16 latent channels, CLIP-L (32 wide,
+      identity projection) and CLIP-G (48 wide) with projections and a T5 encoder (96 wide)
+      (`_tiny_flow_pipeline`).
     - flux: FluxTransformer2DModel (1 double + 1 single block, guidance embedding as
       FLUX.1-dev) on 16 latent channels packed 2x2, CLIP-L (pooled) and T5.
     `sample_size` is the image size in pixels; latents are `sample_size // 4` with this VAE.
@@ -196,20 +198,26 @@ def _tiny_flow_pipeline(family: str, *, seed: int, sample_size: int):
         use_quant_conv=False, use_post_quant_conv=False)
     clip_tokenizer = build_tiny_tokenizer()
     if family == "sd3":
-        # Joint text tokens: CLIP-L (32) + CLIP-G (32) hidden states side by side = 64 wide,
-        # T5's width too; pooled: the two CLIP projections (32 + 32).
+        # CLIP-G is wider than CLIP-L (48 / 32; SD3's are 1280 / 768) because diffusers'
+        # single-file reader tells the two apart by width, as for SDXL. Joint text tokens:
+        # CLIP-L + CLIP-G hidden states side by side (80), zero-padded to T5's width (96);
+        # pooled: the two CLIP projections (32 + 48).
         transformer = SD3Transformer2DModel(
             sample_size=sample_size // 4, patch_size=2, in_channels=16, out_channels=16,
-            num_layers=2, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
-            caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32)
+            num_layers=2, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=96,
+            caption_projection_dim=32, pooled_projection_dim=32 + 48, pos_embed_max_size=32)
         t5_tokenizer = build_tiny_t5_tokenizer(model_max_length=256)
+        clip_l = _tiny_text_encoder(clip_tokenizer, with_projection=True)
+        with torch.no_grad():
+            # SD3 pools CLIP-L unprojected: a single file has no CLIP-L projection and
+            # diffusers' reader gives it an identity one, so the tiny model has one too.
+            clip_l.text_projection.weight.copy_(torch.eye(32))
+        clip_g = _tiny_text_encoder(clip_tokenizer, with_projection=True, width=48)
         return StableDiffusion3Pipeline(
             transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            text_encoder=_tiny_text_encoder(clip_tokenizer, with_projection=True),
-            tokenizer=clip_tokenizer,
-            text_encoder_2=_tiny_text_encoder(clip_tokenizer, with_projection=True),
-            tokenizer_2=build_tiny_tokenizer(),
-            text_encoder_3=_tiny_t5_encoder(t5_tokenizer, 64), tokenizer_3=t5_tokenizer)
+            text_encoder=clip_l, tokenizer=clip_tokenizer,
+            text_encoder_2=clip_g, tokenizer_2=build_tiny_tokenizer(),
+            text_encoder_3=_tiny_t5_encoder(t5_tokenizer, 96), tokenizer_3=t5_tokenizer)
     # FLUX.1: 16 latent channels packed 2x2 -> 64 per token; RoPE axes (4, 4, 8) sum to the
     # head dim 16; pooled from CLIP-L (32), text tokens from T5 (32).
     transformer = FluxTransformer2DModel(

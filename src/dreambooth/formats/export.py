@@ -33,7 +33,7 @@ import torch
 from dreambooth.families import detect_family
 from dreambooth.files import atomic_folder, atomic_path, atomic_write_text
 from dreambooth.formats import ExportError
-from dreambooth.formats.ldm_keys import single_file_state_dict
+from dreambooth.formats.ldm_keys import clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 from dreambooth.formats.lora_files import (
     DIFFUSERS_LORA_FILE,
     export_lora,
@@ -44,16 +44,22 @@ from dreambooth.formats.modelspec import modelspec
 from dreambooth.formats.single_file import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
+    TEXT_ENCODER_PREFIXES,
     V_PRED_KEY,
+    compare_with_models,
+    diffusers_view,
     load_single_file,
     read_header,
 )
+from dreambooth.formats.transformer_checkpoints import transformer_single_file_state_dict
+from dreambooth.formats.transformer_keys import TRANSFORMER_FAMILIES, transformer_variant
 from dreambooth.models import (
     DTYPES,
     TRAINING_CONFIG_FILE,
     DiffusionComponents,
     load_pipeline,
     resolve_model_path,
+    single_file_config_folder,
 )
 
 log = logging.getLogger(__name__)
@@ -72,11 +78,14 @@ def _is_single_file(path: Path) -> bool:
     return path.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES and not path.is_dir()
 
 
-def resolve_pipeline_folder(model: str | Path, prediction_type: str | None = None) -> Path:
-    """A diffusers pipeline folder for a folder, a cached hub id or a single-file checkpoint."""
+def resolve_pipeline_folder(model: str | Path, prediction_type: str | None = None,
+                            single_file_config: str | Path | None = None) -> Path:
+    """A diffusers pipeline folder for a folder, a cached hub id or a single-file checkpoint
+    (`single_file_config`: see models.resolve_model_path)."""
     path = Path(model).expanduser()
     if _is_single_file(path):
-        return load_single_file(path, prediction_type=prediction_type)
+        return load_single_file(path, prediction_type=prediction_type,
+                                config=single_file_config_folder(single_file_config, path))
     if path.is_dir() and not (path / "model_index.json").exists() and (
             (path / DIFFUSERS_LORA_FILE).exists() or kohya_lora_file(path) is not None):
         raise ExportError(
@@ -87,13 +96,40 @@ def resolve_pipeline_folder(model: str | Path, prediction_type: str | None = Non
 
 
 def _stored_dtype(folder: Path) -> torch.dtype:
-    """dtype of the UNet's weights on disk (float32 when it cannot be told)."""
-    for file in sorted((folder / "unet").glob("*.safetensors")):
+    """dtype of the UNet's (or transformer's) weights on disk (float32 when it cannot be told)."""
+    denoiser = "transformer" if (folder / "transformer").is_dir() else "unet"
+    for file in sorted((folder / denoiser).glob("*.safetensors")):
         header = read_header(file)
         for tensor in header.tensors.values():
             if tensor.is_floating_point():
                 return tensor.dtype
     return torch.float32
+
+
+def single_file_state_dict(pipeline, family: str) -> dict[str, torch.Tensor]:
+    """A live SD/SDXL pipeline's weights under CompVis names, checked against diffusers' reader:
+    raises ExportError unless `from_single_file` would give back every tensor unchanged in name
+    and shape. SD3 and FLUX have their own layouts (transformer_checkpoints.
+    transformer_single_file_state_dict)."""
+    if family not in TEXT_ENCODER_PREFIXES:
+        raise ExportError(f"family '{family}' has no CompVis layout: SD3 and FLUX files are "
+                          "written by transformer_checkpoints.transformer_single_file_state_dict")
+    components = {"unet": pipeline.unet, "vae": pipeline.vae, "text_encoder": pipeline.text_encoder}
+    if family == "sdxl":
+        components["text_encoder_2"] = pipeline.text_encoder_2
+    state = {**unet_to_ldm(pipeline.unet.state_dict(), pipeline.unet.config),
+             **vae_to_ldm(pipeline.vae.state_dict(), pipeline.vae.config)}
+    for name, prefix in TEXT_ENCODER_PREFIXES[family].items():
+        convert = clip_to_ldm if prefix.endswith("text_model.") else open_clip_to_ldm
+        state.update(convert(components[name].state_dict(), prefix))
+    meta = {key: torch.empty(value.shape, dtype=value.dtype, device="meta")
+            for key, value in state.items()}
+    problems = compare_with_models(diffusers_view(meta, family, components), components)
+    if problems:
+        raise ExportError(f"the {family.upper()} single-file export would not load back intact "
+                          "with diffusers' from_single_file: "
+                          + "; ".join(p.describe() for p in problems))
+    return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +147,8 @@ def _single_output_path(output: Path) -> Path:
 
 def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str | None = None,
                  merge_lora_path: str | Path | None = None, lora_scale: float = 1.0,
-                 prediction_type: str | None = None) -> Path:
+                 prediction_type: str | None = None,
+                 single_file_config: str | Path | None = None) -> Path:
     """Write `model` in format `fmt` to `output`; return the path written.
 
     - `model`: a diffusers folder (a training output_dir), a cached hub id or a single-file
@@ -122,6 +159,8 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
     - `merge_lora_path` / `lora_scale`: fuse this LoRA into the model first (not for LoRA formats).
     - `prediction_type`: for a single-file SD 2.x input whose type cannot be told (see
       single_file.resolve_prediction_type).
+    - `single_file_config`: for a single-file input, the diffusers folder of the model it was
+      made from (needed for SD 3.x / FLUX.1 files; see models.resolve_model_path).
 
     Args:
         model: A diffusers folder (training output_dir), a cached hub id, a .safetensors/.ckpt
@@ -136,6 +175,9 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
         lora_scale: Strength of the merged LoRA (W + scale * alpha/r * BA).
         prediction_type: For a single-file SD 2.x model whose type the file does not tell
             (768-v models use v_prediction).
+        single_file_config: For a single-file model: the diffusers folder (or cached id) of
+            the model it was made from, as diffusers' from_single_file(config=...); SD 3.x and
+            FLUX.1 files need it.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
@@ -155,29 +197,38 @@ def export_model(model: str | Path, fmt: str, output: str | Path, *, dtype: str 
         raise ExportError(f"output '{output}' already exists and is not an empty folder; "
                           "choose a new path (nothing was written)")
 
-    folder = resolve_pipeline_folder(model, prediction_type)
+    folder = resolve_pipeline_folder(model, prediction_type, single_file_config)
     family = detect_family(folder)
     torch_dtype = torch_dtype or _stored_dtype(folder)
     pipeline = load_pipeline(folder, device="cpu", dtype="fp32")
     if merge_lora_path is not None:
         merge_lora(pipeline, merge_lora_path, family, lora_scale)
-    prediction = pipeline.scheduler.config.get("prediction_type", "epsilon")
+    # SD3/FLUX learn a rectified-flow velocity: no prediction type in the SD sense.
+    prediction = (None if family in TRANSFORMER_FAMILIES
+                  else pipeline.scheduler.config.get("prediction_type", "epsilon"))
     provenance = {"source": str(model), "format": fmt, "family": family,
                   "dtype": str(torch_dtype).removeprefix("torch."), "prediction_type": prediction,
                   "merged_lora": str(merge_lora_path) if merge_lora_path is not None else None,
                   "lora_scale": lora_scale if merge_lora_path is not None else None,
                   "versions": library_versions()}
     if fmt == "single-file":
-        state = single_file_state_dict(pipeline, family)
+        state = (transformer_single_file_state_dict(pipeline, family)
+                 if family in TRANSFORMER_FAMILIES else single_file_state_dict(pipeline, family))
         state = {key: value.to(torch_dtype).contiguous() if value.is_floating_point() else value
                  for key, value in state.items()}
         if prediction == "v_prediction":
             state[V_PRED_KEY] = torch.tensor([])  # ComfyUI's marker; readers ignore it
         source = Path(str(model))
         title = source.stem if _is_single_file(source) else source.name
-        resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+        variant = None
+        if family in TRANSFORMER_FAMILIES:
+            variant = transformer_variant(family, pipeline.transformer.config)
+            resolution = pipeline.default_sample_size * pipeline.vae_scale_factor
+        else:
+            resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         metadata = {"format": "pt",
-                    **modelspec(family, prediction, title=title, resolution=resolution),
+                    **modelspec(family, prediction, title=title, resolution=resolution,
+                                variant=variant),
                     "dreambooth.export": json.dumps(provenance, sort_keys=True)}
         from safetensors.torch import save_file
 
@@ -243,7 +294,8 @@ def for_older_stacks(folder: Path, base: Path) -> None:
 
     - transformers 5 writes CLIP text models without the `text_model.` level in their weight
       names; 4.x then finds none of them and initialises the encoder at random (with only a
-      warning). Names are written with it, which 5 reads as well.
+      warning). Names are written with it, which 5 reads as well. Only CLIP's: T5 encoders
+      (SD3, FLUX) have no such level.
     - A tokenizer saved by transformers 5 may hold only `tokenizer.json`; the slow
       CLIPTokenizer that model_index.json names needs `vocab.json` and `merges.txt`, copied
       from the base model when it has them.
@@ -252,6 +304,8 @@ def for_older_stacks(folder: Path, base: Path) -> None:
     from safetensors.torch import save_file
 
     for encoder in sorted(folder.glob("text_encoder*")):
+        if not _is_clip(encoder):
+            continue  # T5 (SD3, FLUX) never had the level
         for weights in sorted(encoder.glob("*.safetensors")):
             with safe_open(str(weights), framework="pt") as handle:
                 metadata = handle.metadata() or {"format": "pt"}
@@ -267,6 +321,14 @@ def for_older_stacks(folder: Path, base: Path) -> None:
             source = base / tokenizer.name / name
             if source.is_file() and not (tokenizer / name).exists():
                 shutil.copyfile(source, tokenizer / name)
+
+
+def _is_clip(encoder: Path) -> bool:
+    try:
+        config = json.loads((encoder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return str(config.get("model_type", "")).startswith("clip")
 
 
 def _with_text_model(key: str) -> str:

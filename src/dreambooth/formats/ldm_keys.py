@@ -13,14 +13,9 @@ import re
 
 import torch
 
+from dreambooth.families import UNET_PREFIX
 from dreambooth.formats import ExportError
-from dreambooth.formats.single_file import (
-    TEXT_ENCODER_PREFIXES,
-    UNET_PREFIX,
-    VAE_PREFIX,
-    compare_with_models,
-    diffusers_view,
-)
+from dreambooth.formats.checkpoint_files import VAE_PREFIX
 
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
                 "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
@@ -160,25 +155,3 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, t
         result[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(
             [parts["q"], parts["k"], parts["v"]], dim=0)
     return result
-
-
-def single_file_state_dict(pipeline, family: str) -> dict[str, torch.Tensor]:
-    """A live SD/SDXL pipeline's weights under CompVis names, checked against diffusers' reader:
-    raises ExportError unless `from_single_file` would give back every tensor unchanged in name
-    and shape."""
-    components = {"unet": pipeline.unet, "vae": pipeline.vae, "text_encoder": pipeline.text_encoder}
-    if family == "sdxl":
-        components["text_encoder_2"] = pipeline.text_encoder_2
-    state = {**unet_to_ldm(pipeline.unet.state_dict(), pipeline.unet.config),
-             **vae_to_ldm(pipeline.vae.state_dict(), pipeline.vae.config)}
-    for name, prefix in TEXT_ENCODER_PREFIXES[family].items():
-        convert = clip_to_ldm if prefix.endswith("text_model.") else open_clip_to_ldm
-        state.update(convert(components[name].state_dict(), prefix))
-    meta = {key: torch.empty(value.shape, dtype=value.dtype, device="meta")
-            for key, value in state.items()}
-    problems = compare_with_models(diffusers_view(meta, family, components), components)
-    if problems:
-        raise ExportError(f"the {family.upper()} single-file export would not load back intact "
-                          "with diffusers' from_single_file: "
-                          + "; ".join(p.describe() for p in problems))
-    return state

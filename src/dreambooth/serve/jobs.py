@@ -64,6 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # job's own fields (model, identifier, class_noun).
 SERVER_KEYS = frozenset({
     "pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
+    "single_file_config",
     "instance_data_dir", "instance_prompt", "class_data_dir", "concepts", "mask_dir",
     "caption_extension",
     "validation_data_dir", "validation_prompt", "validation_prompts", "validation_steps",

@@ -38,6 +38,7 @@ from dreambooth.formats.lora_files import (
     save_lora_files,
     tag_frequency,
 )
+from dreambooth.formats.transformer_keys import transformer_variant
 from dreambooth.images import list_image_files, load_image_folder
 from dreambooth.models import load_components
 from dreambooth.prompts import read_prompt_file
@@ -275,7 +276,8 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
     components = load_components(
         config.model.pretrained_model_name_or_path, config.model.revision,
         vae_name_or_path=config.model.pretrained_vae_model_name_or_path,
-        variant=config.model.variant, prediction_type=config.model.prediction_type)
+        variant=config.model.variant, prediction_type=config.model.prediction_type,
+        single_file_config=config.model.single_file_config)
     flow = check_family_options(config, components)
     check_resolution(config.data.resolution, components)
     check_bucket_steps(config, components)
@@ -378,36 +380,50 @@ def _train(config: TrainConfig, callbacks: list, meter: cpu.LoadMeter) -> Path:
     if ema is not None and not config.ema.export_raw_weights:
         ema.copy_to_module()  # the model (or LoRA) saved is the average
     module.check_finite_weights()  # NonFiniteError: an existing model is never replaced by NaN
-    if trainer.is_global_zero and flow is not None:
-        save_flow_outputs(config, components, module, lora, output_dir)
-    elif trainer.is_global_zero:
-        if lora is None:
-            save_trained_pipeline(components, output_dir, config_yaml=dump_yaml(config))
-            log.info("trained pipeline saved to %s", output_dir)
-        else:
-            output_name = config.checkpoint.output_name or default_output_name(output_dir)
-            optim = config.optim
-            metadata = lora_metadata(
-                settings=lora, base_model=str(config.model.pretrained_model_name_or_path),
-                trigger_phrase=", ".join(dict.fromkeys(c.instance_prompt for c in concepts)),
-                output_name=output_name,
-                resolution=config.data.resolution, prediction_type=components.prediction_type,
-                training_steps=trainer.global_step, learning_rate=optim.learning_rate,
-                text_encoder_lr=(optim.text_encoder_lr or optim.learning_rate)
-                if optim.train_text_encoder else None,
-                num_train_images=num_train_images,
-                tag_frequency=tag_frequency(concept_texts),
-                family=components.family)
-            paths = save_lora_files(output_dir, components.unet, components.text_encoders,
-                                    settings=lora, metadata=metadata, output_name=output_name,
-                                    family=components.family)
-            write_run_files(output_dir, dump_yaml(config))
-            log.info("LoRA weights saved: %s", ", ".join(map(str, paths)))
+    if not trainer.is_global_zero:
+        return output_dir
+    output_name = config.checkpoint.output_name or default_output_name(output_dir)
+    metadata = None if lora is None else lora_run_metadata(
+        config, components, lora, output_name=output_name, training_steps=trainer.global_step,
+        trigger_phrase=", ".join(dict.fromkeys(c.instance_prompt for c in concepts)),
+        num_train_images=num_train_images, captions=concept_texts)
+    if flow is not None:
+        save_flow_outputs(config, components, module, lora, output_dir, metadata=metadata,
+                          output_name=output_name)
+    elif lora is None:
+        save_trained_pipeline(components, output_dir, config_yaml=dump_yaml(config))
+        log.info("trained pipeline saved to %s", output_dir)
+    else:
+        paths = save_lora_files(output_dir, components.unet, components.text_encoders,
+                                settings=lora, metadata=metadata, output_name=output_name,
+                                family=components.family)
+        write_run_files(output_dir, dump_yaml(config))
+        log.info("LoRA weights saved: %s", ", ".join(map(str, paths)))
     return output_dir
 
 
-def save_flow_outputs(config: TrainConfig, components, module, lora, output_dir: Path) -> None:
-    """An SD 3.x / FLUX.1 run's model: the pipeline folder, or the diffusers LoRA file."""
+def lora_run_metadata(config: TrainConfig, components, lora: LoraSettings, *, output_name: str,
+                      training_steps: int, trigger_phrase: str, num_train_images: int,
+                      captions: dict[str, list[str]]) -> dict[str, str]:
+    """The kohya `ss_*` and ModelSpec metadata of a LoRA run's files, every family; SD3/FLUX
+    name their released variant from the transformer's config."""
+    optim, family = config.optim, components.family
+    return lora_metadata(
+        settings=lora, base_model=str(config.model.pretrained_model_name_or_path),
+        trigger_phrase=trigger_phrase, output_name=output_name,
+        resolution=config.data.resolution, prediction_type=components.prediction_type,
+        training_steps=training_steps, learning_rate=optim.learning_rate,
+        text_encoder_lr=(optim.text_encoder_lr or optim.learning_rate)
+        if optim.train_text_encoder else None,
+        num_train_images=num_train_images, tag_frequency=tag_frequency(captions),
+        family=family, variant=transformer_variant(family, components.transformer.config)
+        if is_flow_matching(family) else None)
+
+
+def save_flow_outputs(config: TrainConfig, components, module, lora, output_dir: Path, *,
+                      metadata: dict[str, str] | None = None, output_name: str = "") -> None:
+    """An SD 3.x / FLUX.1 run's model: the pipeline folder, or its two LoRA files (diffusers
+    and kohya layouts, both with `metadata`, the kohya one named `{output_name}.safetensors`)."""
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}
     dtype = (torch.float32 if config.checkpoint.upcast_before_saving
              else half.get(config.optim.mixed_precision, torch.float32))
@@ -419,11 +435,12 @@ def save_flow_outputs(config: TrainConfig, components, module, lora, output_dir:
                            dtype=dtype)
         log.info("trained pipeline saved to %s", output_dir)
         return
-    path = save_flow_lora(output_dir, components.family, components.transformer,
-                          module.text_encoders, settings=lora, dtype=dtype,
-                          text_encoder_names=module.clip_names)
+    paths = save_flow_lora(output_dir, components.family, components.transformer,
+                           module.text_encoders, settings=lora, dtype=dtype,
+                           text_encoder_names=module.clip_names, metadata=metadata or {},
+                           output_name=output_name or default_output_name(output_dir))
     write_run_files(output_dir, dump_yaml(config))
-    log.info("LoRA weights saved: %s", path)
+    log.info("LoRA weights saved: %s", ", ".join(map(str, paths)))
 
 
 def check_family_options(config: TrainConfig, components) -> FlowSettings | None:
