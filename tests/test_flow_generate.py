@@ -305,17 +305,27 @@ def test_a_lora_changes_the_image_and_scale_0_does_not(lora_pipelines, family, t
     assert np.array_equal(one_image(pipeline), base)
 
 
-def test_a_kohya_sd3_lora_is_refused_with_what_to_pass_instead(lora_pipelines, tmp_path):
+def test_a_kohya_sd3_lora_gives_the_images_of_the_same_diffusers_lora(lora_pipelines, tmp_path):
+    # diffusers reads no kohya SD 3 files; formats.lora_files.kohya_to_diffusers converts them.
     pipeline = lora_pipelines["sd3"]
     base = one_image(pipeline)
+    layer = pipeline.transformer.transformer_blocks[0].attn.to_out[0]
+    generator = torch.Generator().manual_seed(3)
+    rank, alpha = 4, 2.0
+    down = torch.randn(rank, layer.in_features, generator=generator)
+    up = torch.randn(layer.out_features, rank, generator=generator)
     name = "lora_unet_joint_blocks_0_x_block_attn_proj"
-    save_file({f"{name}.lora_down.weight": torch.ones(4, 32),
-               f"{name}.lora_up.weight": torch.ones(32, 4), f"{name}.alpha": torch.tensor(4.0)},
-              str(tmp_path / "comfy.safetensors"))
-    with pytest.raises(GenerationError, match="kohya/ComfyUI layout .* not read for SD 3 "
-                                              "models; pass its diffusers-layout file"):
-        apply_lora(pipeline, tmp_path / "comfy.safetensors")
-    assert np.array_equal(one_image(pipeline), base)
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+               f"{name}.alpha": torch.tensor(alpha)}, str(tmp_path / "comfy.safetensors"))
+    save_file({"transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight": down,
+               "transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight": up * alpha / rank},
+              str(tmp_path / "diffusers.safetensors"))
+    apply_lora(pipeline, tmp_path / "comfy.safetensors")
+    with_kohya = one_image(pipeline)
+    apply_lora(pipeline, tmp_path / "diffusers.safetensors")
+    with_diffusers = one_image(pipeline)
+    assert np.abs(with_kohya - base).max() > 10
+    assert np.abs(with_kohya - with_diffusers).max() <= 1
 
 
 def test_a_kohya_flux_lora_gives_the_images_of_the_same_diffusers_lora(lora_pipelines,

@@ -41,11 +41,10 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from PIL import Image
-from safetensors import safe_open
 
 from dreambooth import cpu
 from dreambooth.formats.infotext import format_parameters, lora_hash, model_hash
-from dreambooth.formats.lora_files import LoraFileError, lora_file
+from dreambooth.formats.lora_files import LoraFileError, lora_file, lora_for_diffusers
 from dreambooth.images import make_grid, save_png
 from dreambooth.models import load_pipeline
 from dreambooth.pipelines import (  # noqa: F401 - re-exported: the generation API's names
@@ -358,8 +357,9 @@ def apply_lora(pipeline, lora: str | Path | None, scale: float = 1.0) -> None:
     or every LoRA off for None.
 
     A file is loaded into a pipeline once, with diffusers' `load_lora_weights` (which reads
-    diffusers/peft files for every family, kohya files for SD 1.x/2.x/SDXL and FLUX.1, and
-    BFL/XLabs FLUX.1 files, through diffusers' converters), and kept as a peft adapter; later
+    diffusers/peft files for every family, kohya files for SD 1.x/2.x/SDXL, and BFL/XLabs
+    FLUX.1 files, through diffusers' converters; kohya/ComfyUI SD 3.x and FLUX.1 files are
+    converted by `formats.lora_files.lora_for_diffusers`), and kept as a peft adapter; later
     calls only activate it, so switching LoRA or scale reads nothing from disk. A file changed
     on disk is loaded again.
     """
@@ -384,11 +384,12 @@ def apply_lora(pipeline, lora: str | Path | None, scale: float = 1.0) -> None:
         name = f"lora{next(_ADAPTER_IDS)}"
         logger.info("loading LoRA %s as adapter %s", path, name)
         try:
+            weights = lora_for_diffusers(path, pipeline, traits(pipeline).family)
             with warnings.catch_warnings():
                 # peft warns that a model gets a second adapter: keeping several is the point.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                pipeline.load_lora_weights(str(path), adapter_name=name, local_files_only=True)
-        except (ValueError, KeyError, RuntimeError, OSError) as error:
+                pipeline.load_lora_weights(weights, adapter_name=name, local_files_only=True)
+        except (ValueError, KeyError, RuntimeError, OSError, LoraFileError) as error:
             _delete_partial_adapter(pipeline, name)
             # torch lists every mismatched tensor; the first lines say enough.
             reason = "\n".join(str(error).splitlines()[:3])
@@ -405,13 +406,6 @@ def apply_lora(pipeline, lora: str | Path | None, scale: float = 1.0) -> None:
 
 def _no_weights_message(pipeline, lora, path: Path) -> str:
     model_traits = traits(pipeline)
-    with safe_open(str(path), framework="pt") as weights:
-        kohya = any(key.startswith("lora_unet_") for key in weights.keys())
-    if kohya and model_traits.family == "sd3":
-        # diffusers converts kohya files of SD 1.x/2.x/SDXL and FLUX.1, not of SD 3.x.
-        return (f"lora '{lora}' is in kohya/ComfyUI layout (lora_unet_*), which diffusers does "
-                "not read for SD 3 models; pass its diffusers-layout file "
-                "(pytorch_lora_weights.safetensors, as a LoRA run writes it)")
     part = "transformer" if model_traits.flow_matching else "UNet"
     return (f"lora '{lora}' holds no LoRA weights for this model's {part} or text encoders; "
             "is it a LoRA for another model family?")
