@@ -26,7 +26,8 @@ Suites (every model has random weights built in-process; nothing is downloaded):
   once (~35 GB of disk for FLUX), LoRA rank 16 on diffusers' default targets, bf16-mixed,
   gradient checkpointing, batch 1 instance + 1 prior; T5 over the tiny T5 vocabulary (its
   embedding table is all that is smaller than the real one). FLUX trains with
-  guidance_scale 1 (diffusers' README), also on an int8 base (`--quantize_base int8`, torchao).
+  guidance_scale 1 (diffusers' README), also on an int8 and an int4 base (`--quantize_base`,
+  torchao).
 
 Each configuration runs `train(config, callbacks=[StepTimer])` in its own child process, so
 peak memory is that configuration's alone. The timer stamps `time.perf_counter()` at the end
@@ -129,6 +130,10 @@ CONFIGURATIONS = (
                   {"use_lora": True, "rank": 16, "mixed_precision": "bf16",
                    "gradient_checkpointing": True, "guidance_scale": 1.0,
                    "quantize_base": "int8"}),
+    Configuration("flux-dev-1024-lora-int4", "flux-gpu", "flux-dev", 1024, 1,
+                  {"use_lora": True, "rank": 16, "mixed_precision": "bf16",
+                   "gradient_checkpointing": True, "guidance_scale": 1.0,
+                   "quantize_base": "int4"}),
 )
 SUITES = ("tiny-cpu", "sd15-gpu", "sdxl-gpu", "sd35m-gpu", "flux-gpu")
 
