@@ -60,6 +60,7 @@ try:
         router,
     )
     from dreambooth.serve.schemas import APIError, validation_error
+    from dreambooth.serve.ui import ui_router
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"`dreambooth serve` needs the `serve` extra ({error.name} is missing): "
@@ -334,6 +335,7 @@ def create_app(
                   openapi_url=None)
     app.state.server = state
     app.include_router(public_router)
+    app.include_router(ui_router)  # the web UI's assets: no data in them, no key
     needs_key = [Depends(_require_key(api_key))] if api_key else []
     app.include_router(router, dependencies=needs_key)
     app.include_router(jobs_router, dependencies=needs_key)
