@@ -11,6 +11,7 @@ import zipfile
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 
 from conftest import write_subject_photos
@@ -87,6 +88,19 @@ def test_lora_job_trains_streams_progress_and_serves_its_model(server, tmp_path)
     assert [s["step"] for s in steps] == [1, 2] and all(s["max_steps"] == 2 for s in steps)
     assert all(s["loss"] is not None and s["lr"] > 0 and s["eta_seconds"] >= 0 for s in steps)
     assert events.index(next(e for e in events if e["type"] == "metrics")) > 1
+    # Validation grids at steps 1 and 2 (max_train_steps 2: every ceil(2/4) = 1 step).
+    validations = [e for e in events if e["type"] == "validation"]
+    assert [v["data"]["step"] for v in validations] == [1, 2]
+    for event in validations:
+        assert set(event["data"]) == {"step", "url"}
+        assert event["data"]["url"] == (f"{JOBS}/{job['id']}/images/"
+                                        f"step-{event['data']['step']:06d}.png")
+        image = server.get(event["data"]["url"])
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        grid = Image.open(io.BytesIO(image.content))
+        assert grid.format == "PNG" and grid.size == (32, 3 * 32)  # a row per scene
+        assert "on the beach" in grid.text["prompt"] and "zwx dog" in grid.text["prompt"]
+    assert events.index(validations[-1]) < len(events) - 1  # before the final status
 
     job = server.get(f"{JOBS}/{job['id']}").json()
     name = job["fine_tuned_model"]
@@ -104,6 +118,8 @@ def test_lora_job_trains_streams_progress_and_serves_its_model(server, tmp_path)
 
     listed = server.get(f"{JOBS}/{job['id']}/events").json()  # the JSON list, newest first
     assert listed["object"] == "list" and listed["data"][0]["data"] == {"status": "succeeded"}
+    assert [e["data"] for e in listed["data"] if e["type"] == "validation"] == [
+        v["data"] for v in reversed(validations)]
     for kind in ("lora_kohya", "lora_diffusers"):
         download = server.get(f"{JOBS}/{job['id']}/files/{kind}")
         assert download.status_code == 200 and len(download.content) > 1000
@@ -122,6 +138,58 @@ def test_full_fine_tune_job_serves_a_new_model_and_zips_it(server, tmp_path):
     assert download.status_code == 200
     names = zipfile.ZipFile(io.BytesIO(download.content)).namelist()
     assert "model_index.json" in names and not any(n.startswith("checkpoints") for n in names)
+
+
+def test_validation_does_not_change_the_trained_weights(server, tmp_path):
+    """A job (validated at every step) trains the weights a run without validation trains."""
+    from safetensors.torch import load_file
+
+    from dreambooth.config import parse_train_config
+    from dreambooth.train.run import train
+
+    job = create(server, photo_files(tmp_path, 3), hyperparameters=FAST).json()
+    job = wait_for(server, job["id"])
+    assert job["status"] == "succeeded", job["error"]
+    job_dir = server.app.state.server.jobs.store.job_dir(job["id"])
+    assert len(list((job_dir / "output" / "validation").glob("step-*.png"))) == 2
+    values = json.loads((job_dir / "config.json").read_text())
+    for key in ("validation_prompts", "validation_steps", "num_validation_images",
+                "validation_inference_steps"):
+        values.pop(key)
+    values["output_dir"] = str(tmp_path / "plain")
+    train(parse_train_config(values, source="test"))
+    assert not (tmp_path / "plain" / "validation").exists()
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    validated, plain = (load_file(root / weights) for root in (job_dir / "output",
+                                                                tmp_path / "plain"))
+    assert validated.keys() == plain.keys()
+    assert all(torch.equal(validated[key], plain[key]) for key in validated)
+
+
+@pytest.mark.parametrize("name", [
+    "../config.json", "..%2Fconfig.json", "step-1.png", "STEP-000001.PNG", "step-000001.png.",
+    "step-0000001.png", "step-000001.jpg", "%2Fetc%2Fpasswd", "step-000099.png",
+    "step-000001.png%00", "step-００００01.png"])
+def test_validation_image_names_are_strict(server, tmp_path, name):
+    jobs = server.app.state.server.jobs
+    found, _ = jobs.store.list(limit=1)
+    job_id = (found[0]["id"] if found else
+              create(server, photo_files(tmp_path), hyperparameters=FAST).json()["id"])
+    (jobs.store.job_dir(job_id) / "config.json").write_text("{}")  # a file beside the grids
+    answer = server.get(f"{JOBS}/{job_id}/images/{name}")
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["error"]["code"] in ("image_not_found", None)
+    assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("job_id", ["..", "ftjob-" + "g" * 24, "FTJOB-" + "a" * 24,
+                                    "ftjob-" + "a" * 25, "%2E%2E", "ftjob-%2Fx",
+                                    "ftjob-" + "a" * 23 + "%00"])
+def test_hostile_job_ids_get_404(server, job_id):
+    for path in ("", "/events", "/files/model_zip", "/images/step-000001.png"):
+        answer = server.get(f"{JOBS}/{job_id}{path}")
+        assert answer.status_code == 404, (path, answer.text)
+        assert "error" in answer.json()
 
 
 def test_failing_training_fails_the_job_and_the_server_answers(server, tmp_path):
@@ -260,5 +328,49 @@ def test_restart_lists_old_jobs_and_resumes_a_running_one(tiny_model, tmp_path):
         assert any("server restarted" in m for m in messages)
         names = [m["id"] for m in second.get("/v1/models").json()["data"]]
         assert done["fine_tuned_model"] in names
+    finally:
+        second.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_server_stopped_while_a_job_finishes_does_not_train_it_again(tiny_model, tmp_path):
+    state_dir = tmp_path / "state"
+    first = start(tiny_model, state_dir)
+    try:
+        def server_dies(job):  # the server ends while it serves the trained model
+            raise SystemExit
+
+        first.app.state.server.jobs.runner.on_success = server_dies
+        job = create(first, photo_files(tmp_path), hyperparameters={
+            **FAST, "max_train_steps": 4, "checkpointing_steps": 2}).json()
+        job_dir = first.app.state.server.jobs.store.job_dir(job["id"])
+        deadline = time.monotonic() + 120
+        while first.app.state.server.jobs.runner._thread.is_alive():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        first.stop()
+    with sqlite3.connect(state_dir / "jobs.sqlite3") as db:
+        (status,) = db.execute("SELECT status FROM jobs WHERE id = ?", (job["id"],)).fetchone()
+    assert status == "running" and (job_dir / "trained.json").is_file()
+    weights = job_dir / "output" / "unet" / "diffusion_pytorch_model.safetensors"
+    trained_bytes, log_size = weights.read_bytes(), (job_dir / "train.log").stat().st_size
+
+    second = start(tiny_model, state_dir)
+    try:
+        done = wait_for(second, job["id"])
+        assert done["status"] == "succeeded", done["error"]
+        events = second.get(f"{JOBS}/{job['id']}/events", params={"limit": 100}).json()["data"]
+        messages = [e["message"] for e in reversed(events)]
+        assert messages.count("Training started.") == 1  # the first server's, only
+        assert "Training had finished; saving the results." in messages
+        assert [e["data"]["step"] for e in reversed(events) if e["type"] == "metrics"] == [
+            1, 2, 3, 4]
+        assert (job_dir / "train.log").stat().st_size == log_size  # no training process ran
+        assert weights.read_bytes() == trained_bytes
+        assert not (job_dir / "output" / "checkpoints").exists()
+        body = {"model": done["fine_tuned_model"], "prompt": "a photo of sks dog",
+                "size": "32x32", "num_inference_steps": 2}
+        assert second.post("/v1/images/generations", json=body).status_code == 200
     finally:
         second.stop()

@@ -48,6 +48,7 @@ try:
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from dreambooth.serve.job_guard import JobLocked
     from dreambooth.serve.job_routes import JOBS_PATH, Jobs, jobs_router
     from dreambooth.serve.jobs import MAX_PHOTOS
     from dreambooth.serve.metrics import RequestMetrics, ServeMetrics
@@ -313,7 +314,10 @@ def create_app(
         served_models[name] = serve_model(name, source)
     state.load_model = serve_model
     if state_dir is not None:
-        state.jobs = Jobs(state, state_dir, device=device, max_photo_bytes=max_upload_bytes)
+        try:
+            state.jobs = Jobs(state, state_dir, device=device, max_photo_bytes=max_upload_bytes)
+        except JobLocked as error:
+            raise ServeConfigError(f"cannot serve: {error}") from None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

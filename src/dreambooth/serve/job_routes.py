@@ -12,6 +12,8 @@
   otherwise OpenAI's list (newest first, `limit`, `after`, `has_more`).
 - `GET /v1/fine_tuning/jobs/{id}/files/{kind}`: lora_kohya, lora_diffusers (LoRA jobs) or
   model_zip (full fine-tunes) of a succeeded job.
+- `GET /v1/fine_tuning/jobs/{id}/images/{name}`: a validation grid (`image/png`), as named by
+  the job's `validation` events (`data`: step, url); names are `step-NNNNNN.png`, nothing else.
 
 A succeeded job's model is served at once as its `fine_tuned_model` (`MODEL:ft-<hex>`). No
 answer holds a server path.
@@ -34,8 +36,11 @@ from starlette.datastructures import UploadFile
 
 from dreambooth.files import atomic_folder
 from dreambooth.images import ImageFormatError, ImageReadError, read_image
+from dreambooth.serve.job_guard import state_lock
 from dreambooth.serve.jobs import (
     FINISHED,
+    JOB_ID,
+    JOBS_PATH,
     MAX_PHOTOS,
     MIN_PHOTOS,
     PRESETS,
@@ -48,13 +53,13 @@ from dreambooth.serve.jobs import (
     model_zip,
     new_job_id,
     result_files,
+    validation_image,
 )
 from dreambooth.serve.routes import ServerState
 from dreambooth.serve.schemas import APIError
 
 logger = logging.getLogger(__name__)
 
-JOBS_PATH = "/v1/fine_tuning/jobs"
 _PHOTO_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 _FIELDS = ("model", "identifier", "class_noun", "preset", "hyperparameters")
 _MAX_LIST = 100
@@ -67,6 +72,8 @@ class Jobs:
     def __init__(self, state: ServerState, state_dir: str | Path, *, device: str | None,
                  max_photo_bytes: int):
         self.state, self.max_photo_bytes = state, max_photo_bytes
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        self._lock = state_lock(Path(state_dir))  # JobLocked: another server uses it
         self.store = JobStore(state_dir)
         for job_id in self.store.requeue_interrupted():
             logger.info("fine-tuning job %s was running: queued again, to resume", job_id)
@@ -80,6 +87,7 @@ class Jobs:
 
     def stop(self) -> None:
         self.runner.stop()
+        self._lock.close()
 
     def _base_folder(self, name: str) -> Path | None:
         served = self.state.models.get(name)
@@ -150,7 +158,7 @@ def event_object(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def _get_job(jobs: Jobs, job_id: str) -> dict[str, Any]:
-    job = jobs.store.get(job_id)
+    job = jobs.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
     if job is None:
         raise APIError(404, f"No fine-tuning job '{job_id}'.", param="fine_tuning_job_id",
                        code="job_not_found")
@@ -377,6 +385,16 @@ async def job_file(job_id: str, kind: str, jobs: Jobs = Depends(_jobs)):
     suffix = "-diffusers" if kind == "lora_diffusers" else ""
     return FileResponse(files[kind], media_type="application/octet-stream",
                         filename=f"{stem}{suffix}.safetensors")
+
+
+@jobs_router.get(JOBS_PATH + "/{job_id}/images/{name}")
+async def job_image(job_id: str, name: str, jobs: Jobs = Depends(_jobs)):
+    _get_job(jobs, job_id)
+    path = validation_image(jobs.store.job_dir(job_id), name)
+    if path is None:
+        raise APIError(404, f"This job has no validation image '{name}'; its `validation` "
+                            "events name those it has.", param="name", code="image_not_found")
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
 __all__ = ["JOBS_PATH", "Jobs", "jobs_router", "PRESETS", "STATUSES"]

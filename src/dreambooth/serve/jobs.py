@@ -6,7 +6,8 @@ A job is a DreamBooth run on photos uploaded to the server. Its state lives unde
   JSON, timestamps, error, fine_tuned_model) and an `events` table (status changes, progress);
 - `jobs/<job id>/photos/NN.<ext>`: the uploads, named by their index (never by client names);
 - `jobs/<job id>/output/`: the training's output_dir (checkpoints while it runs, then the
-  diffusers pipeline or the LoRA files);
+  diffusers pipeline or the LoRA files; `validation/step-NNNNNN.png`, the validation grids);
+- `jobs/<job id>/validation_prompts.txt`: the prompts of those grids (`validation_prompts`);
 - `jobs/<job id>/events.jsonl` and `train.log`: what the training process reports and prints.
 
 `JobRunner` trains one job at a time, each in its own process (`python -m
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -61,13 +64,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 SERVER_KEYS = frozenset({
     "pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
     "instance_data_dir", "instance_prompt", "class_data_dir", "concepts", "mask_dir",
-    "validation_data_dir", "validation_prompts", "output_dir", "output_name",
+    "validation_data_dir", "validation_prompt", "validation_prompts", "validation_steps",
+    "num_validation_images", "validation_inference_steps", "output_dir", "output_name",
     "resume_from_checkpoint", "logging_dir", "report_to", "tracker_project_name",
     "accelerator", "devices", "num_nodes", "strategy",
 })
 RESULT_KINDS = ("lora_kohya", "lora_diffusers", "model_zip")
-# What a model zip leaves out of the output folder: resumable state and tracker logs.
-_NOT_ZIPPED = ("checkpoints", "logs", "lightning_logs")
+JOBS_PATH = "/v1/fine_tuning/jobs"
+# Validation while a job trains: these scenes of the subject (one image each, fixed seeds, the
+# model's own size and guidance) about 4 times a run and at its end, one grid per time in
+# output/validation/step-NNNNNN.png (dreambooth.train.callbacks.ValidationSamples).
+VALIDATION_SCENES = ("", " on the beach", " in the snow")
+VALIDATIONS_PER_JOB = 4
+VALIDATION_INFERENCE_STEPS = 20
+VALIDATION_IMAGE = re.compile(r"step-[0-9]{6}\.png")  # the only names the images route serves
+# What a model zip leaves out of the output folder: resumable state, tracker logs and the
+# validation grids (the images route serves those).
+_NOT_ZIPPED = ("checkpoints", "logs", "lightning_logs", "validation")
+# Written by the training process once every output is (dreambooth.serve.job_process).
+TRAINED_FILE = "trained.json"
 _POLL_S = 0.2
 _STOP_GRACE_S = 10.0  # on shutdown: how long a training may take to write its interrupt checkpoint
 
@@ -105,6 +120,24 @@ def job_values(*, preset: str, hyperparameters: dict[str, Any], identifier: str,
     return values
 
 
+def validation_prompts(identifier: str, class_noun: str) -> list[str]:
+    """The prompts a job's validation grids show, one row each."""
+    return [f"a photo of {identifier} {class_noun}{scene}" for scene in VALIDATION_SCENES]
+
+
+def validation_every(max_train_steps: int) -> int:
+    """Steps between two validations: about VALIDATIONS_PER_JOB per run (the last at its end)."""
+    return max(1, math.ceil(max_train_steps / VALIDATIONS_PER_JOB))
+
+
+def validation_image(job_dir: Path, name: str) -> Path | None:
+    """The validation grid `name` of a job, if the name is one and the grid exists."""
+    if not VALIDATION_IMAGE.fullmatch(name):
+        return None
+    path = job_dir / "output" / "validation" / name
+    return path if path.is_file() else None
+
+
 def _server_values(job_dir: Path, base_model: str, identifier: str, class_noun: str,
                    values: dict[str, Any], *, accelerator: str) -> dict[str, Any]:
     prior = bool(values.get("with_prior_preservation"))
@@ -112,11 +145,17 @@ def _server_values(job_dir: Path, base_model: str, identifier: str, class_noun: 
         "pretrained_model_name_or_path": base_model,
         "instance_data_dir": str(job_dir / "photos"),
         "instance_prompt": f"a photo of {identifier} {class_noun}",
+        "validation_prompts": str(job_dir / "validation_prompts.txt"),
+        "validation_steps": validation_every(int(values.get("max_train_steps", 1))),
+        "num_validation_images": 1, "validation_inference_steps": VALIDATION_INFERENCE_STEPS,
         **({"class_data_dir": str(job_dir / "class_images"),
             "class_prompt": f"a photo of {class_noun}"} if prior else {}),
         "output_dir": str(job_dir / "output"), "output_name": job_dir.name,
         "resume_from_checkpoint": "latest", "report_to": "none", "accelerator": accelerator,
     }
+
+
+JOB_ID = re.compile(r"ftjob-[0-9a-f]{24}")  # what new_job_id makes; nothing else names a job
 
 
 def new_job_id() -> str:
@@ -172,9 +211,17 @@ class JobStore:
                                                  json.dumps(data) if data is not None else None))
 
     def add_event(self, job_id: str, type: str, message: str, data: dict | None = None,
-                  level: str = "info") -> None:
+                  level: str = "info", *, unique: bool = False) -> bool:
+        """Append an event; with `unique`, only if the job has no event of this type and data
+        yet (a resumed run validates a step again: one event per image). True if added."""
         with closing(self._connect()) as db, db:
+            db.execute("BEGIN IMMEDIATE")
+            if unique and db.execute(
+                    "SELECT 1 FROM events WHERE job_id = ? AND type = ? AND data = ?",
+                    (job_id, type, json.dumps(data))).fetchone():
+                return False
             self._event(db, job_id, type, message, data, level)
+            return True
 
     def set_status(self, job_id: str, status: str, *, only_from: tuple[str, ...] | None = None,
                    message: str | None = None, error: dict | None = None,
@@ -322,42 +369,61 @@ class JobRunner:
                 "message": f"The model '{job['model']}' is no longer served.",
                 "code": "model_not_found", "param": "model"})
             return
-        if not self.store.set_status(job_id, "running", only_from=("queued",),
-                                     message="Training started."):
-            return  # cancelled meanwhile
         job_dir = self.store.job_dir(job_id)
+        trained = (job_dir / TRAINED_FILE).is_file()  # a server stopped while it finished
+        if not self.store.set_status(
+                job_id, "running", only_from=("queued",),
+                message="Training had finished; saving the results." if trained else
+                "Training started."):
+            return  # cancelled meanwhile
+        if not trained and not self._train(job_id, job_dir, params, base):
+            return
+        self._finish(job_id, job_dir, base)
+
+    def _train(self, job_id: str, job_dir: Path, params: dict[str, Any], base: Path) -> bool:
+        """Run the training process to its end; True when it wrote its outputs, else the job
+        is failed, cancelled or (the server stops) left `running` to resume."""
         values = {**params["values"], **_server_values(
             job_dir, str(base), params["identifier"], params["class_noun"], params["values"],
             accelerator=self.accelerator)}
         (job_dir / "config.json").write_text(json.dumps(values))
+        (job_dir / "validation_prompts.txt").write_text(
+            "\n".join(validation_prompts(params["identifier"], params["class_noun"])) + "\n")
         events_path = job_dir / "events.jsonl"
         offset = events_path.stat().st_size if events_path.exists() else 0
         with open(job_dir / "train.log", "ab") as log:
+            # Its own process group (killed as a whole); it dies with this server
+            # (dreambooth.serve.job_guard) and holds the job's lock while it lives.
             process = subprocess.Popen(
-                [sys.executable, "-m", "dreambooth.serve.job_process", str(job_dir)],
+                [sys.executable, "-m", "dreambooth.serve.job_process", str(job_dir),
+                 str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)  # its own process group: killed as a whole
+                start_new_session=True)
         start = offset
-        outcome, offset = self._watch(job_id, process, events_path, offset)
+        outcome, offset = self._watch(job_id, process, events_path, offset, base)
         lines, offset = _read_lines(events_path, offset)
         self._store_progress(job_id, lines, job_dir, base)
         lines, _ = _read_lines(events_path, start)  # this run's lines, for its error
         if outcome == "cancelled":
-            shutil.rmtree(job_dir / "output", ignore_errors=True)
-            shutil.rmtree(job_dir / "class_images", ignore_errors=True)
+            remove_outputs(job_dir)
             self.store.set_status(job_id, "cancelled", only_from=("running",),
                                   message="Job cancelled; its outputs were removed.")
-            return
+            return False
         if outcome == "stopped":
-            return  # stays `running`: requeued and resumed by the next server on this state
+            return False  # stays `running`: requeued and resumed by the next server
         errors = [line for line in lines if line.get("type") == "error"]
-        if process.returncode != 0 or errors:
+        if process.returncode != 0 or errors or not (job_dir / TRAINED_FILE).is_file():
             message = (errors[-1]["message"] if errors else
                        _exit_message(process.returncode))
             self.store.set_status(job_id, "failed", only_from=("running",), error={
                 "message": _scrub(message, job_dir, base), "code": "training_failed",
                 "param": None}, message="Training failed.")
-            return
+            return False
+        return True
+
+    def _finish(self, job_id: str, job_dir: Path, base: Path) -> None:
+        """A trained job's last phase; every step may be done again (a server stopped in the
+        middle starts here): its checkpoints go, its model is served, it succeeds."""
         shutil.rmtree(job_dir / "output" / "checkpoints", ignore_errors=True)
         try:
             name = self.on_success(self.store.get(job_id))
@@ -371,7 +437,7 @@ class JobRunner:
                               message=f"Job succeeded: the model '{name}' is served.")
 
     def _watch(self, job_id: str, process: subprocess.Popen, events_path: Path,
-               offset: int) -> tuple[str, int]:
+               offset: int, base: Path) -> tuple[str, int]:
         """Tail the process's events until it ends: 'ended', 'cancelled' or 'stopped'."""
         job_dir = events_path.parent
         while True:
@@ -381,7 +447,7 @@ class JobRunner:
             except subprocess.TimeoutExpired:
                 pass
             lines, offset = _read_lines(events_path, offset)
-            self._store_progress(job_id, lines, job_dir, None)
+            self._store_progress(job_id, lines, job_dir, base)
             with self._wake:
                 cancelled, stopping = job_id in self._cancel, self._stopping
                 self._cancel.discard(job_id)
@@ -408,6 +474,12 @@ class JobRunner:
                 self.store.add_event(job_id, "metrics",
                                      f"Step {data['step']}/{data['max_steps']}: "
                                      f"training loss={loss}", data)
+            elif kind == "validation" and VALIDATION_IMAGE.fullmatch(str(line.get("image"))):
+                step = int(line.get("step", 0))
+                self.store.add_event(
+                    job_id, "validation", f"Validation images at step {step}.",
+                    {"step": step, "url": f"{JOBS_PATH}/{job_id}/images/{line['image']}"},
+                    unique=True)
             elif kind == "message":
                 self.store.add_event(job_id, "message",
                                      _scrub(str(line.get("message", "")), job_dir, base))
@@ -453,6 +525,14 @@ def _scrub(message: str, job_dir: Path, base: Path | None) -> str:
     if base is not None:
         message = message.replace(str(base), "the base model")
     return message
+
+
+def remove_outputs(job_dir: Path) -> None:
+    """What a job trained or generated (its photos and records stay)."""
+    for name in ("output", "class_images"):
+        shutil.rmtree(job_dir / name, ignore_errors=True)
+    for name in (TRAINED_FILE, "model.zip"):
+        (job_dir / name).unlink(missing_ok=True)
 
 
 def result_files(job: dict[str, Any], job_dir: Path) -> dict[str, Path]:
