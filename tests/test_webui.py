@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 import dreambooth
-from dreambooth.serve.jobs import PRESETS
+from dreambooth.serve.jobs import PRESETS, VALIDATION_SCENES
 from dreambooth.serve.ui import STATIC
 from dreambooth.world import DEMO_SUBJECT, photos
 
@@ -48,6 +48,8 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
 STEPS = 30  # the job's training steps: a few seconds on 2 cores at 64 px
 TIMEOUT_MS = 120_000
 CURVE = "#loss-chart polyline[data-points]"  # the loss curve, with its number of points
+SHOWN_GRIDS = ("[...document.querySelectorAll('#validation img')]"
+               ".filter((img) => img.naturalWidth).length")  # validation grids shown
 
 
 class ServeProcess:
@@ -204,9 +206,11 @@ def test_the_page_needs_no_key_and_holds_no_data(server):
     # The data itself still needs the key.
     assert httpx.get(server.url + "/v1/models").status_code == 401
     assert httpx.get(server.url + "/v1/fine_tuning/jobs").status_code == 401
-    # The page describes the presets as the server defines them.
+    # The page describes the presets and the validation grids as the server defines them.
     for preset in PRESETS.values():
         assert f"{preset['max_train_steps']} steps" in page.text
+    for scene in VALIDATION_SCENES:
+        assert scene.strip() in page.text
 
 
 def test_trigger_word_suggestions_are_rare_single_clip_tokens():
@@ -227,7 +231,7 @@ def test_trigger_word_suggestions_are_rare_single_clip_tokens():
 def test_train_follow_try_and_download_in_the_browser(server, browser, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    desktop = Watched(browser, viewport={"width": 1280, "height": 900})
+    desktop = Watched(browser, viewport={"width": 1024, "height": 800})
     page = desktop.page
     page.goto(server.url + "/")
     page.locator("#view-key").wait_for()
@@ -271,6 +275,8 @@ def test_train_follow_try_and_download_in_the_browser(server, browser, tmp_path)
     page.fill("#identifier-input", "sks")
     assert page.inner_text("#prompt-preview") == f"a photo of sks {DEMO_SUBJECT.cls}"
     page.click("#advanced summary")
+    assert page.is_disabled("#hp-rank")  # a full fine-tune unless LoRA is asked for
+    page.check("#hp-lora")
     page.fill("#hp-steps", str(STEPS))
     page.fill("#hp-lr", "1e-3")
     page.fill("#hp-extra", '{"seed": 0, "num_threads": 1}')
@@ -286,7 +292,7 @@ def test_train_follow_try_and_download_in_the_browser(server, browser, tmp_path)
     assert job["trained_photos"] == 5 and job["hyperparameters"] == {
         **job["hyperparameters"], **sent}
     assert job["instance_prompt"] == f"a photo of sks {DEMO_SUBJECT.cls}"
-    page.wait_for_function(f"() => document.querySelector('{CURVE}')")
+    page.wait_for_function(f"() => document.querySelector('{CURVE}') && {SHOWN_GRIDS} > 0")
     desktop.shot("03-training")
     page.locator("#job-status.succeeded").wait_for()
     page.wait_for_function(f"() => document.querySelector('{CURVE}').dataset.points == {STEPS}")
@@ -294,6 +300,18 @@ def test_train_follow_try_and_download_in_the_browser(server, browser, tmp_path)
     assert page.evaluate("[document.getElementById('job-progress').value,"
                          " document.getElementById('job-progress').max]") == [1, 1]
     assert page.locator("#job-cancel").is_hidden()
+    # Every validation grid of the job's events shows, as the server's PNG is.
+    listed = server.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()["data"]
+    grids = sorted((e["data"] for e in listed if e["type"] == "validation"),
+                   key=lambda data: data["step"])
+    assert len(grids) >= 2 and grids[-1]["step"] == STEPS
+    page.wait_for_function(f"() => {SHOWN_GRIDS} == {len(grids)}")
+    assert page.locator("#validation li").evaluate_all(
+        "(items) => items.map((item) => Number(item.dataset.step))") == [
+            grid["step"] for grid in grids]
+    last = Image.open(io.BytesIO(server.get(grids[-1]["url"]).content))
+    assert np.array_equal(image_pixels(page, f"#validation li[data-step='{STEPS}'] img"),
+                          np.asarray(last.convert("RGB")))
     assert page.locator("#downloads button").evaluate_all(
         "(buttons) => buttons.map((b) => b.dataset.kind)") == ["lora_kohya", "lora_diffusers"]
 
@@ -371,7 +389,7 @@ def test_cancel_from_the_job_page(server, browser, tmp_path):
     job = server.post("/v1/fine_tuning/jobs", files=files, data={
         "model": "demo", "class_noun": DEMO_SUBJECT.cls, "hyperparameters": json.dumps(
             {"max_train_steps": 5000, "use_lora": True, "num_threads": 1})}).json()
-    watched = Watched(browser, viewport={"width": 1280, "height": 900})
+    watched = Watched(browser, viewport={"width": 1024, "height": 800})
     watched.sign_in(f"{server.url}/#/jobs/{job['id']}")
     page = watched.page
     page.locator("#job-status.running").wait_for()

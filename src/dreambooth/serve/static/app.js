@@ -606,7 +606,8 @@
   async function addValidation(data, signal) {
     if (!data || !ownPath(data.url)) return;
     $("validation-empty").hidden = true;
-    const img = el("img", { alt: `Validation image at step ${data.step}` });
+    const img = el("img", { alt: `Validation images at step ${data.step}: the subject as it is, `
+                                 + "on the beach and in the snow" });
     markSmall(img);
     const item = el("li", { "data-step": data.step },
       el("figure", {}, img, el("figcaption", { text: `Step ${data.step}` })));
@@ -730,6 +731,7 @@
       for (const id of ["job-error-text", "try-error", "try-status", "job-progress-text"]) {
         $(id).textContent = "";
       }
+      $("job-title").textContent = "Job";
       $("job-status").textContent = "";
       $("job-status").className = "badge";
       $("job-progress").value = 0;
