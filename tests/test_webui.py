@@ -400,3 +400,23 @@ def test_cancel_from_the_job_page(server, browser, tmp_path):
     assert page.locator("#job-cancel").is_hidden() and page.locator("#try").is_hidden()
     assert server.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "cancelled"
     watched.close()
+
+
+def test_a_server_without_key_or_jobs_opens_at_once_and_says_jobs_are_off(browser, tiny_model):
+    from dreambooth.serve.app import create_app
+    from test_serve import Server
+
+    server = Server(create_app({"base": tiny_model}, device="cpu"))
+    try:
+        watched = Watched(browser, viewport={"width": 1024, "height": 800})
+        page = watched.page
+        page.goto(server.url + "/")
+        page.locator("#model-select option[value=base]").wait_for(state="attached")
+        assert page.locator("#view-key").is_hidden() and page.locator("#sign-out").is_hidden()
+        assert "start it with --state_dir" in page.inner_text("#notice")
+        page.click("#nav a[data-view=jobs]")
+        assert page.locator("#jobs-list li").count() == 0
+        assert not any("authorization" in r.headers for r in watched.requests)
+        watched.close()
+    finally:
+        server.stop()
