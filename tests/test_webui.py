@@ -285,6 +285,15 @@ def test_train_follow_try_and_download_in_the_browser(server, browser, tmp_path)
     assert json.loads(page.inner_text("#hp-preview")) == sent
     desktop.shot("02-new-job")
 
+    # Mistakes are named before anything is sent, or by the server's own message.
+    page.fill("#hp-extra", "{oops")
+    page.click("#create")
+    assert page.inner_text("#job-error").startswith("More keys: not JSON")
+    page.fill("#hp-extra", '{"output_dir": "/tmp/elsewhere"}')
+    page.click("#create")
+    page.get_by_text("hyperparameters.output_dir cannot be set by a client").wait_for()
+    assert server.get("/v1/fine_tuning/jobs").json()["data"] == []
+    page.fill("#hp-extra", '{"seed": 0, "num_threads": 1}')
     page.click("#create")
     page.wait_for_url(re.compile(r"#/jobs/ftjob-[0-9a-f]+$"))
     job_id = page.url.rsplit("/", 1)[1]
@@ -364,9 +373,10 @@ def test_train_follow_try_and_download_in_the_browser(server, browser, tmp_path)
     assert page.locator("#jobs-list li, #job-facts dd, #try-out img").count() == 0
     desktop.close()
 
-    # At phone width: the job page after signing in (the link kept), then the form and the list.
+    # At phone width (in dark mode): the job page after signing in (the link kept), then the
+    # form and the list.
     phone = Watched(browser, viewport={"width": 390, "height": 844}, is_mobile=True,
-                    has_touch=True, device_scale_factor=2)
+                    has_touch=True, device_scale_factor=2, color_scheme="dark")
     phone.sign_in(f"{server.url}/#/jobs/{job_id}")
     phone.page.locator("#job-status.succeeded").wait_for()
     phone.page.wait_for_function(f"() => document.querySelector('{CURVE}')")

@@ -444,9 +444,10 @@
 
   async function loadJobs() {
     clearTimeout(listTimer);
-    const { data } = await apiJSON(`${JOBS}?limit=100`);
+    const { data, has_more: more } = await apiJSON(`${JOBS}?limit=100`);
     if (current !== "jobs") return;
     $("jobs-empty").hidden = data.length > 0;
+    $("jobs-more").hidden = !more;
     $("jobs-list").replaceChildren(...data.map((job) => el("li", {},
       el("a", { href: `#/jobs/${job.id}` },
         el("span", { text: `${job.identifier} ${job.class_noun} on ${job.model}` }),
