@@ -36,6 +36,11 @@ def create(server: Server, files, **fields) -> httpx.Response:
     return server.post(JOBS, data=data, files=files)
 
 
+def delete(server: Server, path: str) -> httpx.Response:
+    return httpx.delete(server.url + path, headers={"Authorization": f"Bearer {KEY}"},
+                        timeout=60)
+
+
 def wait_for(server: Server, job_id: str, statuses=("succeeded", "failed", "cancelled"),
              timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
@@ -125,6 +130,26 @@ def test_lora_job_trains_streams_progress_and_serves_its_model(server, tmp_path)
         assert download.status_code == 200 and len(download.content) > 1000
     assert server.get(f"{JOBS}/{job['id']}/files/model_zip").status_code == 404
     assert str(server.app.state.server.jobs.store.state_dir) not in json.dumps(job)
+    assert_deleted(server, job, {**body, "model": name})
+
+
+def assert_deleted(server: Server, job: dict, generation: dict) -> None:
+    """DELETE a succeeded job: its files go, its model is no longer served (nor its LoRA)."""
+    job_dir = server.app.state.server.jobs.store.job_dir(job["id"])
+    assert job_dir.is_dir()
+    answer = delete(server, f"{JOBS}/{job['id']}")
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"id": job["id"], "object": "fine_tuning.job", "deleted": True}
+    assert not job_dir.exists()
+    assert server.get(f"{JOBS}/{job['id']}").json()["error"]["code"] == "job_not_found"
+    assert delete(server, f"{JOBS}/{job['id']}").status_code == 404
+    assert job["id"] not in [j["id"] for j in server.get(JOBS, params={"limit": 100}).json()[
+        "data"]]
+    models = server.get("/v1/models").json()["data"]
+    assert job["fine_tuned_model"] not in [m["id"] for m in models]
+    gone = server.post("/v1/images/generations", json=generation)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    assert server.app.state.server.jobs.store.events(job["id"]) == []
 
 
 def test_full_fine_tune_job_serves_a_new_model_and_zips_it(server, tmp_path):
@@ -138,6 +163,14 @@ def test_full_fine_tune_job_serves_a_new_model_and_zips_it(server, tmp_path):
     assert download.status_code == 200
     names = zipfile.ZipFile(io.BytesIO(download.content)).namelist()
     assert "model_index.json" in names and not any(n.startswith("checkpoints") for n in names)
+    assert not any(n.startswith("validation") for n in names)
+    config = zipfile.ZipFile(io.BytesIO(download.content)).read("training_config.yaml").decode()
+    state_dir = str(server.app.state.server.jobs.store.state_dir)
+    assert state_dir not in config and str(server.app.state.server.models["base"].folder) \
+        not in config and "<server path>" not in config
+    assert "pretrained_model_name_or_path: base\n" in config
+    assert "instance_data_dir: photos\n" in config and "output_dir: output\n" in config
+    assert_deleted(server, job, body)
 
 
 def test_validation_does_not_change_the_trained_weights(server, tmp_path):
@@ -192,12 +225,15 @@ def test_hostile_job_ids_get_404(server, job_id):
         assert "error" in answer.json()
 
 
-def test_failing_training_fails_the_job_and_the_server_answers(server, tmp_path):
+def test_failing_training_fails_the_job_and_the_server_answers(server, tmp_path, tiny_model):
     # resolution 128 passes the config check but is refused once the 32 px model is loaded.
     job = create(server, photo_files(tmp_path), hyperparameters={**FAST, "resolution": 128})
     job = wait_for(server, job.json()["id"])
     assert job["status"] == "failed" and "resolution=128" in job["error"]["message"]
     assert "/" not in job["error"]["message"].split("resolution")[0]  # no server path
+    events = server.get(f"{JOBS}/{job['id']}/events", params={"limit": 100}).text
+    for path in (server.app.state.server.jobs.store.state_dir, tiny_model, "/work", "/tmp"):
+        assert str(path) not in json.dumps(job) and str(path) not in events
     assert server.get("/v1/models").status_code == 200
 
 
@@ -256,6 +292,15 @@ def _png(size=(40, 40)) -> bytes:
     ("bad_value", "hyperparameters", "invalid_value"),
     ("no_class_noun", "class_noun", "missing_required_parameter"),
     ("unknown_model", "model", "model_not_found"),
+    ("too_many_steps", "hyperparameters.max_train_steps", "invalid_value"),
+    ("deep_json", "hyperparameters", "invalid_value"),
+    ("epochs_instead", "hyperparameters.max_train_steps", "invalid_value"),
+    ("text_steps", "hyperparameters.max_train_steps", "invalid_value"),
+    ("huge_batch", "hyperparameters.train_batch_size", "invalid_value"),
+    ("huge_buckets", "hyperparameters.max_bucket_reso", "invalid_value"),
+    ("caption_extension", "hyperparameters.caption_extension", "forbidden_parameter"),
+    ("validation_prompt", "hyperparameters.validation_prompt", "forbidden_parameter"),
+    ("validation_steps", "hyperparameters.validation_steps", "forbidden_parameter"),
 ])
 def test_bad_job_requests_get_openai_errors(server, tmp_path, case, param, code):
     files = photo_files(tmp_path, 3)
@@ -278,6 +323,25 @@ def test_bad_job_requests_get_openai_errors(server, tmp_path, case, param, code)
         fields["class_noun"] = None
     elif case == "unknown_model":
         fields["model"] = "nope"
+    elif case == "too_many_steps":
+        fields["hyperparameters"] = {**FAST, "max_train_steps": 10**7}
+    elif case == "epochs_instead":  # unbounded work through the back door
+        fields["hyperparameters"] = {**FAST, "max_train_steps": None,
+                                     "num_train_epochs": 10**6}
+    elif case == "text_steps":
+        fields["hyperparameters"] = {**FAST, "max_train_steps": "2"}
+    elif case == "huge_batch":
+        fields["hyperparameters"] = {**FAST, "train_batch_size": 1024}
+    elif case == "huge_buckets":  # the 32 px model: at most 64
+        fields["hyperparameters"] = {**FAST, "aspect_buckets": True, "max_bucket_reso": 128}
+    elif case == "caption_extension":
+        fields["hyperparameters"] = {**FAST, "caption_extension": "/../../etc/passwd"}
+    elif case == "deep_json":
+        fields["hyperparameters"] = "[" * 200_000 + "]" * 200_000
+    elif case == "validation_prompt":
+        fields["hyperparameters"] = {**FAST, "validation_prompt": "a photo of /etc/passwd"}
+    elif case == "validation_steps":
+        fields["hyperparameters"] = {**FAST, "validation_steps": 1}
     before = len(server.get(JOBS, params={"limit": 100}).json()["data"])
     answer = create(server, files, **{k: v for k, v in fields.items() if v is not None}) \
         if case != "no_class_noun" else server.post(
@@ -305,9 +369,10 @@ def test_restart_lists_old_jobs_and_resumes_a_running_one(tiny_model, tmp_path):
     first = start(tiny_model, state_dir)
     try:
         # Long enough that the stop lands mid-training: 6 steps finished before the stop took
-        # effect once steps took 0.1 s (the job then restarted from nothing, no checkpoint).
+        # effect once steps took 0.1 s (the job then restarted from nothing, no checkpoint);
+        # the validation grids (steps 8, 16, 24, 30) take longer than those steps.
         job = create(first, photo_files(tmp_path), hyperparameters={
-            **FAST, "max_train_steps": 60, "checkpointing_steps": 2}).json()
+            **FAST, "max_train_steps": 30, "checkpointing_steps": 2}).json()
         for event in _sse_lines(first, job["id"]):
             if event["type"] == "metrics" and event["data"]["step"] >= 2:
                 break
@@ -317,8 +382,11 @@ def test_restart_lists_old_jobs_and_resumes_a_running_one(tiny_model, tmp_path):
         (status,) = db.execute("SELECT status FROM jobs WHERE id = ?", (job["id"],)).fetchone()
     assert status == "running"
 
+    stray = state_dir / "jobs" / "ftjob-0123456789abcdef01234567"  # a delete cut short
+    (stray / "photos").mkdir(parents=True)
     second = start(tiny_model, state_dir)
     try:
+        assert not stray.exists()
         assert [j["id"] for j in second.get(JOBS).json()["data"]] == [job["id"]]
         done = wait_for(second, job["id"])
         assert done["status"] == "succeeded", done["error"]
@@ -374,3 +442,103 @@ def test_a_server_stopped_while_a_job_finishes_does_not_train_it_again(tiny_mode
         assert second.post("/v1/images/generations", json=body).status_code == 200
     finally:
         second.stop()
+
+
+def test_active_jobs_are_limited_and_only_finished_ones_deleted(tiny_model, tmp_path):
+    state_dir = tmp_path / "state"
+    running = Server(create_app({"base": tiny_model}, api_key=KEY, device="cpu",
+                                max_upload_mb=UPLOAD_LIMIT_MB, state_dir=state_dir,
+                                max_queued_jobs=2, job_retention_days=1))
+    jobs = running.app.state.server.jobs
+    try:
+        long = {**FAST, "max_train_steps": 5000}
+        first, second = (create(running, photo_files(tmp_path), hyperparameters=long).json()
+                         for _ in range(2))
+        refused = create(running, photo_files(tmp_path), hyperparameters=long)
+        assert refused.status_code == 429, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
+        assert "--max_queued_jobs 2" in error["message"]
+        assert refused.headers["retry-after"]
+        assert sorted(p.name for p in (state_dir / "jobs").iterdir()) == sorted(
+            [first["id"], second["id"]])  # the refused upload left nothing
+        assert jobs.store.count_active() == 2
+
+        for job in (first, second):  # active: cancel first
+            answer = delete(running, f"{JOBS}/{job['id']}")
+            assert answer.status_code == 409 and answer.json()["error"]["code"] == (
+                "job_not_finished")
+            assert "cancel" in answer.json()["error"]["message"]
+        assert running.post(f"{JOBS}/{second['id']}/cancel").json()["status"] == "cancelled"
+        third = create(running, photo_files(tmp_path), hyperparameters=long)
+        assert third.status_code == 200, third.text  # room again
+        for job in (first, third.json()):
+            assert running.post(f"{JOBS}/{job['id']}/cancel").json()["status"] == "cancelled"
+        assert delete(running, f"{JOBS}/{first['id']}").status_code == 200
+        assert not (state_dir / "jobs" / first["id"]).exists()
+
+        # --job_retention_days 1: a job finished 2 days ago goes, a fresh one stays.
+        with sqlite3.connect(state_dir / "jobs.sqlite3") as db:
+            db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?",
+                       (int(time.time()) - 2 * 86400, second["id"]))
+        jobs.delete_expired()
+        remaining = [j["id"] for j in running.get(JOBS).json()["data"]]
+        assert remaining == [third.json()["id"]]
+        assert not (state_dir / "jobs" / second["id"]).exists()
+    finally:
+        running.stop()
+
+
+def test_messages_never_show_server_paths(tmp_path):
+    from dreambooth.serve.jobs import scrub
+
+    job_dir, base = tmp_path / "state" / "jobs" / "ftjob-x", tmp_path / "models" / "sd"
+    cases = {
+        f"cannot read {job_dir}/photos/00.png": "cannot read photos/00.png",
+        f"no model_index.json in {base}": "no model_index.json in the base model",
+        "OSError: [Errno 28] No space left: '/var/cache/hf/x.bin'":
+            "OSError: [Errno 28] No space left: '<server path>'",
+        "File /usr/lib/python3/site.py, line 3": "File <server path>, line 3",
+        r"C:\Users\srv\model.ckpt missing": "<server path> missing",
+        "see https://github.com/huggingface/diffusers and a/b": (
+            "see https://github.com/huggingface/diffusers and a/b"),
+        "resolution=128 is twice the 32 px": "resolution=128 is twice the 32 px",
+    }
+    for message, shown in cases.items():
+        assert scrub(message, job_dir, base) == shown
+
+
+def test_hostile_queries_and_headers_get_openai_errors(server, tmp_path):
+    found, _ = server.app.state.server.jobs.store.list(limit=1)
+    job_id = (found[0]["id"] if found else
+              create(server, photo_files(tmp_path), hyperparameters=FAST).json()["id"])
+    for query in ({"limit": "\u00b2"}, {"limit": "\u0661"}, {"limit": "0"}, {"limit": "9" * 40},
+                  {"after": "../x"}):
+        for path in (JOBS, f"{JOBS}/{job_id}/events"):
+            answer = server.get(path, params=query)
+            assert answer.status_code in (400, 404), (path, query, answer.text)
+            assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+    for last in ("9" * 40, "\u00b2", "-1"):  # a Last-Event-ID the stream cannot use: from 0
+        with httpx.stream("GET", f"{server.url}{JOBS}/{job_id}/events", timeout=60, headers={
+                "Authorization": f"Bearer {KEY}", "Accept": "text/event-stream",
+                "Last-Event-ID": last.encode("utf-8")}) as response:
+            assert response.status_code == 200
+            first = next(line for line in response.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[6:])["data"] == {"status": "queued"}
+    for method, path in (("GET", f"{JOBS}/{job_id}/images/step-000001.png"),
+                         ("DELETE", f"{JOBS}/{job_id}"),
+                         ("GET", f"{JOBS}/{job_id}/files/lora_kohya")):
+        answer = httpx.request(method, server.url + path, timeout=60)
+        assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+    long_id = "x" * 5000
+    answer = server.get(f"{JOBS}/{long_id}")
+    assert answer.status_code == 404 and len(answer.json()["error"]["message"]) < 200
+
+
+def test_a_job_request_is_bounded_in_total(server, tmp_path):
+    limit = int(UPLOAD_LIMIT_MB * 1024 * 1024) * 50 + 2**20  # 50 photos at most, plus fields
+    big = [("files", (f"{i}.png", b"\0" * (limit // 4), "image/png")) for i in range(5)]
+    before = sorted(p.name for p in server.app.state.server.jobs.store.jobs_dir.iterdir())
+    answer = create(server, big, hyperparameters=FAST)
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "request_too_large"
+    assert sorted(p.name for p in server.app.state.server.jobs.store.jobs_dir.iterdir()) == before

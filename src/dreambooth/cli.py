@@ -245,6 +245,8 @@ def _serve() -> Command:
                           convert=lambda values: parse_named_paths(values or [], "--lora")),
             "api_key": Flag(convert=lambda key: key or os.environ.get(API_KEY_ENV)),
             "dtype": Flag(choices=["auto", *DTYPES]),
+            "cors_origins": Flag(name="cors_origin", repeat=True, metavar="ORIGIN",
+                                 convert=lambda values: tuple(values) if values else None),
         }, options_of=create_app)
 
 

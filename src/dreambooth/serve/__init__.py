@@ -5,6 +5,6 @@
 - `schemas`: request models and OpenAI-shaped errors;
 - `batching`: one worker per model that batches compatible requests;
 - `metrics`: Prometheus metrics.
-- `jobs`, `job_process`, `job_routes`: the fine-tuning jobs API (state, training processes,
-  routes).
+- `jobs`, `job_process`, `job_guard`, `job_routes`: the fine-tuning jobs API (state, the
+  training processes, keeping one per job and none without its server, routes).
 """

@@ -21,7 +21,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from dreambooth.serve.batching import BatchInterrupted, BatchKey, Job, ModelWork
 try:
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
+    from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -72,6 +73,8 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "DREAMBOOTH_API_KEY"
 _NAME = re.compile(r"[\w.:/-]{1,128}")
+# A web origin: scheme, host (name, IPv4 or [IPv6]) and port; no path, no trailing slash.
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 
 
 class ServeConfigError(ValueError):
@@ -220,7 +223,9 @@ def _load_model(name: str, source: str | Path | StableDiffusionPipeline, *,
 def _check_settings(models: Mapping, loras: Mapping, *, max_queue: int, max_batch: int,
                     batch_wait_ms: float, max_upload_mb: float, max_image_size: int,
                     max_steps: int, max_work: float, max_batch_megapixels: float,
-                    max_client_requests: int, shutdown_timeout_s: float) -> dict[str, Path]:
+                    max_client_requests: int, shutdown_timeout_s: float,
+                    max_queued_jobs: int = 8, job_retention_days: float | None = None,
+                    cors_origins: Sequence[str] | None = None) -> dict[str, Path]:
     """Every problem with the settings at once; returns the LoRA files by name."""
     problems = []
     if not models:
@@ -235,9 +240,17 @@ def _check_settings(models: Mapping, loras: Mapping, *, max_queue: int, max_batc
                              ("max_work", max_work, 0.001),
                              ("max_batch_megapixels", max_batch_megapixels, 0.001),
                              ("max_client_requests", max_client_requests, 1),
-                             ("shutdown_timeout_s", shutdown_timeout_s, 0)):
+                             ("shutdown_timeout_s", shutdown_timeout_s, 0),
+                             ("max_queued_jobs", max_queued_jobs, 1),
+                             *([("job_retention_days", job_retention_days, 0.001)]
+                               if job_retention_days is not None else [])):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
             problems.append(f"{name}={value} must be at least {low}")
+    for origin in cors_origins or ():
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            problems.append(f"--cors_origin '{origin}' must be an origin like "
+                            "https://app.example.com or http://localhost:3000 (scheme, host "
+                            "and port only), or *")
     lora_files = {}
     for name, path in loras.items():
         try:
@@ -267,6 +280,9 @@ def create_app(
     max_client_requests: int = 8,
     shutdown_timeout_s: float = 2.0,
     state_dir: str | Path | None = None,
+    max_queued_jobs: int = 8,
+    job_retention_days: float | None = None,
+    cors_origins: Sequence[str] | None = None,
 ) -> FastAPI:
     """The app serving `models` (name -> pipeline folder, cached hub id or loaded pipeline).
 
@@ -285,14 +301,17 @@ def create_app(
 
     With `state_dir`, the fine-tuning jobs API (`dreambooth.serve.job_routes`) trains models
     on uploaded photos and serves them; its jobs and their files are kept there across
-    restarts. Without it, those routes answer 404.
+    restarts. Without it, those routes answer 404. At most `max_queued_jobs` jobs are queued
+    or running (one more gets 429); finished jobs are deleted after `job_retention_days`.
+    Browsers on `cors_origins` (e.g. "https://app.example.com", or "*") may call the API.
     """
     lora_files = _check_settings(
         models, loras or {}, max_queue=max_queue, max_batch=max_batch,
         batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb,
         max_image_size=max_image_size, max_steps=max_steps, max_work=max_work,
         max_batch_megapixels=max_batch_megapixels, max_client_requests=max_client_requests,
-        shutdown_timeout_s=shutdown_timeout_s)
+        shutdown_timeout_s=shutdown_timeout_s, max_queued_jobs=max_queued_jobs,
+        job_retention_days=job_retention_days, cors_origins=cors_origins)
     metrics = ServeMetrics()
     max_upload_bytes = int(max_upload_mb * 1024 * 1024)
     served_models = {}
@@ -317,7 +336,8 @@ def create_app(
     state.load_model = serve_model
     if state_dir is not None:
         try:
-            state.jobs = Jobs(state, state_dir, device=device, max_photo_bytes=max_upload_bytes)
+            state.jobs = Jobs(state, state_dir, device=device, max_photo_bytes=max_upload_bytes,
+                              max_active=max_queued_jobs, retention_days=job_retention_days)
         except JobLocked as error:
             raise ServeConfigError(f"cannot serve: {error}") from None
 
@@ -350,7 +370,12 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes,
                        path_limits={JOBS_PATH: max_upload_bytes * MAX_PHOTOS + 2**20})
     app.add_middleware(ClientLimit, max_requests=max_client_requests)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees 413s too
+    app.add_middleware(RequestMetrics, metrics=metrics)  # sees 413s too
+    if cors_origins:  # outermost: errors and preflights carry the CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins),
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                           max_age=600)
     return app
 
 
@@ -444,6 +469,15 @@ def run_server(models: Mapping[str, str | Path], *, host: str = "127.0.0.1", por
         state_dir: Folder of the fine-tuning jobs API (/v1/fine_tuning/jobs): its SQLite
             database, uploaded photos and trained models, kept across restarts (a job that was
             training resumes from its last checkpoint). Without it the jobs API is off (404).
+            One server at a time uses a state_dir.
+        max_queued_jobs: Fine-tuning jobs that may be queued or running at once; one more
+            gets 429 rate_limit_exceeded.
+        job_retention_days: Delete finished fine-tuning jobs (their files, and their models
+            from the server) this many days after they finished (default: keep them until
+            DELETE /v1/fine_tuning/jobs/{id}).
+        cors_origins: Web origins whose pages may call this server from a browser (CORS),
+            e.g. https://app.example.com, or * for any; on the command line `--cors_origin
+            ORIGIN` (repeatable). Default: none, only pages served by this server.
     """
     import uvicorn
 

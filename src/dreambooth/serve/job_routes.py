@@ -25,6 +25,9 @@ import asyncio
 import io
 import json
 import logging
+import re
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,7 @@ from dreambooth.serve.jobs import (
     JobError,
     JobRunner,
     JobStore,
+    check_active,
     job_values,
     model_zip,
     new_job_id,
@@ -64,21 +68,26 @@ _PHOTO_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 _FIELDS = ("model", "identifier", "class_noun", "preset", "hyperparameters")
 _MAX_LIST = 100
 _SSE_POLL_S = 0.25
+_NUMBER = re.compile(r"[0-9]{1,15}")  # ASCII digits only ('²'.isdigit() is True), SQLite-sized
 
 
 class Jobs:
     """The jobs of one app: the store, the runner and what a finished job registers."""
 
     def __init__(self, state: ServerState, state_dir: str | Path, *, device: str | None,
-                 max_photo_bytes: int):
+                 max_photo_bytes: int, max_active: int = 8,
+                 retention_days: float | None = None):
         self.state, self.max_photo_bytes = state, max_photo_bytes
+        self.max_active, self.retention_days = max_active, retention_days
         Path(state_dir).mkdir(parents=True, exist_ok=True)
         self._lock = state_lock(Path(state_dir))  # JobLocked: another server uses it
         self.store = JobStore(state_dir)
         for job_id in self.store.requeue_interrupted():
             logger.info("fine-tuning job %s was running: queued again, to resume", job_id)
-        self.runner = JobRunner(self.store, base_model=self._base_folder,
-                                on_success=self.register,
+        self._remove_leftovers()
+        self.delete_expired()
+        self.runner = JobRunner(self.store, base_model=self.base_folder,
+                                on_success=self.register, on_idle=self.delete_expired,
                                 accelerator="cpu" if device == "cpu" else "auto")
         self._register_succeeded()
 
@@ -89,7 +98,7 @@ class Jobs:
         self.runner.stop()
         self._lock.close()
 
-    def _base_folder(self, name: str) -> Path | None:
+    def base_folder(self, name: str) -> Path | None:
         served = self.state.models.get(name)
         return served.folder if served is not None else None
 
@@ -106,6 +115,35 @@ class Jobs:
         else:
             self.state.register_model(name, output)
         return name
+
+    def delete(self, job_id: str) -> bool:
+        """Forget a finished job: its model is no longer served, its files are removed.
+        False if there is no such job; JobError `job_not_finished` if it is active."""
+        job = self.store.delete(job_id)
+        if job is None:
+            return False
+        if job["fine_tuned_model"]:
+            self.state.unregister_model(job["fine_tuned_model"])
+        shutil.rmtree(self.store.job_dir(job_id), ignore_errors=True)
+        logger.info("fine-tuning job %s deleted", job_id)
+        return True
+
+    def delete_expired(self) -> None:
+        """Delete the jobs that finished more than `retention_days` ago (none without it)."""
+        if self.retention_days is None:
+            return
+        cutoff = int(time.time() - self.retention_days * 86400)
+        for job_id in self.store.finished_before(cutoff):
+            self.delete(job_id)
+
+    def _remove_leftovers(self) -> None:
+        """Job folders the database does not know (a delete or an upload cut short by a
+        stopped server); only at start, when no upload is being saved."""
+        known = self.store.ids()
+        for folder in self.store.jobs_dir.iterdir():
+            if folder.name not in known:
+                logger.info("removing %s: no job of that id", folder.name)
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _register_succeeded(self) -> None:
         after = None
@@ -160,15 +198,21 @@ def event_object(event: dict[str, Any]) -> dict[str, Any]:
 def _get_job(jobs: Jobs, job_id: str) -> dict[str, Any]:
     job = jobs.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
     if job is None:
-        raise APIError(404, f"No fine-tuning job '{job_id}'.", param="fine_tuning_job_id",
+        raise APIError(404, f"No fine-tuning job '{_shown(job_id)}'.",
+                       param="fine_tuning_job_id",
                        code="job_not_found")
     return job
+
+
+def _shown(text: str) -> str:
+    """A client's string as an error message quotes it: at most 64 characters."""
+    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def _limit(value: str | None) -> int:
     if value is None:
         return 20
-    if not value.isdigit() or not 1 <= int(value) <= _MAX_LIST:
+    if not _NUMBER.fullmatch(value) or not 1 <= int(value) <= _MAX_LIST:
         raise APIError(400, f"Invalid value for 'limit': '{value}'; use 1 to {_MAX_LIST}.",
                        param="limit", code="invalid_value")
     return int(value)
@@ -238,6 +282,9 @@ def _hyperparameters(text: str | None) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise APIError(400, f"Invalid value for 'hyperparameters': not JSON ({error}).",
                        param="hyperparameters", code="invalid_value") from error
+    except RecursionError as error:
+        raise APIError(400, "Invalid value for 'hyperparameters': nested too deeply.",
+                       param="hyperparameters", code="invalid_value") from error
     if not isinstance(value, dict):
         raise APIError(400, "Invalid value for 'hyperparameters': send a JSON object of "
                             "training config keys, e.g. {\"max_train_steps\": 400}.",
@@ -257,8 +304,17 @@ def _word(fields: dict[str, str], name: str, default: str | None) -> str:
     return value
 
 
+def _limit_error(error: JobError) -> APIError:
+    return APIError(429, str(error), code=error.code, type="rate_limit_error",
+                    headers={"Retry-After": "60"})
+
+
 @jobs_router.post(JOBS_PATH)
 async def create_job(request: Request, jobs: Jobs = Depends(_jobs)) -> dict:
+    try:  # before the upload is read; checked again when the job is stored
+        check_active(await run_in_threadpool(jobs.store.count_active), jobs.max_active)
+    except JobError as error:
+        raise _limit_error(error) from error
     fields, photos = await _read_job_form(request)
     model = fields.get("model")
     if model is None:
@@ -282,14 +338,23 @@ async def create_job(request: Request, jobs: Jobs = Depends(_jobs)) -> dict:
     job_id = new_job_id()
 
     def save() -> None:
-        with atomic_folder(jobs.store.job_dir(job_id) / "photos") as folder:
+        job_dir = jobs.store.job_dir(job_id)
+        with atomic_folder(job_dir / "photos") as folder:
             for index, (data, extension) in enumerate(checked):
                 (folder / f"{index:02d}.{extension}").write_bytes(data)
-        jobs.store.create(job_id, served.name, {
-            "values": values, "identifier": identifier, "class_noun": class_noun,
-            "preset": fields.get("preset", "quick"), "photos": len(checked)})
+        try:
+            jobs.store.create(job_id, served.name, {
+                "values": values, "identifier": identifier, "class_noun": class_noun,
+                "preset": fields.get("preset", "quick"), "photos": len(checked)},
+                max_active=jobs.max_active)
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
 
-    await run_in_threadpool(save)
+    try:
+        await run_in_threadpool(save)
+    except JobError as error:
+        raise _limit_error(error) from error
     jobs.runner.wake()
     return job_object(jobs.store.get(job_id), jobs)
 
@@ -308,6 +373,18 @@ async def list_jobs(request: Request, jobs: Jobs = Depends(_jobs)) -> dict:
 @jobs_router.get(JOBS_PATH + "/{job_id}")
 async def get_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> dict:
     return job_object(_get_job(jobs, job_id), jobs)
+
+
+@jobs_router.delete(JOBS_PATH + "/{job_id}")
+async def delete_job(job_id: str, jobs: Jobs = Depends(_jobs)) -> dict:
+    _get_job(jobs, job_id)
+    try:
+        deleted = await run_in_threadpool(jobs.delete, job_id)
+    except JobError as error:
+        raise APIError(409, str(error), param=error.param, code=error.code) from error
+    if not deleted:  # deleted meanwhile
+        _get_job(jobs, job_id)
+    return {"id": job_id, "object": "fine_tuning.job", "deleted": True}
 
 
 @jobs_router.post(JOBS_PATH + "/{job_id}/cancel")
@@ -343,7 +420,7 @@ async def job_events(job_id: str, request: Request, jobs: Jobs = Depends(_jobs))
         return {"object": "list", "data": [event_object(e) for e in events[:limit]],
                 "has_more": len(events) > limit}
     last = request.headers.get("last-event-id", "")
-    after_seq = int(last) if last.isdigit() else 0
+    after_seq = int(last) if _NUMBER.fullmatch(last) else 0
 
     async def stream():
         nonlocal after_seq
@@ -358,6 +435,8 @@ async def job_events(job_id: str, request: Request, jobs: Jobs = Depends(_jobs))
                 return
             if not events:
                 job = await run_in_threadpool(jobs.store.get, job_id)
+                if job is None:  # deleted meanwhile
+                    return
                 if job["status"] in FINISHED and not await run_in_threadpool(
                         jobs.store.events, job_id, after_seq=after_seq):
                     return
@@ -371,7 +450,7 @@ async def job_events(job_id: str, request: Request, jobs: Jobs = Depends(_jobs))
 async def job_file(job_id: str, kind: str, jobs: Jobs = Depends(_jobs)):
     job = _get_job(jobs, job_id)
     if kind not in RESULT_KINDS:
-        raise APIError(404, f"Unknown file kind '{kind}'; use one of "
+        raise APIError(404, f"Unknown file kind '{_shown(kind)}'; use one of "
                             f"{', '.join(RESULT_KINDS)}.", param="kind", code="file_not_found")
     files = result_files(job, jobs.store.job_dir(job_id))
     if kind not in files:
@@ -380,7 +459,8 @@ async def job_file(job_id: str, kind: str, jobs: Jobs = Depends(_jobs)):
                        param="kind", code="file_not_found")
     stem = (job["fine_tuned_model"] or job_id).replace(":", "-").replace("/", "-")
     if kind == "model_zip":
-        path = await run_in_threadpool(model_zip, jobs.store.job_dir(job_id))
+        path = await run_in_threadpool(model_zip, jobs.store.job_dir(job_id), job["model"],
+                                       jobs.base_folder(job["model"]))
         return FileResponse(path, media_type="application/zip", filename=f"{stem}.zip")
     suffix = "-diffusers" if kind == "lora_diffusers" else ""
     return FileResponse(files[kind], media_type="application/octet-stream",
@@ -392,7 +472,8 @@ async def job_image(job_id: str, name: str, jobs: Jobs = Depends(_jobs)):
     _get_job(jobs, job_id)
     path = validation_image(jobs.store.job_dir(job_id), name)
     if path is None:
-        raise APIError(404, f"This job has no validation image '{name}'; its `validation` "
+        raise APIError(404, f"This job has no validation image '{_shown(name)}'; its "
+                            "`validation` "
                             "events name those it has.", param="name", code="image_not_found")
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})
 

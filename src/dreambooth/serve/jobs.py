@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
+ACTIVE = ("validating_files", "queued", "running")
 MIN_PHOTOS, MAX_PHOTOS = 3, 50
 
 # Starting points of a job's configuration; `hyperparameters` override them.
@@ -64,11 +65,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 SERVER_KEYS = frozenset({
     "pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
     "instance_data_dir", "instance_prompt", "class_data_dir", "concepts", "mask_dir",
+    "caption_extension",
     "validation_data_dir", "validation_prompt", "validation_prompts", "validation_steps",
     "num_validation_images", "validation_inference_steps", "output_dir", "output_name",
     "resume_from_checkpoint", "logging_dir", "report_to", "tracker_project_name",
     "accelerator", "devices", "num_nodes", "strategy",
 })
+# The most a client may ask of one job (training and class-image generation share the device
+# with the requests the server answers; the config's own limits are far higher).
+MAX_JOB_STEPS = 10_000
+CLIENT_LIMITS = {"num_class_images": 200, "train_batch_size": 32,
+                 "gradient_accumulation_steps": 64, "sample_batch_size": 16,
+                 "class_inference_steps": 100, "repeats": 100, "rank": 256,
+                 "dataloader_num_workers": 4, "num_threads": os.cpu_count() or 1}
+# Bucket sides at most this many times the model's own (memory grows with their square).
+MAX_SIZE_FACTOR = 2
 RESULT_KINDS = ("lora_kohya", "lora_diffusers", "model_zip")
 JOBS_PATH = "/v1/fine_tuning/jobs"
 # Validation while a job trains: these scenes of the subject (one image each, fixed seeds, the
@@ -84,6 +95,7 @@ _NOT_ZIPPED = ("checkpoints", "logs", "lightning_logs", "validation")
 # Written by the training process once every output is (dreambooth.serve.job_process).
 TRAINED_FILE = "trained.json"
 _POLL_S = 0.2
+_IDLE_EVERY_S = 3600.0  # how often an idle runner calls on_idle (expired jobs go)
 _STOP_GRACE_S = 10.0  # on shutdown: how long a training may take to write its interrupt checkpoint
 
 
@@ -95,12 +107,20 @@ class JobError(ValueError):
         self.param, self.code = param, code
 
 
+def check_active(active: int, max_active: int) -> None:
+    """JobError `rate_limit_exceeded` when `active` jobs leave no room for one more."""
+    if active >= max_active:
+        raise JobError(f"{active} fine-tuning jobs are queued or running, the server's limit "
+                       f"(--max_queued_jobs {max_active}); wait for one to finish or cancel "
+                       "one.", None, "rate_limit_exceeded")
+
+
 def job_values(*, preset: str, hyperparameters: dict[str, Any], identifier: str,
                class_noun: str, resolution: int) -> dict[str, Any]:
     """The flat config keys a job chooses (preset, then the client's hyperparameters); raises
     JobError naming a refused key or listing every invalid value (`parse_train_config`)."""
     if preset not in PRESETS:
-        raise JobError(f"Invalid value for 'preset': '{preset}'; use one of "
+        raise JobError(f"Invalid value for 'preset': '{preset[:64]}'; use one of "
                        f"{', '.join(PRESETS)}.", "preset")
     for key in hyperparameters:
         if key in SERVER_KEYS:
@@ -109,6 +129,19 @@ def job_values(*, preset: str, hyperparameters: dict[str, Any], identifier: str,
                            "'class_noun' for the prompt).", f"hyperparameters.{key}",
                            "forbidden_parameter")
     values = {"resolution": resolution, **PRESETS[preset], **hyperparameters}
+    steps = values["max_train_steps"]  # a job trains a fixed number of steps (never epochs)
+    if not (isinstance(steps, int) and not isinstance(steps, bool)
+            and 1 <= steps <= MAX_JOB_STEPS):
+        raise JobError(f"Invalid value for 'hyperparameters.max_train_steps': {steps!r:.64}; "
+                       f"use a whole number from 1 to {MAX_JOB_STEPS}.",
+                       "hyperparameters.max_train_steps")
+    # (`resolution` itself: training refuses more than twice the model's own.)
+    limits = {**CLIENT_LIMITS, "max_bucket_reso": MAX_SIZE_FACTOR * resolution}
+    for key, most in limits.items():
+        value = values.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > most:
+            raise JobError(f"Invalid value for 'hyperparameters.{key}': {value}; a job may use "
+                           f"at most {most} on this server.", f"hyperparameters.{key}")
     # Validated with stand-ins for the server's paths; the run gets the real ones.
     probe = {**values, **_server_values(Path("job"), "model", identifier, class_noun,
                                         values, accelerator="cpu")}
@@ -195,9 +228,20 @@ class JobStore:
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 
-    def create(self, job_id: str, model: str, params: dict[str, Any]) -> None:
+    def count_active(self) -> int:
+        """Jobs queued or running."""
+        with closing(self._connect()) as db:
+            return db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN {ACTIVE}").fetchone()[0]
+
+    def create(self, job_id: str, model: str, params: dict[str, Any], *,
+               max_active: int | None = None) -> None:
+        """A new queued job; JobError `rate_limit_exceeded` when `max_active` jobs are already
+        queued or running (counted in the same transaction: two requests cannot both pass)."""
         with closing(self._connect()) as db, db:
             db.execute("BEGIN IMMEDIATE")
+            if max_active is not None:
+                check_active(db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN {ACTIVE}")
+                             .fetchone()[0], max_active)
             db.execute("INSERT INTO jobs (id, model, status, params, created_at) "
                        "VALUES (?, ?, 'queued', ?, ?)",
                        (job_id, model, json.dumps(params), int(time.time())))
@@ -277,6 +321,33 @@ class JobStore:
             rows = db.execute(query, args).fetchall()
         return [_event_row(row) for row in rows]
 
+    def delete(self, job_id: str) -> dict[str, Any] | None:
+        """Forget a finished job and its events (its files are the caller's); returns the job
+        as it was, None if there is none. JobError `job_not_finished` if it is active."""
+        with closing(self._connect()) as db, db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            if row["status"] not in FINISHED:
+                raise JobError(f"The job is {row['status']}; cancel it first (POST "
+                               f"{JOBS_PATH}/{job_id}/cancel), then delete it.",
+                               "fine_tuning_job_id", "job_not_finished")
+            db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return _job_row(row)
+
+    def finished_before(self, timestamp: int) -> list[str]:
+        """Jobs that finished before `timestamp` (seconds since the epoch), oldest first."""
+        with closing(self._connect()) as db:
+            return [row["id"] for row in db.execute(
+                f"SELECT id FROM jobs WHERE status IN {FINISHED} AND finished_at < ? "
+                "ORDER BY seq", (timestamp,))]
+
+    def ids(self) -> set[str]:
+        with closing(self._connect()) as db:
+            return {row["id"] for row in db.execute("SELECT id FROM jobs")}
+
     def requeue_interrupted(self) -> list[str]:
         """Jobs left `running` by a server that died: queued again (they resume from their last
         checkpoint). Returns their ids."""
@@ -307,12 +378,15 @@ class JobRunner:
     """One thread that trains the queued jobs in order, each in a child process.
 
     `base_model(name)` gives the folder of a served model (None if the server no longer serves
-    it); `on_success(job)` registers the trained model and returns its name.
+    it); `on_success(job)` registers the trained model and returns its name; `on_idle()` runs
+    at most hourly while no job waits.
     """
 
     def __init__(self, store: JobStore, *, base_model: Callable[[str], Path | None],
-                 on_success: Callable[[dict[str, Any]], str], accelerator: str = "auto"):
+                 on_success: Callable[[dict[str, Any]], str],
+                 on_idle: Callable[[], None] | None = None, accelerator: str = "auto"):
         self.store, self.base_model, self.on_success = store, base_model, on_success
+        self.on_idle, self._idle_at = on_idle, time.monotonic()
         self.accelerator = accelerator
         self._wake = threading.Condition()
         self._stopping = False
@@ -347,6 +421,13 @@ class JobRunner:
                 if self._stopping:
                     return
             job_id = self.store.next_queued()
+            if job_id is None and self.on_idle is not None and (
+                    time.monotonic() - self._idle_at > _IDLE_EVERY_S):
+                self._idle_at = time.monotonic()
+                try:
+                    self.on_idle()
+                except Exception:
+                    logger.exception("fine-tuning jobs: the idle task failed")
             if job_id is None:
                 with self._wake:
                     if not self._stopping:
@@ -356,9 +437,9 @@ class JobRunner:
                 self._run(job_id)
             except Exception as error:  # a bug here must not end the queue
                 logger.exception("fine-tuning job %s", job_id)
-                self.store.set_status(job_id, "failed", only_from=("running", "queued"),
-                                      error={"message": f"internal error: {error}",
-                                             "code": "server_error", "param": None})
+                self.store.set_status(job_id, "failed", only_from=("running", "queued"), error={
+                    "message": scrub(f"internal error: {error}", self.store.job_dir(job_id),
+                                     None), "code": "server_error", "param": None})
 
     def _run(self, job_id: str) -> None:
         job = self.store.get(job_id)
@@ -416,7 +497,7 @@ class JobRunner:
             message = (errors[-1]["message"] if errors else
                        _exit_message(process.returncode))
             self.store.set_status(job_id, "failed", only_from=("running",), error={
-                "message": _scrub(message, job_dir, base), "code": "training_failed",
+                "message": scrub(message, job_dir, base), "code": "training_failed",
                 "param": None}, message="Training failed.")
             return False
         return True
@@ -430,7 +511,7 @@ class JobRunner:
         except Exception as error:
             logger.exception("registering the model of job %s", job_id)
             self.store.set_status(job_id, "failed", only_from=("running",), error={
-                "message": _scrub(f"the trained model could not be loaded: {error}", job_dir,
+                "message": scrub(f"the trained model could not be loaded: {error}", job_dir,
                                   base), "code": "server_error", "param": None})
             return
         self.store.set_status(job_id, "succeeded", only_from=("running",), fine_tuned_model=name,
@@ -482,7 +563,7 @@ class JobRunner:
                     unique=True)
             elif kind == "message":
                 self.store.add_event(job_id, "message",
-                                     _scrub(str(line.get("message", "")), job_dir, base))
+                                     scrub(str(line.get("message", "")), job_dir, base))
 
 
 def _read_lines(path: Path, offset: int) -> tuple[list[dict], int]:
@@ -519,12 +600,18 @@ def _exit_message(returncode: int) -> str:
     return f"the training process exited with code {returncode}"
 
 
-def _scrub(message: str, job_dir: Path, base: Path | None) -> str:
-    """A message without server paths: the job folder and the base model's folder."""
+# An absolute path left in a message (a library's file, a cache): POSIX or Windows, not part of
+# a URL or of a relative path ("a/b").
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"`,;:()\[\]{}<>]+|\b[A-Za-z]:\\[^\s'\"`,;]+")
+
+
+def scrub(message: str, job_dir: Path, base: Path | None) -> str:
+    """A message without server paths: the job folder's files by their names in it, the base
+    model's folder as "the base model", any other absolute path as "<server path>"."""
     message = message.replace(str(job_dir) + os.sep, "").replace(str(job_dir), "job")
     if base is not None:
         message = message.replace(str(base), "the base model")
-    return message
+    return _ABSOLUTE_PATH.sub("<server path>", message)
 
 
 def remove_outputs(job_dir: Path) -> None:
@@ -547,9 +634,12 @@ def result_files(job: dict[str, Any], job_dir: Path) -> dict[str, Path]:
     return {"model_zip": output}
 
 
-def model_zip(job_dir: Path) -> Path:
-    """The trained pipeline folder as `model.zip` beside it (made once, atomically)."""
+def model_zip(job_dir: Path, model: str, base: Path | None) -> Path:
+    """The trained pipeline folder as `model.zip` beside it (made once, atomically); its
+    training_config.yaml names the job's files relative to the job and the base model by its
+    served name `model`, never by a server path."""
     from dreambooth.files import atomic_path
+    from dreambooth.models import TRAINING_CONFIG_FILE
 
     target = job_dir / "model.zip"
     if not target.exists():
@@ -559,6 +649,28 @@ def model_zip(job_dir: Path) -> Path:
         with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
             for path in sorted(output.rglob("*")):
                 relative = path.relative_to(output)
-                if path.is_file() and relative.parts[0] not in _NOT_ZIPPED:
+                if not path.is_file() or relative.parts[0] in _NOT_ZIPPED:
+                    continue
+                if relative.as_posix() == TRAINING_CONFIG_FILE:
+                    zf.writestr(TRAINING_CONFIG_FILE,
+                                public_config(path.read_text(), job_dir, model, base))
+                else:
                     zf.write(path, relative.as_posix())
     return target
+
+
+def public_config(text: str, job_dir: Path, model: str, base: Path | None) -> str:
+    """A job's training_config.yaml without server paths (see model_zip)."""
+    import yaml
+
+    values = yaml.safe_load(text) or {}
+    for key, value in values.items():
+        if not isinstance(value, str):
+            continue
+        if key == "pretrained_model_name_or_path":
+            values[key] = model
+        elif value == str(job_dir) or value.startswith(str(job_dir) + os.sep):
+            values[key] = Path(value).relative_to(job_dir).as_posix()
+        else:
+            values[key] = scrub(value, job_dir, base)
+    return yaml.safe_dump(values, sort_keys=False)

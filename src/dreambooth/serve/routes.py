@@ -167,6 +167,22 @@ class ServerState:
             self.models = {**self.models, name: served}
         return served
 
+    def unregister_model(self, name: str) -> None:
+        """Stop serving `name` (a deleted fine-tuning job's model): requests for it get 404 from
+        now on; its worker stops unless another model shares it (a LoRA job's base)."""
+        with self._registering:
+            served = self.models.get(name)
+            if served is None:
+                return
+            self.models = {key: value for key, value in self.models.items() if key != name}
+            if served.lora == name:
+                self.loras = {key: value for key, value in self.loras.items() if key != name}
+                self.lora_hashes = {key: value for key, value in self.lora_hashes.items()
+                                    if key != name}
+            shared = any(other.worker is served.worker for other in self.models.values())
+        if served.worker is not None and not shared:
+            served.worker.stop(self.shutdown_timeout_s)
+
     def model(self, name: str | None, param: str = "model") -> ServedModel:
         if name is None:
             return next(iter(self.models.values()))
