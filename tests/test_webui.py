@@ -409,6 +409,13 @@ def test_cancel_from_the_job_page(server, browser, tmp_path):
     assert page.inner_text("#job-progress-text") == "Cancelled."
     assert page.locator("#job-cancel").is_hidden() and page.locator("#try").is_hidden()
     assert server.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "cancelled"
+    # A finished job can be deleted (after a confirmation); the list no longer has it.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#job-delete")
+    page.wait_for_url(re.compile(r"#/jobs$"))
+    page.locator("#jobs-list li").first.wait_for()
+    assert page.locator(f"#jobs-list a[href='#/jobs/{job['id']}']").count() == 0
+    assert server.get(f"/v1/fine_tuning/jobs/{job['id']}").status_code == 404
     watched.close()
 
 

@@ -521,6 +521,7 @@
     badge.textContent = status.replace("_", " ");
     badge.className = `badge ${status}`;
     $("job-cancel").hidden = FINISHED.includes(status);
+    $("job-delete").hidden = !FINISHED.includes(status);
     if (job) job.status = status;
     showProgress(true);
   }
@@ -741,6 +742,7 @@
       $("job-results").hidden = true;
       $("try").hidden = true;
       $("job-cancel").hidden = true;
+      $("job-delete").hidden = true;
     },
   };
 
@@ -750,6 +752,20 @@
     try {
       job = await apiJSON(`${JOBS}/${job.id}/cancel`, { method: "POST" });
       renderJob();
+    } catch (error) {
+      report(error, $("job-error-text"));
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  $("job-delete").addEventListener("click", async () => {
+    if (!window.confirm("Delete this job and its files? Downloads of it stop working.")) return;
+    const button = $("job-delete");
+    button.disabled = true;
+    try {
+      await api(`${JOBS}/${job.id}`, { method: "DELETE" });
+      location.hash = "#/jobs";
     } catch (error) {
       report(error, $("job-error-text"));
     } finally {
