@@ -68,7 +68,8 @@ class ServeProcess:
              "--state_dir", str(state_dir), "--api_key", KEY, "--port", str(port),
              "--device", "cpu"],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(Path(dreambooth.__file__).parents[1])})
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                str(Path(dreambooth.__file__).parents[1]), os.environ.get("PYTHONPATH")]))})
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -249,6 +250,12 @@ def test_train_follow_try_and_download_in_the_browser(server, browser, tmp_path)
     page.locator("#model-select option[value=demo]").wait_for(state="attached")
     assert page.evaluate("sessionStorage.getItem('dreambooth.apiKey')") == KEY
     assert page.evaluate("localStorage.length") == 0
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll("input, select, textarea")]
+        .filter((field) => !field.labels.length && !field.getAttribute("aria-label"))
+        .map((field) => field.id || field.name)""")
+    assert unlabelled == []  # every field has a label a screen reader reads
+    assert page.evaluate("""() => new Set([...document.querySelectorAll("[id]")].map((e) => e.id))
+        .size == document.querySelectorAll("[id]").length""")  # ids are unique
 
     # Four photos through the file input, a fifth and a sixth dropped on the zone, one removed.
     paths = write_demo_photos(tmp_path / "photos", 6)
