@@ -444,3 +444,67 @@ def test_a_server_without_key_or_jobs_opens_at_once_and_says_jobs_are_off(browse
         watched.close()
     finally:
         server.stop()
+
+
+def sse(*events: tuple[int, dict]) -> bytes:
+    """A Server-Sent Events body with CRLF line ends, a comment and `event:` lines."""
+    lines = [": a comment line, ignored"]
+    for seq, event in events:
+        lines += [f"id: {seq}", f"event: {event['type']}", f"data: {json.dumps(event)}", ""]
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def test_events_resume_after_a_dropped_stream_and_foreign_urls_get_no_key(server, browser):
+    """A stream that ends before the job does is read on from its last event id; a
+    validation URL off this server is never fetched (it would get the key)."""
+    job_id = "ftjob-" + "ab" * 12
+    job = {"id": job_id, "object": "fine_tuning.job", "model": "demo", "status": "running",
+           "fine_tuned_model": None, "identifier": "sks", "class_noun": "ball",
+           "instance_prompt": "a photo of sks ball", "preset": "quick", "trained_photos": 3,
+           "hyperparameters": {"max_train_steps": 4}, "created_at": 1, "finished_at": None,
+           "error": None, "result_files": []}
+
+    def event(type: str, data: dict, message: str = "") -> dict:
+        return {"object": "fine_tuning.job.event", "created_at": 1, "level": "info",
+                "type": type, "message": message or type, "data": data}
+
+    def metrics(step: int) -> dict:
+        return event("metrics", {"step": step, "max_steps": 4, "loss": 0.1 * step, "lr": 1e-4,
+                                 "eta_seconds": 4 - step})
+
+    grid = io.BytesIO()
+    Image.new("RGB", (16, 48), (200, 30, 30)).save(grid, "PNG")
+    streams = [sse((1, event("status", {"status": "queued"})),
+                   (2, event("status", {"status": "running"})), (3, metrics(1)), (4, metrics(2))),
+               sse((5, metrics(3)), (6, metrics(4)),
+                   (7, event("validation", {"step": 4, "url": "https://elsewhere.example/a.png"})),
+                   (8, event("validation", {"step": 4, "url": f"/v1/fine_tuning/jobs/{job_id}"
+                                                           "/images/step-000004.png"})),
+                   (9, event("status", {"status": "succeeded"})))]
+    seen = []
+
+    def answer_events(route):
+        seen.append(route.request.headers)
+        body = streams[min(len(seen), len(streams)) - 1]
+        if len(seen) > 1:
+            job.update(status="succeeded", finished_at=3)
+        route.fulfill(status=200, body=body, headers={"Content-Type": "text/event-stream"})
+
+    watched = Watched(browser, viewport={"width": 1024, "height": 800})
+    page = watched.page
+    page.route(f"**/v1/fine_tuning/jobs/{job_id}", lambda route: route.fulfill(json=job))
+    page.route(f"**/v1/fine_tuning/jobs/{job_id}/events", answer_events)
+    page.route("**/images/step-000004.png", lambda route: route.fulfill(
+        body=grid.getvalue(), headers={"Content-Type": "image/png"}))
+    page.route("https://elsewhere.example/**", lambda route: route.abort())
+    watched.sign_in(f"{server.url}/#/jobs/{job_id}")
+    page.locator("#job-status.succeeded").wait_for()
+    page.wait_for_function(f"() => {SHOWN_GRIDS} == 1")
+    assert len(seen) == 2 and "last-event-id" not in seen[0]
+    assert seen[1]["last-event-id"] == "4" and seen[1]["authorization"] == f"Bearer {KEY}"
+    page.wait_for_function(f"() => document.querySelector('{CURVE}').dataset.points == 4")
+    assert page.inner_text("#job-progress-text").startswith("Done: 4 steps")
+    # Each event once: the statuses and the validations are logged, the metrics are not.
+    assert page.locator("#job-log li").count() == 5
+    assert not any("elsewhere.example" in r.url for r in watched.requests)
+    watched.close()

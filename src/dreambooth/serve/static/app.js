@@ -495,7 +495,8 @@
         for (;;) {
           const { value, done } = await reader.read();
           if (done) return;
-          buffer += value.replace(/\r\n?/g, "\n");
+          // Joined first, so a CRLF split between two chunks still reads as one line end.
+          buffer = (buffer + value).replace(/\r\n/g, "\n");
           let cut;
           while ((cut = buffer.indexOf("\n\n")) >= 0) {
             const block = buffer.slice(0, cut);
@@ -505,7 +506,11 @@
               if (line.startsWith("id:")) state.lastId = line.slice(3).trim();
               else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
             }
-            if (data.length) onEvent(JSON.parse(data.join("\n")));
+            let event = null;
+            try {
+              event = data.length ? JSON.parse(data.join("\n")) : null;
+            } catch (ignored) { /* not an event of ours: skipped */ }
+            if (event) onEvent(event);
           }
           attempt = 0;
         }
