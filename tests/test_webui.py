@@ -414,6 +414,7 @@ def test_cancel_from_the_job_page(server, browser, tmp_path):
     page.click("#job-cancel")
     page.locator("#job-status.cancelled").wait_for()
     assert page.inner_text("#job-progress-text") == "Cancelled."
+    watched.shot("08-cancelled")
     assert page.locator("#job-cancel").is_hidden() and page.locator("#try").is_hidden()
     assert server.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "cancelled"
     # A finished job can be deleted (after a confirmation); the list no longer has it.
