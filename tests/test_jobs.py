@@ -444,7 +444,10 @@ def test_a_server_stopped_while_a_job_finishes_does_not_train_it_again(tiny_mode
         second.stop()
 
 
-def test_active_jobs_are_limited_and_only_finished_ones_deleted(tiny_model, tmp_path):
+def test_active_jobs_are_limited_and_only_finished_ones_deleted(tiny_model, tmp_path,
+                                                               monkeypatch):
+    from dreambooth.serve import job_routes
+
     state_dir = tmp_path / "state"
     running = Server(create_app({"base": tiny_model}, api_key=KEY, device="cpu",
                                 max_upload_mb=UPLOAD_LIMIT_MB, state_dir=state_dir,
@@ -463,6 +466,21 @@ def test_active_jobs_are_limited_and_only_finished_ones_deleted(tiny_model, tmp_
         assert sorted(p.name for p in (state_dir / "jobs").iterdir()) == sorted(
             [first["id"], second["id"]])  # the refused upload left nothing
         assert jobs.store.count_active() == 2
+
+        # Event streams are limited too (here to 1): a second is refused while one is open.
+        monkeypatch.setattr(job_routes, "MAX_EVENT_STREAMS", 1)
+        sse = {"Authorization": f"Bearer {KEY}", "Accept": "text/event-stream"}
+        with httpx.stream("GET", f"{running.url}{JOBS}/{second['id']}/events", headers=sse,
+                          timeout=60) as open_stream:
+            lines = open_stream.iter_lines()  # (kept: a dropped iterator closes the stream)
+            next(lines)
+            refused = running.get(f"{JOBS}/{first['id']}/events", headers=sse)
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        deadline = time.monotonic() + 10  # the server notices the closed stream
+        while jobs.streams and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert jobs.streams == 0
 
         for job in (first, second):  # active: cancel first
             answer = delete(running, f"{JOBS}/{job['id']}")

@@ -68,6 +68,7 @@ _PHOTO_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 _FIELDS = ("model", "identifier", "class_noun", "preset", "hyperparameters")
 _MAX_LIST = 100
 _SSE_POLL_S = 0.25
+MAX_EVENT_STREAMS = 64  # Server-Sent Events streams open at once, all jobs together
 _NUMBER = re.compile(r"[0-9]{1,15}")  # ASCII digits only ('²'.isdigit() is True), SQLite-sized
 
 
@@ -79,6 +80,7 @@ class Jobs:
                  retention_days: float | None = None):
         self.state, self.max_photo_bytes = state, max_photo_bytes
         self.max_active, self.retention_days = max_active, retention_days
+        self.streams = 0  # open Server-Sent Events streams
         Path(state_dir).mkdir(parents=True, exist_ok=True)
         self._lock = state_lock(Path(state_dir))  # JobLocked: another server uses it
         self.store = JobStore(state_dir)
@@ -141,7 +143,7 @@ class Jobs:
         stopped server); only at start, when no upload is being saved."""
         known = self.store.ids()
         for folder in self.store.jobs_dir.iterdir():
-            if folder.name not in known:
+            if JOB_ID.fullmatch(folder.name) and folder.name not in known:
                 logger.info("removing %s: no job of that id", folder.name)
                 shutil.rmtree(folder, ignore_errors=True)
 
@@ -419,11 +421,22 @@ async def job_events(job_id: str, request: Request, jobs: Jobs = Depends(_jobs))
             events = events[seqs.index(after) + 1:]
         return {"object": "list", "data": [event_object(e) for e in events[:limit]],
                 "has_more": len(events) > limit}
+    if jobs.streams >= MAX_EVENT_STREAMS:  # each one polls the database
+        raise APIError(429, f"{jobs.streams} event streams are open, the server's limit; close "
+                            "one, or poll the JSON list instead.", type="rate_limit_error",
+                       code="rate_limit_exceeded", headers={"Retry-After": "5"})
     last = request.headers.get("last-event-id", "")
     after_seq = int(last) if _NUMBER.fullmatch(last) else 0
 
     async def stream():
-        nonlocal after_seq
+        jobs.streams += 1  # (the event loop's thread only)
+        try:
+            async for chunk in events_from(after_seq):
+                yield chunk
+        finally:
+            jobs.streams -= 1
+
+    async def events_from(after_seq: int):
         while True:
             events = await run_in_threadpool(jobs.store.events, job_id, after_seq=after_seq)
             for event in events:
@@ -473,8 +486,8 @@ async def job_image(job_id: str, name: str, jobs: Jobs = Depends(_jobs)):
     path = validation_image(jobs.store.job_dir(job_id), name)
     if path is None:
         raise APIError(404, f"This job has no validation image '{_shown(name)}'; its "
-                            "`validation` "
-                            "events name those it has.", param="name", code="image_not_found")
+                            "`validation` events name those it has.", param="name",
+                       code="image_not_found")
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
