@@ -534,14 +534,15 @@
   function showProgress(force) {
     const bar = $("job-progress"), text = $("job-progress-text");
     const status = job ? job.status : "queued";
-    const now = performance.now();
-    // The live region speaks each change: at most one step update a second and a half.
-    if (!force && now - progressShownAt < 1500) return;
-    progressShownAt = now;
     if (lastMetrics) {
       bar.max = lastMetrics.max_steps;
       bar.value = lastMetrics.step;
     }
+    const now = performance.now();
+    // The bar follows every step; the live region speaks each change of its text, so that
+    // changes at most once a second and a half.
+    if (!force && now - progressShownAt < 1500) return;
+    progressShownAt = now;
     if (status === "queued" || status === "validating_files") {
       bar.removeAttribute("value");  // indeterminate
       text.textContent = "Queued: it starts when the jobs before it finish.";
