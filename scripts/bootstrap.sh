@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install the package with its test dependencies.
 # torch is pinned to the CPU wheel these machines carry; on your own machine any torch>=2.4 works.
+# tests/test_webui.py also needs Chromium: installed with apt-get when missing (as root, or
+# through sudo without a password); otherwise this says how to install it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -9,3 +11,17 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==${DREAMBOOTH_TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install --quiet -e ".[test]"
+
+# Playwright drives the system's Chromium (its own browser download is not used).
+if [ -z "${DREAMBOOTH_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        sudo apt-get update -qq
+        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "bootstrap: tests/test_webui.py needs Chromium: install it (Debian: apt-get" \
+             "install chromium) or set DREAMBOOTH_CHROMIUM to its path" >&2
+    fi
+fi

@@ -3,7 +3,8 @@
 One FastAPI app serves OpenAI's Images API (`/v1/images/generations`, `/v1/images/edits`,
 `/v1/models`), OpenRouter's image-output chat completions (`/api/v1/chat/completions`, also at
 `/v1/chat/completions`) and AUTOMATIC1111's `/sdapi/v1/txt2img`, plus `/healthz` and Prometheus
-`/metrics`. A client written for OpenAI or OpenRouter switches by changing `base_url`.
+`/metrics`, and a web UI at `/` (`dreambooth.serve.ui`). A client written for OpenAI or
+OpenRouter switches by changing `base_url`.
 
 The server validates a request, calls the generation API of `dreambooth.generate`
 (`sampling_settings`, `sample_images`, `edit_images`: the functions the CLI uses) through the
@@ -64,6 +65,7 @@ try:
         ServerState,
         read_trigger_phrase,
     )
+    from dreambooth.serve.ui import ui_router
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"`dreambooth serve` needs the `serve` extra ({error.name} is missing): "
@@ -288,10 +290,11 @@ def create_app(
     """The app serving `models` (name -> pipeline folder, cached hub id or loaded pipeline).
 
     `loras` (name -> LoRA file or folder) are what requests may name in `lora`; clients never
-    pass server paths. With `api_key`, every route but /healthz needs `Authorization: Bearer
-    KEY`. Per model, at most `max_queue` requests wait (one more gets 429) and a batch holds at
-    most `max_batch` images, gathered for up to `batch_wait_ms`. Bodies over `max_upload_mb`
-    get 413; image sides are multiples of 8 up to `max_image_size`; at most `max_steps` steps.
+    pass server paths. With `api_key`, every route but /healthz and the web UI's assets needs
+    `Authorization: Bearer KEY`. Per model, at most `max_queue` requests wait (one more gets
+    429) and a batch holds at most `max_batch` images, gathered for up to `batch_wait_ms`.
+    Bodies over `max_upload_mb` get 413; image sides are multiples of 8 up to
+    `max_image_size`; at most `max_steps` steps.
     A request's work (`dreambooth.serve.state.work`: megapixels x images x (steps + 1) x an
     attention factor) is at most `max_work`; a UNet batch holds at most `max_batch_megapixels`
     of images (fewer large images per batch). Each client (API key, or address) has at most
@@ -361,6 +364,7 @@ def create_app(
                   openapi_url=None)
     app.state.server = state
     app.include_router(public_router)
+    app.include_router(ui_router)  # the web UI's assets: no data in them, no key
     needs_key = [Depends(_require_key(api_key))] if api_key else []
     app.include_router(router, dependencies=needs_key)
     app.include_router(jobs_router, dependencies=needs_key)
@@ -443,9 +447,10 @@ def run_server(models: Mapping[str, str | Path], *, host: str = "127.0.0.1", por
         port: TCP port to listen on.
         loras: LoRA files or folders requests may name in `lora`, {name: path}; on the command
             line `--lora NAME=PATH` (repeatable).
-        api_key: Require 'Authorization: Bearer KEY' on every route but /healthz (on the
-            command line the default is the DREAMBOOTH_API_KEY environment variable, which
-            keeps the key out of the process list).
+        api_key: Require 'Authorization: Bearer KEY' on every route but /healthz and the web
+            UI's page (which asks for the key; on the command line the default is the
+            DREAMBOOTH_API_KEY environment variable, which keeps the key out of the process
+            list).
         device: cuda, cpu, ... (default: cuda if available).
         dtype: auto = fp16 on CUDA, fp32 elsewhere.
         max_queue: Requests that may wait per model; one more gets 429.
