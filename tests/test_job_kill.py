@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -77,7 +76,8 @@ def wait_for(server: ServerProcess, job_id: str, timeout: float = 300) -> dict:
     raise AssertionError(f"job {job_id} still {job['status']}")
 
 
-@pytest.mark.slow  # two servers and three trainings in processes: ~65 s on a busy 2-core CPU
+# Two servers and three trainings in processes: ~25 s idle, ~65 s on a busy 2-core CPU. In the
+# default run: issue 16 asks for this test in .ci/run.
 def test_sigkilled_server_restarts_and_the_job_resumes_to_the_same_weights(tiny_model,
                                                                             tmp_path):
     state_dir = tmp_path / "state"
