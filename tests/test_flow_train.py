@@ -29,6 +29,7 @@ from dreambooth.train.checkpointing import list_checkpoints
 from dreambooth.train.flow_matching import FlowMatchingModule
 from dreambooth.train.quantize import is_quantized
 from dreambooth.train.run import check_resolution, train
+from test_resume import InterruptAt
 
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
@@ -250,15 +251,6 @@ def test_shuffled_captions_keep_t5_for_prompts_no_table_holds(tmp_path, instance
 
 
 # ---------------------------------------------------------------------------------- resume
-class InterruptAt(L.Callback):
-    def __init__(self, batch_index: int):
-        self.batch_index = batch_index
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx == self.batch_index:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize("family,use_lora", [("sd3", False), ("flux", True)])
 def test_resume_in_a_fresh_process_matches_an_uninterrupted_run(family, use_lora, tmp_path,
                                                                  instance_dir):

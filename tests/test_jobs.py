@@ -120,6 +120,20 @@ def test_lora_job_trains_streams_progress_and_serves_its_model(server, tmp_path)
     assert tuned.status_code == 200, tuned.text
     assert decode(tuned.json()["data"][0]["b64_json"]).size == (32, 32)
     assert tuned.json()["data"][0]["b64_json"] != plain.json()["data"][0]["b64_json"]
+    # Edits and chat take the fine-tuned model at once too.
+    picture = io.BytesIO()
+    Image.new("RGB", (32, 32), (120, 80, 40)).save(picture, format="PNG")
+    edit = server.post("/v1/images/edits", data={
+        "model": name, "prompt": "a photo of zwx dog", "num_inference_steps": "2", "seed": "1"},
+        files={"image": ("picture.png", picture.getvalue(), "image/png")})
+    assert edit.status_code == 200, edit.text
+    assert decode(edit.json()["data"][0]["b64_json"]).size == (32, 32)
+    chat = server.post("/v1/chat/completions", json={
+        "model": name, "modalities": ["image", "text"], "seed": 1, "num_inference_steps": 2,
+        "messages": [{"role": "user", "content": "a photo of zwx dog"}]})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["images"][0]["image_url"]["url"].startswith(
+        "data:image/png;base64,")
 
     listed = server.get(f"{JOBS}/{job['id']}/events").json()  # the JSON list, newest first
     assert listed["object"] == "list" and listed["data"][0]["data"] == {"status": "succeeded"}
