@@ -166,7 +166,7 @@ def assert_deleted(server: Server, job: dict, generation: dict) -> None:
     assert server.app.state.server.jobs.store.events(job["id"]) == []
 
 
-def test_full_fine_tune_job_serves_a_new_model_and_zips_it(server, tmp_path):
+def test_full_fine_tune_job_serves_a_new_model_and_zips_it(server, tmp_path, monkeypatch):
     job = create(server, photo_files(tmp_path, 4), hyperparameters=FAST).json()
     job = wait_for(server, job["id"])
     assert job["status"] == "succeeded", job["error"]
@@ -183,6 +183,31 @@ def test_full_fine_tune_job_serves_a_new_model_and_zips_it(server, tmp_path):
     assert state_dir not in config and str(server.app.state.server.models["base"].folder) \
         not in config and "<server path>" not in config
     assert "pretrained_model_name_or_path: base\n" in config
+    checkpoint = server.get(f"{JOBS}/{job['id']}/files/single_file")
+    assert checkpoint.status_code == 200, checkpoint.text
+    assert job["result_files"] == [f"{JOBS}/{job['id']}/files/{kind}"
+                                   for kind in ("model_zip", "single_file")]
+    single = tmp_path / "downloaded.safetensors"
+    single.write_bytes(checkpoint.content)
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as handle:  # CompVis names, as A1111 reads
+        keys = list(handle.keys())
+        assert not any(state_dir in value for value in (handle.metadata() or {}).values())
+    assert any(key.startswith("model.diffusion_model.") for key in keys)
+    assert any(key.startswith("first_stage_model.") for key in keys)
+    # It loads back (offline, through diffusers' from_single_file) to the trained UNet.
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth.formats.single_file import load_single_file
+
+    monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
+    output = server.app.state.server.jobs.store.job_dir(job["id"]) / "output"
+    reloaded = UNet2DConditionModel.from_pretrained(  # (the tiny model's own configs)
+        load_single_file(single, config=output) / "unet")
+    trained = UNet2DConditionModel.from_pretrained(output / "unet")
+    for name, value in trained.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[name]), name
     assert "instance_data_dir: photos\n" in config and "output_dir: output\n" in config
     assert_deleted(server, job, body)
 

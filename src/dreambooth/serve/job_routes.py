@@ -11,7 +11,7 @@
   (one `data:` JSON event object each, from the first, ending after the job's last status);
   otherwise OpenAI's list (newest first, `limit`, `after`, `has_more`).
 - `GET /v1/fine_tuning/jobs/{id}/files/{kind}`: lora_kohya, lora_diffusers (LoRA jobs) or
-  model_zip (full fine-tunes) of a succeeded job.
+  model_zip and single_file (full fine-tunes) of a succeeded job.
 - `GET /v1/fine_tuning/jobs/{id}/images/{name}`: a validation grid (`image/png`), as named by
   the job's `validation` events (`data`: step, url); names are `step-NNNNNN.png`, nothing else.
 
@@ -57,6 +57,7 @@ from dreambooth.serve.jobs import (
     model_zip,
     new_job_id,
     result_files,
+    single_file,
     validation_image,
 )
 from dreambooth.serve.schemas import APIError
@@ -475,6 +476,11 @@ async def job_file(job_id: str, kind: str, jobs: Jobs = Depends(_jobs)):
         path = await run_in_threadpool(model_zip, jobs.store.job_dir(job_id), job["model"],
                                        jobs.base_folder(job["model"]))
         return FileResponse(path, media_type="application/zip", filename=f"{stem}.zip")
+    if kind == "single_file":
+        path = await run_in_threadpool(single_file, jobs.store.job_dir(job_id),
+                                       jobs.base_folder(job["model"]))
+        return FileResponse(path, media_type="application/octet-stream",
+                            filename=f"{stem}.safetensors")
     suffix = "-diffusers" if kind == "lora_diffusers" else ""
     return FileResponse(files[kind], media_type="application/octet-stream",
                         filename=f"{stem}{suffix}.safetensors")

@@ -81,7 +81,7 @@ CLIENT_LIMITS = {"num_class_images": 200, "train_batch_size": 32,
                  "dataloader_num_workers": 4, "num_threads": os.cpu_count() or 1}
 # Bucket sides at most this many times the model's own (memory grows with their square).
 MAX_SIZE_FACTOR = 2
-RESULT_KINDS = ("lora_kohya", "lora_diffusers", "model_zip")
+RESULT_KINDS = ("lora_kohya", "lora_diffusers", "model_zip", "single_file")
 JOBS_PATH = "/v1/fine_tuning/jobs"
 # Validation while a job trains: these scenes of the subject (one image each, fixed seeds, the
 # model's own size and guidance) about 4 times a run and at its end, one grid per time in
@@ -624,15 +624,39 @@ def remove_outputs(job_dir: Path) -> None:
 
 
 def result_files(job: dict[str, Any], job_dir: Path) -> dict[str, Path]:
-    """The downloadable results of a succeeded job, {kind: path} (model_zip: its source
-    folder; the zip is built on first download)."""
+    """The downloadable results of a succeeded job, {kind: path} (model_zip and single_file:
+    their source folder; the zip and the single file are built on first download)."""
     if job["status"] != "succeeded":
         return {}
     output = job_dir / "output"
     if job["params"]["values"].get("use_lora"):
         return {"lora_kohya": output / f"{job_dir.name}.safetensors",
                 "lora_diffusers": output / "pytorch_lora_weights.safetensors"}
-    return {"model_zip": output}
+    return {"model_zip": output, "single_file": output}
+
+
+def single_file(job_dir: Path, base: Path | None) -> Path:
+    """The trained pipeline as one A1111/ComfyUI checkpoint, `model.safetensors` beside the
+    output (made once, atomically, by `dreambooth export --format single-file`), its metadata
+    without server paths (the export records where it read the model from)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dreambooth.files import atomic_path
+    from dreambooth.formats.export import export_model
+
+    target = job_dir / "model.safetensors"
+    if not target.exists():
+        staging = export_model(job_dir / "output", "single-file",
+                               job_dir / "model.staging.safetensors")
+        with safe_open(str(staging), framework="pt") as handle:
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata = {key: scrub(value, job_dir, base)
+                        for key, value in (handle.metadata() or {}).items()}
+        with atomic_path(target) as tmp:
+            save_file(state, str(tmp), metadata=metadata)
+        staging.unlink()
+    return target
 
 
 def model_zip(job_dir: Path, model: str, base: Path | None) -> Path:

@@ -22,6 +22,7 @@
     lora_kohya: "LoRA for AUTOMATIC1111, ComfyUI and kohya (.safetensors)",
     lora_diffusers: "LoRA for diffusers' load_lora_weights (.safetensors)",
     model_zip: "The whole diffusers pipeline folder (.zip)",
+    single_file: "One checkpoint for AUTOMATIC1111 and ComfyUI (.safetensors)",
   };
 
   const $ = (id) => document.getElementById(id);
