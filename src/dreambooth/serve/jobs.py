@@ -262,7 +262,7 @@ def _engine(url: str) -> Engine:
         parsed = make_url(url)
     except Exception:
         raise JobDatabaseError(
-            f"--jobs_database is not a database URL ({redact(url)}); use e.g. "
+            "--jobs_database is not a database URL; use e.g. "
             "sqlite:///path/jobs.sqlite3 or postgresql+psycopg://user:password@host/db") from None
     shown = parsed.render_as_string(hide_password=True)
     sqlite = parsed.get_backend_name() == "sqlite"
@@ -272,8 +272,8 @@ def _engine(url: str) -> Engine:
     except (ImportError, NoSuchModuleError) as error:
         raise JobDatabaseError(
             f"--jobs_database {shown}: no driver for it ({type(error).__name__}: "
-            f"{_first_line(error, parsed)}); install it, e.g. pip install 'psycopg[binary]' "
-            "for postgresql+psycopg://") from None
+            f"{_first_line(error, parsed)}); install the driver the URL names (e.g. pip install "
+            "'psycopg[binary]' for postgresql+psycopg://)") from None
     except Exception as error:
         raise JobDatabaseError(f"--jobs_database {shown}: {_first_line(error, parsed)}") \
             from None
