@@ -256,3 +256,42 @@ def test_a_server_on_postgresql_trains_and_a_restarted_one_lists_it(
     finally:
         second.stop()
     assert "secret-pw" not in caplog.text
+
+
+def test_a_state_dir_of_the_sqlite3_version_is_read_and_continued(tmp_path):
+    """jobs.sqlite3 as the standard library's sqlite3 wrote it (before SQLAlchemy): its jobs
+    are read, new ones continue its sequence, and the file stays SQLite in WAL mode."""
+    import json
+    import sqlite3
+
+    state = tmp_path / "state"
+    state.mkdir()
+    with sqlite3.connect(state / "jobs.sqlite3") as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript("""
+            CREATE TABLE jobs (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL,
+                model TEXT NOT NULL, status TEXT NOT NULL, params TEXT NOT NULL,
+                created_at INTEGER NOT NULL, finished_at INTEGER, error TEXT,
+                fine_tuned_model TEXT);
+            CREATE TABLE events (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL,
+                created_at INTEGER NOT NULL, level TEXT NOT NULL, type TEXT NOT NULL,
+                message TEXT NOT NULL, data TEXT);
+            CREATE INDEX events_job ON events (job_id, seq);
+        """)
+        db.execute("INSERT INTO jobs (id, model, status, params, created_at, finished_at, "
+                   "fine_tuned_model) VALUES ('ftjob-old', 'base', 'succeeded', ?, 1, 2, "
+                   "'base:ft-1')", (json.dumps(PARAMS),))
+    store = JobStore(state)
+    try:
+        old = store.get("ftjob-old")
+        assert old["params"] == PARAMS and old["fine_tuned_model"] == "base:ft-1"
+        store.create("ftjob-new", "base", PARAMS)
+        assert [j["id"] for j in store.list(limit=5)[0]] == ["ftjob-new", "ftjob-old"]
+        assert store.get("ftjob-new")["seq"] == old["seq"] + 1
+    finally:
+        store.close()
+    with sqlite3.connect(state / "jobs.sqlite3") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 1

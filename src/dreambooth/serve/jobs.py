@@ -249,14 +249,6 @@ _LOCK = Table("jobs_lock", _METADATA, Column("id", Integer, primary_key=True,
                                               autoincrement=False))
 
 
-def redact(url: str) -> str:
-    """A database URL fit to show: its password hidden (or nothing of it, if unparsable)."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "(an unparsable URL)"
-
-
 def _engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
@@ -278,8 +270,9 @@ def _engine(url: str) -> Engine:
         raise JobDatabaseError(f"--jobs_database {shown}: {_first_line(error, parsed)}") \
             from None
     if sqlite:
-        # pysqlite's own transactions are off; each begins with BEGIN IMMEDIATE (SQLAlchemy's
-        # documented recipe), so a transaction that counts and inserts holds the write lock.
+        # pysqlite's own transactions are off and SQLAlchemy begins them (its documented
+        # recipe): a writing one with BEGIN IMMEDIATE, so one that counts and inserts holds the
+        # write lock from its start; reads see a WAL snapshot and wait for nothing.
         @event.listens_for(engine, "connect")
         def _connect(dbapi_connection, record):
             dbapi_connection.isolation_level = None
@@ -290,7 +283,8 @@ def _engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(connection):
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            write = connection.get_execution_options().get("jobs_write")
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
     return engine
 
 
@@ -317,8 +311,9 @@ class JobStore:
         self.database = self.engine.url.render_as_string(hide_password=True)
         self._sqlite = self.engine.dialect.name == "sqlite"
         try:
-            _METADATA.create_all(self.engine)
-            with self.engine.begin() as db:
+            with self._write(lock=False) as db:
+                _METADATA.create_all(db)
+            with self._write(lock=False) as db:
                 if db.execute(select(_LOCK.c.id)).first() is None:
                     db.execute(insert(_LOCK).values(id=1))
         except IntegrityError:
@@ -332,12 +327,14 @@ class JobStore:
         self.engine.dispose()
 
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def _write(self, *, lock: bool = True) -> Iterator[Connection]:
         """A transaction that holds the store's write lock until it ends."""
-        with self.engine.begin() as db:
-            if not self._sqlite:
-                db.execute(select(_LOCK.c.id).where(_LOCK.c.id == 1).with_for_update())
-            yield db
+        with self.engine.connect() as db:
+            db.execution_options(jobs_write=True)
+            with db.begin():
+                if lock and not self._sqlite:
+                    db.execute(select(_LOCK.c.id).where(_LOCK.c.id == 1).with_for_update())
+                yield db
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
