@@ -285,6 +285,7 @@ def test_a_state_dir_of_the_sqlite3_version_is_read_and_continued(tmp_path):
                    "'base:ft-1')", (json.dumps(PARAMS),))
     store = JobStore(state)
     try:
+        assert store.database.startswith("sqlite:///")
         old = store.get("ftjob-old")
         assert old["params"] == PARAMS and old["fine_tuned_model"] == "base:ft-1"
         store.create("ftjob-new", "base", PARAMS)
@@ -295,3 +296,14 @@ def test_a_state_dir_of_the_sqlite3_version_is_read_and_continued(tmp_path):
     with sqlite3.connect(state / "jobs.sqlite3") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 1
+
+
+def test_the_default_database_is_the_state_dirs_file_whatever_its_name(tmp_path):
+    state = tmp_path / "odd?name#x%20y"  # no URL syntax in a folder name
+    store = JobStore(state)
+    try:
+        store.create("ftjob-a", "base", PARAMS)
+    finally:
+        store.close()
+    assert (state / "jobs.sqlite3").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [
+        state.name]

@@ -249,7 +249,7 @@ _LOCK = Table("jobs_lock", _METADATA, Column("id", Integer, primary_key=True,
                                               autoincrement=False))
 
 
-def _engine(url: str) -> Engine:
+def _engine(url: str | URL) -> Engine:
     try:
         parsed = make_url(url)
     except Exception:
@@ -307,7 +307,7 @@ class JobStore:
         self.jobs_dir = self.state_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.state_dir / "jobs.sqlite3"
-        self.engine = _engine(database_url or f"sqlite:///{self.path}")
+        self.engine = _engine(database_url or URL.create("sqlite", database=str(self.path)))
         self.database = self.engine.url.render_as_string(hide_password=True)
         self._sqlite = self.engine.dialect.name == "sqlite"
         try:
