@@ -2,7 +2,8 @@
 # Create .venv (if missing) and install the package with its test dependencies.
 # torch is pinned to the CPU wheel these machines carry; on your own machine any torch>=2.4 works.
 # tests/test_webui.py also needs Chromium: installed with apt-get when missing (as root, or
-# through sudo without a password); otherwise this says how to install it.
+# through sudo without a password); otherwise this says how to install it. The same for
+# PostgreSQL (tests/test_jobs_database.py starts a throwaway cluster with its initdb).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -23,5 +24,19 @@ if [ -z "${DREAMBOOTH_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; t
     else
         echo "bootstrap: tests/test_webui.py needs Chromium: install it (Debian: apt-get" \
              "install chromium) or set DREAMBOOTH_CHROMIUM to its path" >&2
+    fi
+fi
+
+# tests/test_jobs_database.py starts a throwaway PostgreSQL cluster (Debian's initdb, pg_ctl).
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        sudo apt-get update -qq
+        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    else
+        echo "bootstrap: tests/test_jobs_database.py needs PostgreSQL: install it (Debian:" \
+             "apt-get install postgresql)" >&2
     fi
 fi

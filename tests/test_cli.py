@@ -253,14 +253,14 @@ def test_every_flag_of_the_handwritten_parsers_still_means_the_same(tmp_path, ca
         "--max_image_size", "512", "--max_steps", "20", "--max_work", "64",
         "--max_batch_megapixels", "2", "--max_client_requests", "4",
         "--shutdown_timeout_s", "1", "--state_dir", "jobs-state", "--max_queued_jobs", "3",
-        "--job_retention_days", "7.5", "--cors_origin", "https://ui.example",
+        "--job_retention_days", "7.5", "--jobs_database", "sqlite:///j.db", "--cors_origin", "https://ui.example",
         "--cors_origin", "http://localhost:3000"], calls) == dict(
         models={"a": "x", "b": "y"}, loras={"s": "l.safetensors"}, host="0.0.0.0", port=9000,
         api_key="from-env", device="cpu", dtype="bf16", max_queue=3, max_batch=2,
         batch_wait_ms=5.0, max_upload_mb=1.5, max_image_size=512, max_steps=20,
         max_work=64.0, max_batch_megapixels=2.0, max_client_requests=4, shutdown_timeout_s=1.0,
         state_dir="jobs-state", max_queued_jobs=3, job_retention_days=7.5,
-        cors_origins=("https://ui.example", "http://localhost:3000"))
+        jobs_database="sqlite:///j.db", cors_origins=("https://ui.example", "http://localhost:3000"))
     assert run_command("serve", ["--model", "a=x", "--api_key", "k"], calls)["api_key"] == "k"
     assert run_command("export", [
         "--model", "m", "--format", "single-file", "--output", "o.safetensors", "--dtype",

@@ -55,7 +55,7 @@ try:
 
     from dreambooth.serve.job_guard import JobLocked
     from dreambooth.serve.job_routes import JOBS_PATH, Jobs, jobs_router
-    from dreambooth.serve.jobs import MAX_PHOTOS
+    from dreambooth.serve.jobs import MAX_PHOTOS, JobDatabaseError
     from dreambooth.serve.metrics import RequestMetrics, ServeMetrics
     from dreambooth.serve.routes import public_router, router
     from dreambooth.serve.schemas import APIError, validation_error
@@ -285,6 +285,7 @@ def create_app(
     state_dir: str | Path | None = None,
     max_queued_jobs: int = 8,
     job_retention_days: float | None = None,
+    jobs_database: str | None = None,
     cors_origins: Sequence[str] | None = None,
 ) -> FastAPI:
     """The app serving `models` (name -> pipeline folder, cached hub id or loaded pipeline).
@@ -306,6 +307,8 @@ def create_app(
     on uploaded photos and serves them; its jobs and their files are kept there across
     restarts. Without it, those routes answer 404. At most `max_queued_jobs` jobs are queued
     or running (one more gets 429); finished jobs are deleted after `job_retention_days`.
+    Their rows live in SQLite at `state_dir/jobs.sqlite3`, or in the SQL database at the
+    SQLAlchemy URL `jobs_database` (its files stay in `state_dir`).
     Browsers on `cors_origins` (e.g. "https://app.example.com", or "*") may call the API.
     """
     lora_files = _check_settings(
@@ -337,11 +340,15 @@ def create_app(
     for name, source in models.items():
         served_models[name] = serve_model(name, source)
     state.load_model = serve_model
+    if jobs_database is not None and state_dir is None:
+        raise ServeConfigError("cannot serve: --jobs_database needs --state_dir (the folder of "
+                               "the jobs' uploads and results)")
     if state_dir is not None:
         try:
             state.jobs = Jobs(state, state_dir, device=device, max_photo_bytes=max_upload_bytes,
-                              max_active=max_queued_jobs, retention_days=job_retention_days)
-        except JobLocked as error:
+                              max_active=max_queued_jobs, retention_days=job_retention_days,
+                              database_url=jobs_database)
+        except (JobLocked, JobDatabaseError) as error:
             raise ServeConfigError(f"cannot serve: {error}") from None
 
     @asynccontextmanager
@@ -478,6 +485,10 @@ def run_server(models: Mapping[str, str | Path], *, host: str = "127.0.0.1", por
         job_retention_days: Delete finished fine-tuning jobs (their files, and their models
             from the server) this many days after they finished (default: keep them until
             DELETE /v1/fine_tuning/jobs/{id}).
+        jobs_database: SQLAlchemy URL of the database that keeps the fine-tuning jobs and
+            their events, e.g. postgresql+psycopg://user:password@host/db (default: SQLite
+            at STATE_DIR/jobs.sqlite3). Uploads and results stay in --state_dir; one server
+            at a time uses a database. Needs --state_dir.
         cors_origins: Web origins whose pages may call this server from a browser (CORS),
             e.g. https://app.example.com, or * for any; on the command line `--cors_origin
             ORIGIN` (repeatable). Default: none, only pages served by this server.

@@ -49,6 +49,7 @@ from dreambooth.serve.jobs import (
     PRESETS,
     RESULT_KINDS,
     STATUSES,
+    JobDatabaseError,
     JobError,
     JobRunner,
     JobStore,
@@ -78,13 +79,17 @@ class Jobs:
 
     def __init__(self, state: ServerState, state_dir: str | Path, *, device: str | None,
                  max_photo_bytes: int, max_active: int = 8,
-                 retention_days: float | None = None):
+                 retention_days: float | None = None, database_url: str | None = None):
         self.state, self.max_photo_bytes = state, max_photo_bytes
         self.max_active, self.retention_days = max_active, retention_days
         self.streams = 0  # open Server-Sent Events streams
         Path(state_dir).mkdir(parents=True, exist_ok=True)
         self._lock = state_lock(Path(state_dir))  # JobLocked: another server uses it
-        self.store = JobStore(state_dir)
+        try:
+            self.store = JobStore(state_dir, database_url)
+        except JobDatabaseError:
+            self._lock.close()
+            raise
         for job_id in self.store.requeue_interrupted():
             logger.info("fine-tuning job %s was running: queued again, to resume", job_id)
         self._remove_leftovers()
@@ -99,6 +104,7 @@ class Jobs:
 
     def stop(self) -> None:
         self.runner.stop()
+        self.store.close()
         self._lock.close()
 
     def base_folder(self, name: str) -> Path | None:

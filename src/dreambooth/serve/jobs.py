@@ -2,8 +2,10 @@
 
 A job is a DreamBooth run on photos uploaded to the server. Its state lives under `state_dir`:
 
-- `jobs.sqlite3` (the standard library's sqlite3): a `jobs` table (id, status, parameters as
-  JSON, timestamps, error, fine_tuned_model) and an `events` table (status changes, progress);
+- `jobs.sqlite3` (SQLite through SQLAlchemy Core), or the SQL database at `--jobs_database
+  URL` (PostgreSQL, ...): a `jobs` table (id, status, parameters as JSON, timestamps, error,
+  fine_tuned_model), an `events` table (status changes, progress) and `jobs_lock`, one row
+  every writing transaction locks (SQLite: `BEGIN IMMEDIATE`) so checks and writes are atomic;
 - `jobs/<job id>/photos/NN.<ext>`: the uploads, named by their index (never by client names);
 - `jobs/<job id>/output/`: the training's output_dir (checkpoints while it runs, then the
   diffusers pipeline or the LoRA files; `validation/step-NNNNNN.png`, the validation grids);
@@ -28,15 +30,37 @@ import re
 import secrets
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    Row,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy import delete as sql_delete
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import IntegrityError, NoSuchModuleError
 
 from dreambooth.config import ConfigError, parse_train_config
 
@@ -196,74 +220,162 @@ def new_job_id() -> str:
     return f"ftjob-{secrets.token_hex(12)}"
 
 
-class JobStore:
-    """The jobs and their events in SQLite; safe to use from several threads (a connection per
-    call, WAL journal)."""
+class JobDatabaseError(ValueError):
+    """The jobs database cannot be used (a bad URL, a missing driver, an unreachable server);
+    the message names the database with its password hidden."""
 
-    def __init__(self, state_dir: str | Path):
+
+_METADATA = MetaData()
+# Portable types: on SQLite these are exactly the tables `jobs.sqlite3` has always had.
+_JOBS = Table(
+    "jobs", _METADATA,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", Text, unique=True, nullable=False),
+    Column("model", Text, nullable=False), Column("status", Text, nullable=False),
+    Column("params", Text, nullable=False), Column("created_at", BigInteger, nullable=False),
+    Column("finished_at", BigInteger), Column("error", Text), Column("fine_tuned_model", Text),
+    sqlite_autoincrement=True)
+_EVENTS = Table(
+    "events", _METADATA,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", Text, nullable=False), Column("created_at", BigInteger, nullable=False),
+    Column("level", Text, nullable=False), Column("type", Text, nullable=False),
+    Column("message", Text, nullable=False), Column("data", Text),
+    Index("events_job", "job_id", "seq"),
+    sqlite_autoincrement=True)
+# One row; every writing transaction locks it first (SELECT ... FOR UPDATE) on databases other
+# than SQLite, where BEGIN IMMEDIATE serialises writers already.
+_LOCK = Table("jobs_lock", _METADATA, Column("id", Integer, primary_key=True,
+                                              autoincrement=False))
+
+
+def _engine(url: str | URL) -> Engine:
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise JobDatabaseError(
+            "--jobs_database is not a database URL; use e.g. "
+            "sqlite:///path/jobs.sqlite3 or postgresql+psycopg://user:password@host/db") from None
+    shown = parsed.render_as_string(hide_password=True)
+    sqlite = parsed.get_backend_name() == "sqlite"
+    try:
+        engine = create_engine(parsed, connect_args={"timeout": 30} if sqlite else {},
+                               **({} if sqlite else {"pool_pre_ping": True}))
+    except (ImportError, NoSuchModuleError) as error:
+        raise JobDatabaseError(
+            f"--jobs_database {shown}: no driver for it ({type(error).__name__}: "
+            f"{_first_line(error, parsed)}); install the driver the URL names (e.g. pip install "
+            "'psycopg[binary]' for postgresql+psycopg://)") from None
+    except Exception as error:
+        raise JobDatabaseError(f"--jobs_database {shown}: {_first_line(error, parsed)}") \
+            from None
+    if sqlite:
+        # pysqlite's own transactions are off and SQLAlchemy begins them (its documented
+        # recipe): a writing one with BEGIN IMMEDIATE, so one that counts and inserts holds the
+        # write lock from its start; reads see a WAL snapshot and wait for nothing.
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_connection, record):
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection):
+            write = connection.get_execution_options().get("jobs_write")
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+    return engine
+
+
+def _first_line(error: BaseException, url: URL) -> str:
+    """An error's first line, without the URL's password should a driver repeat it."""
+    text = str(getattr(error, "orig", None) or error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    if url.password:
+        line = line.replace(str(url.password), "***")
+    return line
+
+
+class JobStore:
+    """The jobs and their events in an SQL database (SQLAlchemy Core): SQLite at
+    `state_dir/jobs.sqlite3` by default, or the database at `database_url`; safe to use from
+    several threads (a pooled connection per call)."""
+
+    def __init__(self, state_dir: str | Path, database_url: str | None = None):
         self.state_dir = Path(state_dir)
         self.jobs_dir = self.state_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.state_dir / "jobs.sqlite3"
-        with closing(self._connect()) as db, db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript("""
-                CREATE TABLE IF NOT EXISTS jobs (
-                    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL,
-                    model TEXT NOT NULL, status TEXT NOT NULL, params TEXT NOT NULL,
-                    created_at INTEGER NOT NULL, finished_at INTEGER, error TEXT,
-                    fine_tuned_model TEXT);
-                CREATE TABLE IF NOT EXISTS events (
-                    seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL,
-                    created_at INTEGER NOT NULL, level TEXT NOT NULL, type TEXT NOT NULL,
-                    message TEXT NOT NULL, data TEXT);
-                CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
-            """)
+        self.engine = _engine(database_url or URL.create("sqlite", database=str(self.path)))
+        self.database = self.engine.url.render_as_string(hide_password=True)
+        self._sqlite = self.engine.dialect.name == "sqlite"
+        try:
+            with self._write(lock=False) as db:
+                _METADATA.create_all(db)
+            with self._write(lock=False) as db:
+                if db.execute(select(_LOCK.c.id)).first() is None:
+                    db.execute(insert(_LOCK).values(id=1))
+        except IntegrityError:
+            pass  # another server inserted the lock row meanwhile
+        except Exception as error:
+            self.engine.dispose()
+            raise JobDatabaseError(f"--jobs_database {self.database}: cannot use it: "
+                                   f"{_first_line(error, self.engine.url)}") from None
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA busy_timeout=30000")
-        return db
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self, *, lock: bool = True) -> Iterator[Connection]:
+        """A transaction that holds the store's write lock until it ends."""
+        with self.engine.connect() as db:
+            db.execution_options(jobs_write=True)
+            with db.begin():
+                if lock and not self._sqlite:
+                    db.execute(select(_LOCK.c.id).where(_LOCK.c.id == 1).with_for_update())
+                yield db
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 
     def count_active(self) -> int:
         """Jobs queued or running."""
-        with closing(self._connect()) as db:
-            return db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN {ACTIVE}").fetchone()[0]
+        with self.engine.connect() as db:
+            return self._count_active(db)
+
+    @staticmethod
+    def _count_active(db: Connection) -> int:
+        return db.execute(select(func.count()).select_from(_JOBS)
+                          .where(_JOBS.c.status.in_(ACTIVE))).scalar_one()
 
     def create(self, job_id: str, model: str, params: dict[str, Any], *,
                max_active: int | None = None) -> None:
         """A new queued job; JobError `rate_limit_exceeded` when `max_active` jobs are already
         queued or running (counted in the same transaction: two requests cannot both pass)."""
-        with closing(self._connect()) as db, db:
-            db.execute("BEGIN IMMEDIATE")
+        with self._write() as db:
             if max_active is not None:
-                check_active(db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN {ACTIVE}")
-                             .fetchone()[0], max_active)
-            db.execute("INSERT INTO jobs (id, model, status, params, created_at) "
-                       "VALUES (?, ?, 'queued', ?, ?)",
-                       (job_id, model, json.dumps(params), int(time.time())))
+                check_active(self._count_active(db), max_active)
+            db.execute(insert(_JOBS).values(id=job_id, model=model, status="queued",
+                                            params=json.dumps(params),
+                                            created_at=int(time.time())))
             self._event(db, job_id, "status", "Job queued.", {"status": "queued"})
 
     @staticmethod
-    def _event(db, job_id: str, type: str, message: str, data: dict | None = None,
+    def _event(db: Connection, job_id: str, type: str, message: str, data: dict | None = None,
                level: str = "info") -> None:
-        db.execute("INSERT INTO events (job_id, created_at, level, type, message, data) "
-                   "VALUES (?, ?, ?, ?, ?, ?)", (job_id, int(time.time()), level, type, message,
-                                                 json.dumps(data) if data is not None else None))
+        db.execute(insert(_EVENTS).values(
+            job_id=job_id, created_at=int(time.time()), level=level, type=type,
+            message=message, data=json.dumps(data) if data is not None else None))
 
     def add_event(self, job_id: str, type: str, message: str, data: dict | None = None,
                   level: str = "info", *, unique: bool = False) -> bool:
         """Append an event; with `unique`, only if the job has no event of this type and data
         yet (a resumed run validates a step again: one event per image). True if added."""
-        with closing(self._connect()) as db, db:
-            db.execute("BEGIN IMMEDIATE")
-            if unique and db.execute(
-                    "SELECT 1 FROM events WHERE job_id = ? AND type = ? AND data = ?",
-                    (job_id, type, json.dumps(data))).fetchone():
+        with self._write() as db:
+            if unique and db.execute(select(literal(1)).where(
+                    _EVENTS.c.job_id == job_id, _EVENTS.c.type == type,
+                    _EVENTS.c.data == json.dumps(data))).first():
                 return False
             self._event(db, job_id, type, message, data, level)
             return True
@@ -273,88 +385,85 @@ class JobStore:
                    fine_tuned_model: str | None = None) -> bool:
         """Move the job to `status` (only from `only_from` when given) with its status event,
         in one transaction; False when the job was not in `only_from`."""
-        with closing(self._connect()) as db, db:
-            db.execute("BEGIN IMMEDIATE")
-            current = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if current is None or (only_from is not None and current["status"] not in only_from):
+        with self._write() as db:
+            current = db.execute(select(_JOBS.c.status).where(_JOBS.c.id == job_id)).first()
+            if current is None or (only_from is not None and current.status not in only_from):
                 return False
             finished = int(time.time()) if status in FINISHED else None
-            db.execute("UPDATE jobs SET status = ?, finished_at = ?, error = ?, "
-                       "fine_tuned_model = COALESCE(?, fine_tuned_model) WHERE id = ?",
-                       (status, finished, json.dumps(error) if error else None,
-                        fine_tuned_model, job_id))
+            db.execute(update(_JOBS).where(_JOBS.c.id == job_id).values(
+                status=status, finished_at=finished,
+                error=json.dumps(error) if error else None,
+                fine_tuned_model=func.coalesce(fine_tuned_model, _JOBS.c.fine_tuned_model)))
             self._event(db, job_id, "status", message or f"Job {status}.", {"status": status},
                         level="error" if status == "failed" else "info")
             return True
 
     def get(self, job_id: str) -> dict[str, Any] | None:
-        with closing(self._connect()) as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self.engine.connect() as db:
+            row = db.execute(select(_JOBS).where(_JOBS.c.id == job_id)).first()
         return _job_row(row) if row else None
 
     def list(self, *, limit: int, after: str | None = None,
              status: str | None = None) -> tuple[list[dict[str, Any]], bool]:
         """Jobs newest first, those older than job `after`; (jobs, has_more)."""
-        query, args = "SELECT * FROM jobs WHERE 1", []
+        query = select(_JOBS)
         if after is not None:
-            query += " AND seq < (SELECT seq FROM jobs WHERE id = ?)"
-            args.append(after)
+            query = query.where(_JOBS.c.seq < select(_JOBS.c.seq).where(_JOBS.c.id == after)
+                                .scalar_subquery())
         if status is not None:
-            query += " AND status = ?"
-            args.append(status)
-        with closing(self._connect()) as db:
-            rows = db.execute(query + " ORDER BY seq DESC LIMIT ?", (*args, limit + 1)).fetchall()
+            query = query.where(_JOBS.c.status == status)
+        with self.engine.connect() as db:
+            rows = db.execute(query.order_by(_JOBS.c.seq.desc()).limit(limit + 1)).all()
         return [_job_row(row) for row in rows[:limit]], len(rows) > limit
 
     def next_queued(self) -> str | None:
-        with closing(self._connect()) as db:
-            row = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq "
-                             "LIMIT 1").fetchone()
-        return row["id"] if row else None
+        with self.engine.connect() as db:
+            return db.execute(select(_JOBS.c.id).where(_JOBS.c.status == "queued")
+                              .order_by(_JOBS.c.seq).limit(1)).scalar()
 
     def events(self, job_id: str, *, after_seq: int = 0, limit: int | None = None,
                newest_first: bool = False) -> list[dict[str, Any]]:
-        order = "DESC" if newest_first else "ASC"
-        query = (f"SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq {order}"
-                 + (" LIMIT ?" if limit is not None else ""))
-        args = (job_id, after_seq) + ((limit,) if limit is not None else ())
-        with closing(self._connect()) as db:
-            rows = db.execute(query, args).fetchall()
+        query = (select(_EVENTS).where(_EVENTS.c.job_id == job_id, _EVENTS.c.seq > after_seq)
+                 .order_by(_EVENTS.c.seq.desc() if newest_first else _EVENTS.c.seq))
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as db:
+            rows = db.execute(query).all()
         return [_event_row(row) for row in rows]
 
     def delete(self, job_id: str) -> dict[str, Any] | None:
         """Forget a finished job and its events (its files are the caller's); returns the job
         as it was, None if there is none. JobError `job_not_finished` if it is active."""
-        with closing(self._connect()) as db, db:
-            db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._write() as db:
+            row = db.execute(select(_JOBS).where(_JOBS.c.id == job_id)).first()
             if row is None:
                 return None
-            if row["status"] not in FINISHED:
-                raise JobError(f"The job is {row['status']}; cancel it first (POST "
+            if row.status not in FINISHED:
+                raise JobError(f"The job is {row.status}; cancel it first (POST "
                                f"{JOBS_PATH}/{job_id}/cancel), then delete it.",
                                "fine_tuning_job_id", "job_not_finished")
-            db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
-            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            db.execute(sql_delete(_EVENTS).where(_EVENTS.c.job_id == job_id))
+            db.execute(sql_delete(_JOBS).where(_JOBS.c.id == job_id))
         return _job_row(row)
 
     def finished_before(self, timestamp: int) -> list[str]:
         """Jobs that finished before `timestamp` (seconds since the epoch), oldest first."""
-        with closing(self._connect()) as db:
-            return [row["id"] for row in db.execute(
-                f"SELECT id FROM jobs WHERE status IN {FINISHED} AND finished_at < ? "
-                "ORDER BY seq", (timestamp,))]
+        with self.engine.connect() as db:
+            return list(db.execute(
+                select(_JOBS.c.id).where(_JOBS.c.status.in_(FINISHED),
+                                         _JOBS.c.finished_at < timestamp)
+                .order_by(_JOBS.c.seq)).scalars())
 
     def ids(self) -> set[str]:
-        with closing(self._connect()) as db:
-            return {row["id"] for row in db.execute("SELECT id FROM jobs")}
+        with self.engine.connect() as db:
+            return set(db.execute(select(_JOBS.c.id)).scalars())
 
     def requeue_interrupted(self) -> list[str]:
         """Jobs left `running` by a server that died: queued again (they resume from their last
         checkpoint). Returns their ids."""
-        with closing(self._connect()) as db:
-            ids = [row["id"] for row in db.execute("SELECT id FROM jobs WHERE status = "
-                                                    "'running' ORDER BY seq")]
+        with self.engine.connect() as db:
+            ids = list(db.execute(select(_JOBS.c.id).where(_JOBS.c.status == "running")
+                                  .order_by(_JOBS.c.seq)).scalars())
         for job_id in ids:
             self.set_status(job_id, "queued", only_from=("running",),
                             message="The server restarted; the job is queued again and "
@@ -362,15 +471,15 @@ class JobStore:
         return ids
 
 
-def _job_row(row: sqlite3.Row) -> dict[str, Any]:
-    job = dict(row)
+def _job_row(row: Row) -> dict[str, Any]:
+    job = dict(row._mapping)
     job["params"] = json.loads(job["params"])
     job["error"] = json.loads(job["error"]) if job["error"] else None
     return job
 
 
-def _event_row(row: sqlite3.Row) -> dict[str, Any]:
-    event = dict(row)
+def _event_row(row: Row) -> dict[str, Any]:
+    event = dict(row._mapping)
     event["data"] = json.loads(event["data"]) if event["data"] else None
     return event
 
