@@ -13,30 +13,26 @@ fi
 .venv/bin/python -m pip install --quiet "torch==${DREAMBOOTH_TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install --quiet -e ".[test]"
 
-# Playwright drives the system's Chromium (its own browser download is not used).
-if [ -z "${DREAMBOOTH_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+# apt_install PACKAGE WHAT_NEEDS_IT: Debian's package, as root or through sudo without a
+# password; otherwise say how to install it.
+apt_install() {
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
     elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
         sudo apt-get update -qq
-        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
     else
-        echo "bootstrap: tests/test_webui.py needs Chromium: install it (Debian: apt-get" \
-             "install chromium) or set DREAMBOOTH_CHROMIUM to its path" >&2
+        echo "bootstrap: $2 needs $1: install it (Debian: apt-get install $1)" >&2
     fi
-fi
+}
 
+# Playwright drives the system's Chromium (its own browser download is not used); set
+# DREAMBOOTH_CHROMIUM to use another one.
+if [ -z "${DREAMBOOTH_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+    apt_install chromium tests/test_webui.py
+fi
 # tests/test_jobs_database.py starts a throwaway PostgreSQL cluster (Debian's initdb, pg_ctl).
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
-    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-    elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-        sudo apt-get update -qq
-        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-    else
-        echo "bootstrap: tests/test_jobs_database.py needs PostgreSQL: install it (Debian:" \
-             "apt-get install postgresql)" >&2
-    fi
+    apt_install postgresql tests/test_jobs_database.py
 fi
