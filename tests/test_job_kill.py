@@ -5,20 +5,15 @@ the job), and the job resumes from its last checkpoint to the weights of an unin
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import torch
 from safetensors.torch import load_file
 
 from conftest import write_subject_photos
-from test_job_guard import SRC, alive, wait_dead
+from serve_process import ServeProcess
+from test_job_guard import alive, wait_dead
 
 KEY = "kill-test-key"
 JOBS = "/v1/fine_tuning/jobs"
@@ -26,47 +21,12 @@ HYPERPARAMETERS = {"max_train_steps": 24, "checkpointing_steps": 4, "num_threads
                    "learning_rate": 1e-3}
 
 
-class ServerProcess:
-    """`python -m dreambooth serve` on a free loopback port."""
-
-    def __init__(self, model: Path, state_dir: Path, log: Path):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(log, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dreambooth", "serve", "--model", f"base={model}",
-             "--state_dir", str(state_dir), "--port", str(port), "--device", "cpu",
-             "--max_upload_mb", "0.05"],
-            env={**os.environ, "PYTHONPATH": SRC, "DREAMBOOTH_API_KEY": KEY},
-            stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("the server did not start")
-
-    def get(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.get(self.url + path, headers={"Authorization": f"Bearer {KEY}"},
-                         timeout=60, **kwargs)
-
-    def post(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.post(self.url + path, headers={"Authorization": f"Bearer {KEY}"},
-                          timeout=60, **kwargs)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-        self.log.close()
+def start_server(model: Path, state_dir: Path, log: Path) -> ServeProcess:
+    return ServeProcess(["--model", f"base={model}", "--state_dir", str(state_dir),
+                         "--device", "cpu", "--max_upload_mb", "0.05"], log, key=KEY)
 
 
-def wait_for(server: ServerProcess, job_id: str, timeout: float = 300) -> dict:
+def wait_for(server: ServeProcess, job_id: str, timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = server.get(f"{JOBS}/{job_id}").json()
@@ -83,7 +43,7 @@ def test_sigkilled_server_restarts_and_the_job_resumes_to_the_same_weights(tiny_
     state_dir = tmp_path / "state"
     photos = write_subject_photos(tmp_path / "photos", count=3)
     files = [("files", (p.name, p.read_bytes(), "image/png")) for p in sorted(photos.iterdir())]
-    first = ServerProcess(tiny_model, state_dir, tmp_path / "first.log")
+    first = start_server(tiny_model, state_dir, tmp_path / "first.log")
     try:
         answer = first.post(JOBS, files=files, data={
             "model": "base", "class_noun": "dog", "hyperparameters": json.dumps(HYPERPARAMETERS)})
@@ -104,7 +64,7 @@ def test_sigkilled_server_restarts_and_the_job_resumes_to_the_same_weights(tiny_
     checkpoint_steps = [int(p.stem.split("-")[1]) for p in checkpoints.glob("checkpoint-*.ckpt")]
     assert checkpoint_steps and max(checkpoint_steps) < HYPERPARAMETERS["max_train_steps"]
 
-    second = ServerProcess(tiny_model, state_dir, tmp_path / "second.log")
+    second = start_server(tiny_model, state_dir, tmp_path / "second.log")
     try:
         job = wait_for(second, job_id)
         assert job["status"] == "succeeded", job["error"]

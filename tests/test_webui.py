@@ -19,10 +19,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -35,6 +31,7 @@ import dreambooth
 from dreambooth.serve.jobs import PRESETS, VALIDATION_SCENES
 from dreambooth.serve.ui import STATIC
 from dreambooth.world import DEMO_SUBJECT, photos
+from serve_process import ServeProcess
 
 KEY = "webui-test-key"
 CHROMIUM = (os.environ.get("DREAMBOOTH_CHROMIUM") or shutil.which("chromium")
@@ -52,58 +49,11 @@ SHOWN_GRIDS = ("[...document.querySelectorAll('#validation img')]"
                ".filter((img) => img.naturalWidth).length")  # validation grids shown
 
 
-class ServeProcess:
-    """`dreambooth serve` in a child process on a free loopback port."""
-
-    def __init__(self, state_dir: Path, log_path: Path):
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-        probe.close()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dreambooth", "serve", "--model", "demo=demo",
-             "--state_dir", str(state_dir), "--api_key", KEY, "--port", str(port),
-             "--device", "cpu"],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-                str(Path(dreambooth.__file__).parents[1]), os.environ.get("PYTHONPATH")]))})
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"dreambooth serve exited:\n{log_path.read_text()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.stop()
-        raise AssertionError(f"dreambooth serve did not start:\n{log_path.read_text()}")
-
-    def get(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.get(self.url + path, headers={"Authorization": f"Bearer {KEY}"},
-                         timeout=60, **kwargs)
-
-    def post(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.post(self.url + path, headers={"Authorization": f"Bearer {KEY}"},
-                          timeout=60, **kwargs)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("webui")
-    running = ServeProcess(root / "state", root / "serve.log")
+    running = ServeProcess(["--model", "demo=demo", "--state_dir", str(root / "state"),
+                            "--device", "cpu"], root / "serve.log", key=KEY, timeout=90)
     yield running
     running.stop()
 
