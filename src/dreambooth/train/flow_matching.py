@@ -37,7 +37,7 @@ from dreambooth.flow.objective import (
 )
 from dreambooth.models import DiffusionComponents
 from dreambooth.train.lora import LoraSettings, add_lora_adapters
-from dreambooth.train.module import PROMPT_CHUNK, DreamBoothModule
+from dreambooth.train.module import PROMPT_CHUNK, DreamBoothModule, enable_gradient_checkpointing
 from dreambooth.train.quantize import is_quantized, quantize_base
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,8 @@ class FlowMatchingModule(DreamBoothModule):
                     if not parameter.requires_grad and not is_quantized(parameter):
                         parameter.data = parameter.data.to(base_dtype)
         if optim.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-            if optim.train_text_encoder:
-                for encoder in self.text_encoders:
-                    enable = getattr(encoder, "activation_checkpointing_enable", None)
-                    (enable or encoder.gradient_checkpointing_enable)()
+            enable_gradient_checkpointing(self.transformer, self.text_encoders if
+                                          optim.train_text_encoder else [])
         # prompt -> row of the tables filled in `on_fit_start`: T5 tokens (N, L, D) always;
         # CLIP tokens (N, 77, D') (SD3 only) and pooled (N, P) while CLIP is frozen.
         self.prompt_rows: dict[str, int] = {}

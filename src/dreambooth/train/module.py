@@ -62,6 +62,15 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     return clipped / snr
 
 
+def enable_gradient_checkpointing(denoiser, text_encoders) -> None:
+    """Gradient checkpointing on the UNet or transformer and on the (trained) text encoders."""
+    denoiser.enable_gradient_checkpointing()
+    for encoder in text_encoders:
+        # transformers 5 renamed it; 4.x only has the old name.
+        enable = getattr(encoder, "activation_checkpointing_enable", None)
+        (enable or encoder.gradient_checkpointing_enable)()
+
+
 class NonFiniteError(RuntimeError):
     """Training produced a NaN or infinite loss or weight; the message names the step."""
 
@@ -109,12 +118,8 @@ class DreamBoothModule(L.LightningModule):
                 encoder.requires_grad_(optim.train_text_encoder)
             self.unet.requires_grad_(True)
         if optim.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if optim.train_text_encoder:
-                for encoder in self.text_encoders:
-                    # transformers 5 renamed it; 4.x only has the old name.
-                    enable = getattr(encoder, "activation_checkpointing_enable", None)
-                    (enable or encoder.gradient_checkpointing_enable)()
+            enable_gradient_checkpointing(self.unet, self.text_encoders if
+                                          optim.train_text_encoder else [])
         self.tokenizers = [components.tokenizer, components.tokenizer_2][:len(self.text_encoders)]
         # prompt -> row of `prompt_embeds`: (N, 77, D) and, for SDXL, (N, P) pooled; filled
         # once in `on_fit_start` when the encoders are frozen.
