@@ -65,6 +65,7 @@ SUBJECT_PHOTOS = 1000  # scene_rng(seed, 1000, crc32(subject name)): a subject's
 HELD_OUT_RENDERS = 20_250_001  # scene_rng(HELD_OUT_RENDERS, n): the evaluator's held-out set
 HELD_OUT_PHOTOS = 1  # world.photos(subject, seed=1): new photos beside the training ones (0)
 GUIDANCE_SWEEP_CAPTIONS = 7  # random.Random(7): the training captions a guidance is picked on
+HELD_OUT_SUBJECTS = 20_261_202  # scene_rng(HELD_OUT_SUBJECTS, i): held-out subject i's look
 
 
 def derive_seed(seed: int, *keys: int) -> int:

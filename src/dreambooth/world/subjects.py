@@ -15,15 +15,18 @@ import zlib
 from dataclasses import dataclass, replace
 from typing import Iterator
 
+import numpy as np
 from PIL import Image
 
 from dreambooth import seeding
 from dreambooth.world.render import (
     BACKGROUND_PHRASES,
     BACKGROUNDS,
+    CLASSES,
     COLORS,
     CONFLICTS,
     LOOK_PROBABILITY,
+    PATTERNS,
     Look,
     Scene,
     article,
@@ -71,9 +74,45 @@ DEMO_SUBJECT = SUBJECTS["polka_ball"]
 WIDE_SUBJECT = Subject("taxi_box", "box", "yellow", Look("band", "black", aspect=4.0),
                        "a long yellow box with a black band, like a toy car")
 
+COLORS_LIST = tuple(COLORS)
+
 # (class, color, look without proportion) of every subject: never drawn in the training stream.
 SUBJECT_LOOKS = frozenset((s.cls, s.color, Look(s.look.pattern, s.look.accent))
                           for s in SUBJECTS.values())
+
+
+HELD_OUT_SUBJECT_COUNT = 8
+
+
+def held_out_subjects(n: int = HELD_OUT_SUBJECT_COUNT,
+                      seed: int = seeding.HELD_OUT_SUBJECTS) -> list[Subject]:
+    """`n` new subjects made by the world's rules, never used to choose any setting: DreamBench-
+    mini's recipe is picked on SUBJECTS, and these say how it carries over to subjects nobody
+    tuned on. Subject i has class CLASSES[i % 4] (each class as often), and a body color, a
+    pattern, an accent and (half of them) a proportion drawn from `scene_rng(seed, i)`; no two
+    share (class, color, pattern, accent), and none shares one with a DreamBench-mini subject.
+    The base model's stream never excluded these looks (as the web does not exclude a user's
+    dog): a plain (class, color) pair is as familiar to it as the subjects' are.
+    """
+    subjects: list[Subject] = []
+    taken = {(s.cls, s.color, s.look.pattern, s.look.accent) for s in SUBJECTS.values()}
+    for index in range(n):
+        rng = scene_rng(seed, index)
+        cls = CLASSES[index % len(CLASSES)]
+        while True:
+            color = COLORS_LIST[int(rng.integers(len(COLORS_LIST)))]
+            pattern = PATTERNS[1 + int(rng.integers(len(PATTERNS) - 1))]
+            accents = [name for name in COLORS_LIST if name != color]
+            accent = accents[int(rng.integers(len(accents)))]
+            aspect = round(float(np.exp(rng.uniform(-0.55, 0.55))), 2) if index % 2 else 1.0
+            if (cls, color, pattern, accent) not in taken:
+                break
+        taken.add((cls, color, pattern, accent))
+        subjects.append(Subject(f"held_out_{index}_{color}_{pattern}_{cls}", cls, color,
+                                Look(pattern, accent, aspect),
+                                f"{article(color)} {color} {cls} with {article(accent)} "
+                                f"{accent} {pattern} pattern, {aspect}:1"))
+    return subjects
 
 
 def _subject(subject: Subject | str) -> Subject:
