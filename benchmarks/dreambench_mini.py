@@ -36,8 +36,14 @@ def run(args) -> dict:
     from dreambooth.models import load_pipeline, resolve_model_path
     from dreambooth.tiny import save_tiny_pipeline
     from dreambooth.train.run import train
-    from dreambooth.world import SUBJECTS, class_prompt, dreambench_prompts, photos
-    from dreambooth.world.dreambench import evaluate_model, vae_round_trip
+    from dreambooth.world import (
+        SUBJECTS,
+        class_prompt,
+        dreambench_prompts,
+        held_out_subjects,
+        photos,
+    )
+    from dreambooth.world.dreambench import evaluate_model, prompt_set_ceiling, vae_round_trip
     from dreambooth.world.evaluator import load_evaluator
     from dreambooth.world.metrics import subject_fidelity
 
@@ -47,7 +53,8 @@ def run(args) -> dict:
             base = save_tiny_pipeline(work / "tiny-base", sample_size=args.resolution)
         else:
             base = resolve_model_path(args.base_model)
-        subjects = list(SUBJECTS.values())[:args.subjects]
+        pool = held_out_subjects() if args.subject_set == "held_out" else list(SUBJECTS.values())
+        subjects = pool[:args.subjects]
         results = []
         evaluator = load_evaluator()
         for subject in subjects:
@@ -60,48 +67,64 @@ def run(args) -> dict:
             held_out = photos(subject, n=5, seed=seeding.HELD_OUT_PHOTOS)
             prompts = dreambench_prompts(subject)[:args.prompts]
             base_pipeline = load_pipeline(base, device=args.device)
-            round_trip = vae_round_trip(base_pipeline.vae, subject_photos)
             row = {"subject": subject.name, "class": subject.cls,
                    "real_subject_fidelity": subject_fidelity(held_out, subject_photos, evaluator),
-                   # the photos through the base model's VAE: the ceiling of what it can draw
-                   "vae_subject_fidelity": subject_fidelity(round_trip, subject_photos,
-                                                            evaluator)}
-            base_eval = evaluate_model(
-                base_pipeline, photo_dir, identifier="sks",
-                class_noun=subject.cls, prompts=prompts, output_dir=work / subject.name / "base",
-                images_per_prompt=args.images_per_prompt, num_inference_steps=args.sample_steps,
-                guidance_scale=args.guidance_scale, device=args.device)
-            row["base"] = asdict(base_eval)
-            for prior in (True, False):
-                label = "with_prior" if prior else "without_prior"
-                started = time.perf_counter()
-                output = train(parse_train_config({
-                    "pretrained_model_name_or_path": str(base),
-                    "instance_data_dir": str(photo_dir),
-                    "instance_prompt": f"a sks {subject.cls}",
-                    "with_prior_preservation": prior, "class_prompt": class_prompt(subject),
-                    "class_data_dir": str(work / subject.name / "class"),
-                    "num_class_images": args.class_images,
-                    "class_inference_steps": args.sample_steps,
-                    "resolution": args.resolution, "train_batch_size": args.train_batch_size,
-                    "max_train_steps": args.steps, "learning_rate": args.learning_rate,
-                    "lr_warmup_steps": 0, "train_text_encoder": args.train_text_encoder,
-                    "class_guidance_scale": args.guidance_scale, "seed": 0,
-                    "checkpointing_steps": args.steps + 1, "report_to": "none",
-                    "accelerator": "auto" if args.device is None else args.device.split(":")[0]
-                    .replace("cuda", "gpu"),
-                    "output_dir": str(work / subject.name / label),
-                }))
-                train_s = time.perf_counter() - started
-                evaluation = evaluate_model(
-                    load_pipeline(output, device=args.device), photo_dir, identifier="sks",
-                    class_noun=subject.cls, prompts=prompts,
-                    output_dir=work / subject.name / f"{label}-eval",
+                   # the photos through the base model's VAE
+                   "vae_subject_fidelity": subject_fidelity(
+                       vae_round_trip(base_pipeline.vae, subject_photos), subject_photos,
+                       evaluator),
+                   # new photos of what each prompt asks, through the VAE: a perfect model
+                   "ceiling": prompt_set_ceiling(base_pipeline.vae, subject, prompts,
+                                                 subject_photos, evaluator=evaluator)}
+            if args.base_eval:
+                row["base"] = asdict(evaluate_model(
+                    base_pipeline, photo_dir, identifier="sks", class_noun=subject.cls,
+                    prompts=prompts, output_dir=work / subject.name / "base",
                     images_per_prompt=args.images_per_prompt,
                     num_inference_steps=args.sample_steps, guidance_scale=args.guidance_scale,
-                    device=args.device)
-                row[label] = {**asdict(evaluation), "train_s": train_s}
-                shutil.rmtree(output, ignore_errors=True)
+                    device=args.device))
+            for seed in args.seeds:
+                for label in args.arms:
+                    started = time.perf_counter()
+                    output = train(parse_train_config({
+                        "pretrained_model_name_or_path": str(base),
+                        "instance_data_dir": str(photo_dir),
+                        "instance_prompt": f"a sks {subject.cls}",
+                        "with_prior_preservation": label == "with_prior",
+                        "prior_loss_weight": args.prior_loss_weight,
+                        "class_prompt": class_prompt(subject),
+                        # one class-image set per subject, drawn once (at the first seed)
+                        "class_data_dir": str(work / subject.name / "class"),
+                        "num_class_images": args.class_images,
+                        "class_inference_steps": args.sample_steps,
+                        "resolution": args.resolution, "train_batch_size": args.train_batch_size,
+                        "max_train_steps": args.steps, "learning_rate": args.learning_rate,
+                        "text_encoder_lr": args.text_encoder_lr,
+                        "lr_scheduler": args.lr_scheduler,
+                        "lr_warmup_steps": 0, "train_text_encoder": args.train_text_encoder,
+                        "class_guidance_scale": args.guidance_scale, "seed": seed,
+                        "checkpointing_steps": args.steps + 1, "report_to": "none",
+                        "accelerator": "auto" if args.device is None else args.device.split(":")[0]
+                        .replace("cuda", "gpu"),
+                        "output_dir": str(work / subject.name / f"{label}-{seed}"),
+                    }))
+                    train_s = time.perf_counter() - started
+                    # the same evaluation seeds for every training seed: the spread over seeds
+                    # is the training run's
+                    evaluation = evaluate_model(
+                        load_pipeline(output, device=args.device), photo_dir, identifier="sks",
+                        class_noun=subject.cls, prompts=prompts,
+                        output_dir=work / subject.name / f"{label}-{seed}-eval",
+                        images_per_prompt=args.images_per_prompt,
+                        num_inference_steps=args.sample_steps, guidance_scale=args.guidance_scale,
+                        device=args.device)
+                    row.setdefault(label, {})[str(seed)] = {**asdict(evaluation),
+                                                            "train_s": train_s}
+                    if args.grids:  # the report and its grids, to look at
+                        shutil.copytree(work / subject.name / f"{label}-{seed}-eval",
+                                        Path(args.grids) / subject.name / f"{label}-{seed}",
+                                        dirs_exist_ok=True)
+                    shutil.rmtree(output, ignore_errors=True)
             results.append(row)
             print(json.dumps(row), flush=True)
         return {"base_model": str(args.base_model), "settings": vars(args), "subjects": results,
@@ -111,44 +134,89 @@ def run(args) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+METRICS = (("subject_fidelity", "SF"), ("recontextualization_subject_fidelity", "SF recontext"),
+           ("property_subject_fidelity", "SF recolor"), ("prompt_fidelity", "PF"),
+           ("pres", "PRES"), ("div", "DIV"))
+
+
+def mean_or_none(values) -> float | None:
+    """The mean, or None if any value is None (a prompt set without that kind of prompt)."""
+    values = list(values)
+    return None if any(value is None for value in values) else mean(values)
+
+
+def number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def seed_means(report: dict, label: str, key: str) -> list[float | None]:
+    """The mean over subjects of `key`, one value per training seed."""
+    rows = report["subjects"]
+    seeds = rows[0][label].keys()
+    return [mean_or_none(row[label][seed][key] for row in rows) for seed in seeds]
+
+
+def spread(values: list[float | None]) -> str:
+    """'mean (min-max)' over seeds, or the one value."""
+    if len(values) == 1 or None in values:
+        return number(mean_or_none(values))
+    return f"{mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
 def tables(report: dict) -> str:
     rows = report["subjects"]
-
-    def avg(path: tuple[str, ...]) -> float:
-        values = []
-        for row in rows:
-            value = row
-            for key in path:
-                value = value[key]
-            values.append(value)
-        return mean(values)
-
-    table1 = ["| method | subject fidelity (DINO-like) | prompt fidelity (CLIP-T-like) |",
-              "|---|---|---|",
-              f"| real photos | {avg(('real_subject_fidelity',)):.3f} | - |",
-              f"| photos through the base model's VAE (ceiling) | "
-              f"{avg(('vae_subject_fidelity',)):.3f} | - |",
-              f"| base model (no training) | {avg(('base', 'subject_fidelity')):.3f} | "
-              f"{avg(('base', 'prompt_fidelity')):.3f} |",
-              f"| DreamBooth (ours, with prior) | {avg(('with_prior', 'subject_fidelity')):.3f} | "
-              f"{avg(('with_prior', 'prompt_fidelity')):.3f} |"]
-    table3 = ["| method | PRES (lower is better) | DIV (higher is better) | subject fidelity |",
-              "|---|---|---|---|"]
-    for label, name in (("with_prior", "with prior preservation"),
-                        ("without_prior", "without prior preservation")):
-        table3.append(f"| {name} | {avg((label, 'pres')):.3f} | {avg((label, 'div')):.3f} | "
-                      f"{avg((label, 'subject_fidelity')):.3f} |")
-    return "\n".join(["Table 1 (shape of the paper's)", *table1, "",
-                      "Table 3 (shape of the paper's)", *table3])
+    arms = [label for label in ("with_prior", "without_prior") if label in rows[0]]
+    header = "| | " + " | ".join(name for _, name in METRICS) + " |"
+    lines = [f"Mean of {len(rows)} subjects; several training seeds: mean [min, max] over seeds",
+             header, "|---" * (len(METRICS) + 1) + "|"]
+    lines.append("| real photos | " + f"{mean(r['real_subject_fidelity'] for r in rows):.3f}"
+                 + " |" * len(METRICS))
+    ceiling = [mean_or_none(r["ceiling"][key] for r in rows) if key in rows[0]["ceiling"]
+               else None for key, _ in METRICS]
+    lines.append("| ceiling (each prompt rendered, through the VAE) | " + " | ".join(
+        number(value) for value in ceiling) + " |")
+    if "base" in rows[0]:
+        lines.append("| base model | " + " | ".join(
+            number(mean_or_none(r['base'][key] for r in rows)) for key, _ in METRICS) + " |")
+    for label in arms:
+        lines.append(f"| DreamBooth {label.replace('_', ' ')} | " + " | ".join(
+            spread(seed_means(report, label, key)) for key, _ in METRICS) + " |")
+    lines += ["", "Per subject (mean over seeds): SF / SF recontext / SF recolor / PF",
+              "| subject | ceiling | " + " | ".join(arms) + " |", "|---" * (len(arms) + 2) + "|"]
+    for row in rows:
+        cells = [" / ".join(number(row["ceiling"][key]) for key in (
+            "subject_fidelity", "recontextualization_subject_fidelity",
+            "property_subject_fidelity"))]
+        for label in arms:
+            runs = row[label].values()
+            cells.append(" / ".join(number(mean_or_none(run[key] for run in runs)) for key in (
+                "subject_fidelity", "recontextualization_subject_fidelity",
+                "property_subject_fidelity", "prompt_fidelity")))
+        lines.append(f"| {row['subject']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base_model", default="demo",
                         help="A world model ('demo': the bundled one), or 'tiny' for a smoke run.")
-    parser.add_argument("--subjects", type=int, default=6, help="How many subjects (max 6).")
+    parser.add_argument("--subject_set", choices=("dreambench", "held_out"),
+                        default="dreambench",
+                        help="DreamBench-mini's 6 subjects (settings are chosen on these) or the "
+                        "8 held-out ones (world.held_out_subjects: never used to choose).")
+    parser.add_argument("--subjects", type=int, default=8, help="How many subjects of the set.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="Training seeds; figures are given as the mean and range over them.")
+    parser.add_argument("--arms", nargs="+", choices=("with_prior", "without_prior"),
+                        default=["with_prior", "without_prior"])
+    parser.add_argument("--base_eval", action=argparse.BooleanOptionalAction, default=True,
+                        help="Also evaluate the untrained base model.")
     parser.add_argument("--steps", type=int, default=400, help="DreamBooth steps per run.")
     parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--text_encoder_lr", type=float, default=None,
+                        help="Default: --learning_rate.")
+    parser.add_argument("--lr_scheduler", default="constant")
+    parser.add_argument("--prior_loss_weight", type=float, default=1.0)
     parser.add_argument("--train_batch_size", type=int, default=2)
     parser.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction,
                         default=True)
@@ -162,10 +230,12 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--quick", action="store_true",
                         help="Smoke settings: 1 subject, 2 prompts, 2 images, 4 class images.")
+    parser.add_argument("--grids", default=None,
+                        help="Keep each evaluation's report.html and grids under this folder.")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/).")
     args = parser.parse_args()
     if args.quick:
-        args.subjects, args.prompts, args.images_per_prompt = 1, 2, 2
+        args.subjects, args.prompts, args.images_per_prompt = 1, 3, 2
         args.class_images, args.sample_steps = 4, 2
         if args.base_model == "tiny":
             args.resolution = 32

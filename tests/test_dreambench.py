@@ -4,8 +4,10 @@ ones, and errors named."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 from dreambooth.cli import main
@@ -21,7 +23,7 @@ from dreambooth.world import (
     scene_rng,
 )
 from dreambooth.world import metrics as world_metrics
-from dreambooth.world.dreambench import default_prompts, evaluate_model
+from dreambooth.world.dreambench import default_prompts, evaluate_model, prompt_set_ceiling
 
 
 def _photo_folder(folder, subject: str):
@@ -136,6 +138,10 @@ def test_metrics_tell_a_faithful_model_from_an_overfit_one(tmp_path, reference_d
     # DIV: one image per prompt whatever the seed has none; new poses have some.
     assert overfit.div == pytest.approx(0.0, abs=1e-6) and faithful.div > 0.05, (faithful,
                                                                                  overfit)
+    # Recoloring reads as another object to the identity embedding: the faithful model's
+    # recolored subject scores far below its recontextualized one.
+    assert (faithful.recontextualization_subject_fidelity
+            > faithful.property_subject_fidelity + 0.2), faithful
 
 
 def test_default_prompts_cover_backgrounds_and_colors():
@@ -151,3 +157,38 @@ def test_eval_errors_name_what_is_wrong(tmp_path, tiny_model, reference_dir, cap
                  "--class_noun", "ball", "--prompts", str(tmp_path / "missing.txt"),
                  "--output_dir", str(tmp_path / "o")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+class _LosslessVAE(torch.nn.Module):
+    """encode/decode as identities: `vae_round_trip` returns the renders themselves."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, pixels):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=pixels))
+
+    def decode(self, latents):
+        return SimpleNamespace(sample=latents)
+
+
+def test_prompt_set_ceiling_scores_what_each_prompt_asks():
+    """A perfect model's score on each kind of prompt: the subject in a new background scores
+    like new photos of it; recolored (look kept) it scores far lower, and a prompt set with
+    many color prompts cannot reach its photos' own fidelity."""
+    subject = SUBJECTS["polka_ball"]
+    references = photos(subject, n=5)
+    backgrounds = ["a sks ball on the grass", "a sks ball on a pink background"]
+    colors = ["a red sks ball", "a yellow sks ball"]
+    ceiling = prompt_set_ceiling(_LosslessVAE(), subject, backgrounds + colors, references)
+    recontext = ceiling["recontextualization_subject_fidelity"]
+    recolor = ceiling["property_subject_fidelity"]
+    assert recontext > 0.8 and recolor < recontext - 0.3, ceiling
+    assert ceiling["subject_fidelity"] == pytest.approx((recontext + recolor) / 2, abs=1e-6)
+    only_backgrounds = prompt_set_ceiling(_LosslessVAE(), subject, backgrounds, references)
+    assert only_backgrounds["property_subject_fidelity"] is None
+    assert only_backgrounds["subject_fidelity"] == pytest.approx(recontext, abs=1e-6)
+    # "a blue ball on a blue background" would not show: rendered on gray instead, not raised
+    assert prompt_set_ceiling(_LosslessVAE(), subject, ["a blue sks ball on a blue background"],
+                              references)["subject_fidelity"] > 0.8
