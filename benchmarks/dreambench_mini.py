@@ -8,8 +8,17 @@ encoded and decoded by the base model's VAE (the most any generation of it can s
 base model as references) and Table 3 (PRES, DIV, subject fidelity with and without the prior
 loss), and writes every figure as JSON.
 
+Subject fidelity is also given per kind of prompt (recontextualization "a sks ball on the
+grass", property modification "a red sks ball") beside its ceiling: every prompt rendered as a
+perfect model would draw it, through the VAE (`world.dreambench.prompt_set_ceiling`). Settings
+are chosen on the 6 DreamBench-mini subjects; `--subject_set held_out` scores the 8 subjects of
+`world.held_out_subjects`, which no setting was chosen on.
+
 Usage:
     python benchmarks/dreambench_mini.py                        # the bundled world model, `demo`
+    python benchmarks/dreambench_mini.py --arms with_prior --seeds 0 1 2 --steps 800
+    python benchmarks/dreambench_mini.py --subject_set held_out --arms with_prior --seeds 0 1 2
+    python benchmarks/dreambench_mini.py --merge a.json b.json  # runs side by side, one table
     python benchmarks/dreambench_mini.py --base_model runs/world-model/model
     python benchmarks/dreambench_mini.py --base_model tiny --steps 4 --quick   # smoke run only
 
@@ -136,6 +145,8 @@ def run(args) -> dict:
 
 METRICS = (("subject_fidelity", "SF"), ("recontextualization_subject_fidelity", "SF recontext"),
            ("property_subject_fidelity", "SF recolor"), ("prompt_fidelity", "PF"),
+           ("recontextualization_prompt_fidelity", "PF recontext"),
+           ("property_prompt_fidelity", "PF recolor"),
            ("pres", "PRES"), ("div", "DIV"))
 
 
@@ -153,7 +164,7 @@ def seed_means(report: dict, label: str, key: str) -> list[float | None]:
     """The mean over subjects of `key`, one value per training seed."""
     rows = report["subjects"]
     seeds = rows[0][label].keys()
-    return [mean_or_none(row[label][seed][key] for row in rows) for seed in seeds]
+    return [mean_or_none(row[label][seed].get(key) for row in rows) for seed in seeds]
 
 
 def spread(values: list[float | None]) -> str:
@@ -177,7 +188,7 @@ def tables(report: dict) -> str:
         number(value) for value in ceiling) + " |")
     if "base" in rows[0]:
         lines.append("| base model | " + " | ".join(
-            number(mean_or_none(r['base'][key] for r in rows)) for key, _ in METRICS) + " |")
+            number(mean_or_none(r['base'].get(key) for r in rows)) for key, _ in METRICS) + " |")
     for label in arms:
         lines.append(f"| DreamBooth {label.replace('_', ' ')} | " + " | ".join(
             spread(seed_means(report, label, key)) for key, _ in METRICS) + " |")
@@ -189,11 +200,28 @@ def tables(report: dict) -> str:
             "property_subject_fidelity"))]
         for label in arms:
             runs = row[label].values()
-            cells.append(" / ".join(number(mean_or_none(run[key] for run in runs)) for key in (
+            cells.append(" / ".join(number(mean_or_none(run.get(key) for run in runs)) for key in (
                 "subject_fidelity", "recontextualization_subject_fidelity",
                 "property_subject_fidelity", "prompt_fidelity")))
         lines.append(f"| {row['subject']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report from runs of the same subjects and settings but different seeds or arms (e.g.
+    two processes side by side, one seed each)."""
+    merged = json.loads(json.dumps(reports[0]))
+    by_name = {row["subject"]: row for row in merged["subjects"]}
+    for report in reports[1:]:
+        for row in report["subjects"]:
+            target = by_name[row["subject"]]
+            for label in ("with_prior", "without_prior"):
+                if label in row:
+                    target.setdefault(label, {}).update(row[label])
+    seeds = sorted({int(seed) for row in merged["subjects"] for label in ("with_prior",
+                    "without_prior") for seed in row.get(label, {})})
+    merged["settings"]["seeds"] = seeds
+    return merged
 
 
 def main() -> None:
@@ -233,7 +261,17 @@ def main() -> None:
     parser.add_argument("--grids", default=None,
                         help="Keep each evaluation's report.html and grids under this folder.")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/).")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="Print the tables of these result files merged (the same subjects "
+                        "and settings, other seeds) and write them to --output; trains nothing.")
     args = parser.parse_args()
+    if args.merge:
+        report = merge([json.loads(Path(path).read_text()) for path in args.merge])
+        text = tables(report)
+        print(text)
+        if args.output:
+            Path(args.output).write_text(json.dumps({**report, "tables": text}, indent=2) + "\n")
+        return
     if args.quick:
         args.subjects, args.prompts, args.images_per_prompt = 1, 3, 2
         args.class_images, args.sample_steps = 4, 2

@@ -24,3 +24,16 @@ def test_demo_fast_mode_produces_every_file(tmp_path):
     assert metrics["settings"]["max_train_steps"] == 4
     report = (out / "report.html").read_text()
     assert "eval/after/prompts/002.png" in report and "base-vs-trained.png" in report
+    # The look count is the evaluator's check of the images base-vs-trained.png shows
+    from PIL import Image
+
+    from dreambooth.world import DEMO_SUBJECT
+    from dreambooth.world.metrics import shows_look
+
+    grid = Image.open(out / "base-vs-trained.png").convert("RGB")
+    side = grid.width // 4
+    for row, label in enumerate(("before", "after")):
+        tiles = [grid.crop((i * side, row * side, (i + 1) * side, (row + 1) * side))
+                 for i in range(4)]
+        shown = shows_look(tiles, DEMO_SUBJECT.cls, DEMO_SUBJECT.color, DEMO_SUBJECT.look.pattern)
+        assert metrics[label]["images_showing_subject"] == sum(shown), label

@@ -23,6 +23,7 @@ from dreambooth.models import WORLD_MODEL_GUIDANCE_SCALE, load_pipeline
 from dreambooth.train.run import train
 from dreambooth.world import DEMO_SUBJECT, IMAGE_SIZE, class_prompt, dreambench_prompts, photos
 from dreambooth.world.dreambench import evaluate_model
+from dreambooth.world.metrics import shows_look
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,11 @@ def run_demo(output_dir: Path, settings: DemoSettings = DemoSettings(), *,
         comparisons[label] = sample_images(pipeline, INSTANCE_PROMPT, seeds=[0, 1, 2, 3],
                                            num_inference_steps=settings.inference_steps,
                                            guidance_scale=settings.guidance_scale)
+    # The person's glance at base-vs-trained.png, by the evaluator: how many of the 4 images of
+    # the instance prompt show the subject's class, color and pattern
+    look = (DEMO_SUBJECT.cls, DEMO_SUBJECT.color, DEMO_SUBJECT.look.pattern)
+    for label in ("before", "after"):
+        metrics[label]["images_showing_subject"] = sum(shows_look(comparisons[label], *look))
     metrics["settings"] = asdict(settings)
     atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     comparison = save_png(make_grid(comparisons["before"] + comparisons["after"], columns=4),
@@ -106,6 +112,15 @@ def run_demo(output_dir: Path, settings: DemoSettings = DemoSettings(), *,
                           text={"rows": "base model; trained model", "prompt": INSTANCE_PROMPT})
     atomic_write_text(output_dir / "report.html", _report(metrics, prompts, base_model))
     print(f"demo finished in {output_dir}:\n"
+          f"  subject fidelity   {metrics['before']['subject_fidelity']:.3f} -> "
+          f"{metrics['after']['subject_fidelity']:.3f} (recontextualization prompts "
+          f"{metrics['before']['recontextualization_subject_fidelity']:.3f} -> "
+          f"{metrics['after']['recontextualization_subject_fidelity']:.3f})\n"
+          f"  prompt fidelity    {metrics['before']['prompt_fidelity']:.3f} -> "
+          f"{metrics['after']['prompt_fidelity']:.3f}\n"
+          f"  '{INSTANCE_PROMPT}' shows the subject in "
+          f"{metrics['before']['images_showing_subject']} -> "
+          f"{metrics['after']['images_showing_subject']} of 4 images\n"
           f"  report             {output_dir / 'report.html'}\n"
           f"  metrics            {output_dir / 'metrics.json'}\n"
           f"  trained pipeline   {trained}\n"
@@ -114,10 +129,15 @@ def run_demo(output_dir: Path, settings: DemoSettings = DemoSettings(), *,
     return output_dir
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _report(metrics: dict[str, dict], prompts: list[str], base_model: str | Path) -> str:
-    keys = ("subject_fidelity", "prompt_fidelity", "pres", "div")
-    rows = "".join(f"<tr><td>{key}</td><td>{metrics['before'][key]:.3f}</td>"
-                   f"<td>{metrics['after'][key]:.3f}</td></tr>" for key in keys)
+    keys = ("subject_fidelity", "recontextualization_subject_fidelity",
+            "property_subject_fidelity", "prompt_fidelity", "pres", "div")
+    rows = "".join(f"<tr><td>{key.replace('_', ' ')}</td><td>{_number(metrics['before'][key])}"
+                   f"</td><td>{_number(metrics['after'][key])}</td></tr>" for key in keys)
     return (
         "<!doctype html><meta charset='utf-8'><title>dreambooth demo</title>"
         "<style>img{image-rendering:pixelated;height:128px}</style>"

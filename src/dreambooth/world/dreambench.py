@@ -53,6 +53,8 @@ class EvaluationResult:
     # another object (a perfect red polka ball scores about 0.3 against the blue one's photos).
     recontextualization_subject_fidelity: float | None = None
     property_subject_fidelity: float | None = None
+    recontextualization_prompt_fidelity: float | None = None
+    property_prompt_fidelity: float | None = None
 
 
 def prompt_kind(prompt: str) -> str:
@@ -208,18 +210,26 @@ def evaluate_model(model, reference_dir: str | Path, *, identifier: str = "sks",
     generated = [image for images in groups.values() for image in images]
     per_image_prompts = [prompt for prompt, images in groups.items() for _ in images]
     evaluator = load_evaluator()
-    by_kind = {kind: [image for prompt, images in groups.items() if prompt_kind(prompt) == kind
-                      for image in images] for kind in ("recontextualization", "property")}
-    kind_fidelity = {kind: metrics.subject_fidelity(images, references, evaluator)
-                     if images else None for kind, images in by_kind.items()}
+    by_kind = {kind: {prompt: images for prompt, images in groups.items()
+                      if prompt_kind(prompt) == kind} for kind in ("recontextualization",
+                                                                    "property")}
+    kind_fidelity = {}
+    for kind, kind_groups in by_kind.items():
+        images = [image for group in kind_groups.values() for image in group]
+        asked = [prompt for prompt, group in kind_groups.items() for _ in group]
+        kind_fidelity[kind] = (
+            metrics.subject_fidelity(images, references, evaluator) if images else None,
+            metrics.prompt_fidelity(images, asked, evaluator) if images else None)
     result = EvaluationResult(
         subject_fidelity=metrics.subject_fidelity(generated, references, evaluator),
         prompt_fidelity=metrics.prompt_fidelity(generated, per_image_prompts, evaluator),
         pres=metrics.pres(class_images, references, evaluator),
         div=metrics.div(list(groups.values()), evaluator),
         num_prompts=len(prompts), images_per_prompt=images_per_prompt,
-        recontextualization_subject_fidelity=kind_fidelity["recontextualization"],
-        property_subject_fidelity=kind_fidelity["property"])
+        recontextualization_subject_fidelity=kind_fidelity["recontextualization"][0],
+        property_subject_fidelity=kind_fidelity["property"][0],
+        recontextualization_prompt_fidelity=kind_fidelity["recontextualization"][1],
+        property_prompt_fidelity=kind_fidelity["property"][1])
 
     grids = {"references": save_png(make_grid(references), output_dir / "references.png"),
              "class": save_png(make_grid(class_images), output_dir / "class-prompt.png",

@@ -81,6 +81,15 @@ def prompt_fidelity(generated, prompts_or_attrs, evaluator: WorldEvaluator | Non
     return float(np.mean([all(match.values()) for match in matches]))
 
 
+def shows_look(generated, cls: str, color: str, pattern: str,
+               evaluator: WorldEvaluator | None = None) -> list[bool]:
+    """Per image, the identity check a person does at a glance: is it this class and body color,
+    wearing this pattern (e.g. a blue ball with spots)? The evaluator's class, color and
+    pattern heads must all agree; the accent color and the proportions it does not check."""
+    predictions = resolve_evaluator(evaluator).predict(generated)
+    return [(p["cls"], p["color"], p["pattern"]) == (cls, color, pattern) for p in predictions]
+
+
 def perceptual_distance(a, b, evaluator: WorldEvaluator | None = None) -> torch.Tensor:
     """LPIPS-style distance (Zhang et al. 2018, eq. 1 with uniform weights) between images a[i]
     and b[i]: channel-normalized feature maps of each stage, squared difference averaged over
