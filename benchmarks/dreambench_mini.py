@@ -50,6 +50,7 @@ def run(args) -> dict:
         class_prompt,
         dreambench_prompts,
         held_out_subjects,
+        photo_captions,
         photos,
     )
     from dreambooth.world.dreambench import evaluate_model, prompt_set_ceiling, vae_round_trip
@@ -72,6 +73,9 @@ def run(args) -> dict:
             subject_photos = photos(subject, n=5)
             for index, photo in enumerate(subject_photos):
                 photo.save(photo_dir / f"{index}.png")
+            if args.captions:  # "a sks ball on the grass": the photo's background named
+                for index, text in enumerate(photo_captions(subject, n=5)):
+                    (photo_dir / f"{index}.txt").write_text(text + "\n")
             # Real-photo reference row: new photos of the subject vs the training photos.
             held_out = photos(subject, n=5, seed=seeding.HELD_OUT_PHOTOS)
             prompts = dreambench_prompts(subject)[:args.prompts]
@@ -245,6 +249,9 @@ def main() -> None:
                         help="Default: --learning_rate.")
     parser.add_argument("--lr_scheduler", default="constant")
     parser.add_argument("--prior_loss_weight", type=float, default=1.0)
+    parser.add_argument("--captions", action="store_true",
+                        help="A caption per photo naming its background (world.photo_captions) "
+                        "instead of the one instance prompt.")
     parser.add_argument("--train_batch_size", type=int, default=2)
     parser.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction,
                         default=True)

@@ -91,6 +91,22 @@ def test_subjects_have_varied_photos_and_looks_no_caption_describes():
     assert "a sks ball on the grass" in prompts and "a red sks ball" in prompts
 
 
+def test_held_out_subjects_are_new_individuals_fixed_by_their_rule():
+    subjects = world.held_out_subjects()
+    assert subjects == world.held_out_subjects()  # a fixed seed: the same set every time
+    assert len(subjects) == 8 and len({s.name for s in subjects}) == 8
+    assert [s.cls for s in subjects] == list(world.CLASSES) * 2  # every class as often
+    keys = [(s.cls, s.color, s.look.pattern, s.look.accent) for s in subjects]
+    shown = {(s.cls, s.color, s.look.pattern, s.look.accent) for s in world.SUBJECTS.values()}
+    assert len(set(keys)) == 8 and not set(keys) & shown
+    for subject in subjects:
+        assert subject.look != world.PLAIN and subject.look.accent != subject.color
+        assert len(world.photos(subject)) == 5
+        prompts = world.dreambench_prompts(subject)
+        assert f"a sks {subject.cls} on the beach" in prompts
+    assert world.held_out_subjects(seed=1) != subjects
+
+
 def test_bad_scenes_fail_with_every_problem_named():
     with pytest.raises(ValueError, match="cls='cat'.*color='teal'"):
         world.Scene("cat", "teal", "white")
