@@ -64,7 +64,7 @@ def run(args) -> dict:
         else:
             base = resolve_model_path(args.base_model)
         pool = held_out_subjects() if args.subject_set == "held_out" else list(SUBJECTS.values())
-        subjects = pool[:args.subjects]
+        subjects = pool[args.first_subject:args.subjects]
         results = []
         evaluator = load_evaluator()
         for subject in subjects:
@@ -237,6 +237,8 @@ def main() -> None:
                         help="DreamBench-mini's 6 subjects (settings are chosen on these) or the "
                         "8 held-out ones (world.held_out_subjects: never used to choose).")
     parser.add_argument("--subjects", type=int, default=8, help="How many subjects of the set.")
+    parser.add_argument("--first_subject", type=int, default=0,
+                        help="Skip the set's first N subjects (to split a run in two).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="Training seeds; figures are given as the mean and range over them.")
     parser.add_argument("--arms", nargs="+", choices=("with_prior", "without_prior"),

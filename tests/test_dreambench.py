@@ -192,3 +192,36 @@ def test_prompt_set_ceiling_scores_what_each_prompt_asks():
     # "a blue ball on a blue background" would not show: rendered on gray instead, not raised
     assert prompt_set_ceiling(_LosslessVAE(), subject, ["a blue sks ball on a blue background"],
                               references)["subject_fidelity"] > 0.8
+
+
+def test_dreambench_mini_benchmark_runs_seeds_and_merges(tmp_path):
+    """benchmarks/dreambench_mini.py end to end on a tiny random model (its numbers mean
+    nothing): two seeds of a held-out subject with the prior, then the merge of two files."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "dreambench_mini.py"
+
+    def run(*args):
+        done = subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--base_model", "tiny", "--quick", "--steps", "2", "--subject_set", "held_out",
+              "--arms", "with_prior", "--no-base_eval"]
+    run(*common, "--seeds", "0", "--output", str(first))
+    run(*common, "--seeds", "1", "--output", str(second))
+    report = json.loads(first.read_text())
+    (row,) = report["subjects"]
+    assert row["subject"].startswith("held_out_0") and list(row["with_prior"]) == ["0"]
+    # --quick keeps 3 prompts, all recontextualization ones
+    assert row["ceiling"]["recontextualization_subject_fidelity"] is not None
+    assert row["with_prior"]["0"]["property_subject_fidelity"] is None
+    out = run("--merge", str(first), str(second), "--output", str(tmp_path / "merged.json"))
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert list(merged["subjects"][0]["with_prior"]) == ["0", "1"]
+    assert merged["settings"]["seeds"] == [0, 1]
+    assert "ceiling (each prompt rendered, through the VAE)" in out and " [" in out  # a range
