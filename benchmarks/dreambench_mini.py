@@ -212,13 +212,19 @@ def tables(report: dict) -> str:
 
 
 def merge(reports: list[dict]) -> dict:
-    """One report from runs of the same subjects and settings but different seeds or arms (e.g.
-    two processes side by side, one seed each)."""
+    """One report from runs of the same settings on other seeds, arms or subjects of the set
+    (e.g. processes side by side, one seed each)."""
     merged = json.loads(json.dumps(reports[0]))
     by_name = {row["subject"]: row for row in merged["subjects"]}
     for report in reports[1:]:
         for row in report["subjects"]:
+            if row["subject"] not in by_name:  # a run of the set's other subjects
+                merged["subjects"].append(by_name.setdefault(row["subject"], row))
+                continue
             target = by_name[row["subject"]]
+            for key in ("base", "ceiling"):
+                if key in row and key not in target:
+                    target[key] = row[key]
             for label in ("with_prior", "without_prior"):
                 if label in row:
                     target.setdefault(label, {}).update(row[label])
