@@ -172,7 +172,7 @@ def seed_means(report: dict, label: str, key: str) -> list[float | None]:
 
 
 def spread(values: list[float | None]) -> str:
-    """'mean (min-max)' over seeds, or the one value."""
+    """'mean [min, max]' over seeds, or the one value."""
     if len(values) == 1 or None in values:
         return number(mean_or_none(values))
     return f"{mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
