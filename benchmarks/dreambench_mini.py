@@ -2,11 +2,10 @@
 
 For each subject: its photos -> DreamBooth (full fine-tune, the demo's settings: 400 steps,
 batch 2, learning rate 5e-5, text encoder trained) on the base model -> the subject's
-DreamBench-style prompts -> the world evaluator's metrics. Prints tables in the shape of the
-paper's Table 1 (subject fidelity ~ DINO, prompt fidelity ~ CLIP-T; real photos, the photos
-encoded and decoded by the base model's VAE (the most any generation of it can show) and the
-base model as references) and Table 3 (PRES, DIV, subject fidelity with and without the prior
-loss), and writes every figure as JSON.
+DreamBench-style prompts -> the world evaluator's metrics: subject fidelity ~ DINO, prompt
+fidelity ~ CLIP-T, PRES and DIV (the paper's Tables 1 and 3), with real photos, the ceiling and
+the base model as references. Prints one table of means over the subjects and one per subject,
+and writes every figure as JSON.
 
 Subject fidelity is also given per kind of prompt (recontextualization "a sks ball on the
 grass", property modification "a red sks ball") beside its ceiling: every prompt rendered as a
@@ -219,7 +218,8 @@ def merge(reports: list[dict]) -> dict:
     for report in reports[1:]:
         for row in report["subjects"]:
             if row["subject"] not in by_name:  # a run of the set's other subjects
-                merged["subjects"].append(by_name.setdefault(row["subject"], row))
+                by_name[row["subject"]] = row
+                merged["subjects"].append(row)
                 continue
             target = by_name[row["subject"]]
             for key in ("base", "ceiling"):
@@ -242,7 +242,8 @@ def main() -> None:
                         default="dreambench",
                         help="DreamBench-mini's 6 subjects (settings are chosen on these) or the "
                         "8 held-out ones (world.held_out_subjects: never used to choose).")
-    parser.add_argument("--subjects", type=int, default=8, help="How many subjects of the set.")
+    parser.add_argument("--subjects", type=int, default=8,
+                        help="Use the set's subjects before this index (default: all).")
     parser.add_argument("--first_subject", type=int, default=0,
                         help="Skip the set's first N subjects (to split a run in two).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -272,13 +273,14 @@ def main() -> None:
                         help="The world model's own scale (models.WORLD_MODEL_GUIDANCE_SCALE).")
     parser.add_argument("--device", default=None)
     parser.add_argument("--quick", action="store_true",
-                        help="Smoke settings: 1 subject, 2 prompts, 2 images, 4 class images.")
+                        help="Smoke settings: 1 subject, 3 prompts, 2 images, 4 class images.")
     parser.add_argument("--grids", default=None,
                         help="Keep each evaluation's report.html and grids under this folder.")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/).")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                        help="Print the tables of these result files merged (the same subjects "
-                        "and settings, other seeds) and write them to --output; trains nothing.")
+                        help="Print the tables of these result files merged (the same settings; "
+                        "other seeds, arms or subjects) and write them to --output; trains "
+                        "nothing.")
     args = parser.parse_args()
     if args.merge:
         report = merge([json.loads(Path(path).read_text()) for path in args.merge])

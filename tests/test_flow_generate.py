@@ -305,46 +305,21 @@ def test_a_lora_changes_the_image_and_scale_0_does_not(lora_pipelines, family, t
     assert np.array_equal(one_image(pipeline), base)
 
 
-def test_a_kohya_sd3_lora_gives_the_images_of_the_same_diffusers_lora(lora_pipelines, tmp_path):
-    # diffusers reads no kohya SD 3 files; formats.lora_files.kohya_to_diffusers converts them.
-    pipeline = lora_pipelines["sd3"]
+def _assert_kohya_lora_matches_diffusers(pipeline, modules: dict[str, str], seed: int,
+                                         tmp_path) -> None:
+    """One random LoRA on `modules` ({kohya name without `lora_unet_`: diffusers module}),
+    written in kohya's layout and in diffusers' (alpha folded into B): both give one image."""
     base = one_image(pipeline)
-    layer = pipeline.transformer.transformer_blocks[0].attn.to_out[0]
-    generator = torch.Generator().manual_seed(3)
-    rank, alpha = 4, 2.0
-    down = torch.randn(rank, layer.in_features, generator=generator)
-    up = torch.randn(layer.out_features, rank, generator=generator)
-    name = "lora_unet_joint_blocks_0_x_block_attn_proj"
-    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
-               f"{name}.alpha": torch.tensor(alpha)}, str(tmp_path / "comfy.safetensors"))
-    save_file({"transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight": down,
-               "transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight": up * alpha / rank},
-              str(tmp_path / "diffusers.safetensors"))
-    apply_lora(pipeline, tmp_path / "comfy.safetensors")
-    with_kohya = one_image(pipeline)
-    apply_lora(pipeline, tmp_path / "diffusers.safetensors")
-    with_diffusers = one_image(pipeline)
-    assert np.abs(with_kohya - base).max() > 10
-    assert np.abs(with_kohya - with_diffusers).max() <= 1
-
-
-def test_a_kohya_flux_lora_gives_the_images_of_the_same_diffusers_lora(lora_pipelines,
-                                                                       tmp_path):
-    pipeline = lora_pipelines["flux"]
-    base = one_image(pipeline)
-    generator = torch.Generator().manual_seed(2)
+    generator = torch.Generator().manual_seed(seed)
     rank, alpha = 4, 2.0
     kohya, peft_layout = {}, {}
-    # BFL module names (kohya's `lora_unet_` prefix) and the diffusers modules they are.
-    for bfl, module in (("double_blocks_0_img_attn_proj", "transformer_blocks.0.attn.to_out.0"),
-                        ("double_blocks_0_txt_attn_proj", "transformer_blocks.0.attn.to_add_out"),
-                        ("double_blocks_0_img_mlp_0", "transformer_blocks.0.ff.net.0.proj")):
+    for name, module in modules.items():
         layer = pipeline.transformer.get_submodule(module)
         down = torch.randn(rank, layer.in_features, generator=generator)
         up = torch.randn(layer.out_features, rank, generator=generator)
-        kohya |= {f"lora_unet_{bfl}.lora_down.weight": down,
-                  f"lora_unet_{bfl}.lora_up.weight": up,
-                  f"lora_unet_{bfl}.alpha": torch.tensor(alpha)}
+        kohya |= {f"lora_unet_{name}.lora_down.weight": down,
+                  f"lora_unet_{name}.lora_up.weight": up,
+                  f"lora_unet_{name}.alpha": torch.tensor(alpha)}
         peft_layout |= {f"transformer.{module}.lora_A.weight": down,
                         f"transformer.{module}.lora_B.weight": up * alpha / rank}
     save_file(kohya, str(tmp_path / "kohya.safetensors"))
@@ -355,6 +330,22 @@ def test_a_kohya_flux_lora_gives_the_images_of_the_same_diffusers_lora(lora_pipe
     with_diffusers = one_image(pipeline)
     assert np.abs(with_kohya - base).max() > 10
     assert np.abs(with_kohya - with_diffusers).max() <= 1
+
+
+def test_a_kohya_sd3_lora_gives_the_images_of_the_same_diffusers_lora(lora_pipelines, tmp_path):
+    # diffusers reads no kohya SD 3 files; formats.lora_files.kohya_to_diffusers converts them.
+    _assert_kohya_lora_matches_diffusers(
+        lora_pipelines["sd3"], {"joint_blocks_0_x_block_attn_proj":
+                                "transformer_blocks.0.attn.to_out.0"}, 3, tmp_path)
+
+
+def test_a_kohya_flux_lora_gives_the_images_of_the_same_diffusers_lora(lora_pipelines,
+                                                                       tmp_path):
+    # BFL module names (kohya's `lora_unet_` prefix) and the diffusers modules they are.
+    _assert_kohya_lora_matches_diffusers(lora_pipelines["flux"], {
+        "double_blocks_0_img_attn_proj": "transformer_blocks.0.attn.to_out.0",
+        "double_blocks_0_txt_attn_proj": "transformer_blocks.0.attn.to_add_out",
+        "double_blocks_0_img_mlp_0": "transformer_blocks.0.ff.net.0.proj"}, 2, tmp_path)
 
 
 def test_generate_records_the_lora_as_a1111_does(folders, tmp_path):

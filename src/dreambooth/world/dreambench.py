@@ -57,6 +57,9 @@ class EvaluationResult:
     property_prompt_fidelity: float | None = None
 
 
+PROMPT_KINDS = ("recontextualization", "property")
+
+
 def prompt_kind(prompt: str) -> str:
     """"property" if the prompt asks for a body color, else "recontextualization"."""
     return "property" if "color" in parse_prompt(prompt) else "recontextualization"
@@ -140,21 +143,21 @@ def prompt_set_ceiling(vae, subject, prompts: list[str], references: list[Image.
 
     evaluator = evaluator or load_evaluator()
     scenes = subject_scenes(subject, photos_per_prompt, seed=seeding.HELD_OUT_PHOTOS)
-    groups = {}
+    renders = []
     for prompt in prompts:
         asked = parse_prompt(prompt)
-        renders = []
         for scene in scenes:
             color = asked.get("color", scene.color)
             background = asked.get("background", scene.background)
             if (color, background) in CONFLICTS:
                 background = "gray"
             renders.append(render(replace(scene, color=color, background=background)))
-        groups[prompt] = vae_round_trip(vae, renders)
-    scores = {prompt: metrics.subject_fidelity(images, references, evaluator)
-              for prompt, images in groups.items()}
+    round_trips = vae_round_trip(vae, renders)
+    scores = {prompt: metrics.subject_fidelity(
+        round_trips[index * len(scenes):(index + 1) * len(scenes)], references, evaluator)
+        for index, prompt in enumerate(prompts)}
     ceiling = {"subject_fidelity": sum(scores.values()) / len(scores)}
-    for kind in ("recontextualization", "property"):
+    for kind in PROMPT_KINDS:
         values = [score for prompt, score in scores.items() if prompt_kind(prompt) == kind]
         ceiling[f"{kind}_subject_fidelity"] = sum(values) / len(values) if values else None
     return ceiling
@@ -210,26 +213,21 @@ def evaluate_model(model, reference_dir: str | Path, *, identifier: str = "sks",
     generated = [image for images in groups.values() for image in images]
     per_image_prompts = [prompt for prompt, images in groups.items() for _ in images]
     evaluator = load_evaluator()
-    by_kind = {kind: {prompt: images for prompt, images in groups.items()
-                      if prompt_kind(prompt) == kind} for kind in ("recontextualization",
-                                                                    "property")}
-    kind_fidelity = {}
-    for kind, kind_groups in by_kind.items():
-        images = [image for group in kind_groups.values() for image in group]
-        asked = [prompt for prompt, group in kind_groups.items() for _ in group]
-        kind_fidelity[kind] = (
-            metrics.subject_fidelity(images, references, evaluator) if images else None,
+    by_kind = {}  # the same two metrics over each kind of prompt (None: the set has none)
+    for kind in PROMPT_KINDS:
+        images = [image for prompt, group in groups.items() if prompt_kind(prompt) == kind
+                  for image in group]
+        asked = [prompt for prompt in per_image_prompts if prompt_kind(prompt) == kind]
+        by_kind[f"{kind}_subject_fidelity"] = (
+            metrics.subject_fidelity(images, references, evaluator) if images else None)
+        by_kind[f"{kind}_prompt_fidelity"] = (
             metrics.prompt_fidelity(images, asked, evaluator) if images else None)
     result = EvaluationResult(
         subject_fidelity=metrics.subject_fidelity(generated, references, evaluator),
         prompt_fidelity=metrics.prompt_fidelity(generated, per_image_prompts, evaluator),
         pres=metrics.pres(class_images, references, evaluator),
         div=metrics.div(list(groups.values()), evaluator),
-        num_prompts=len(prompts), images_per_prompt=images_per_prompt,
-        recontextualization_subject_fidelity=kind_fidelity["recontextualization"][0],
-        property_subject_fidelity=kind_fidelity["property"][0],
-        recontextualization_prompt_fidelity=kind_fidelity["recontextualization"][1],
-        property_prompt_fidelity=kind_fidelity["property"][1])
+        num_prompts=len(prompts), images_per_prompt=images_per_prompt, **by_kind)
 
     grids = {"references": save_png(make_grid(references), output_dir / "references.png"),
              "class": save_png(make_grid(class_images), output_dir / "class-prompt.png",
