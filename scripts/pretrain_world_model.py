@@ -16,6 +16,14 @@ held-out prompts and its prompt fidelity), CSV metrics to `OUTPUT_DIR/stage*/log
 `OUTPUT_DIR/model`, is a diffusers folder with fp16 safetensors that
 `StableDiffusionPipeline.from_pretrained` loads.
 
+`--init_model MODEL` continues a finished model instead (`demo`, or a run's `model/`): its
+VAE as it is, stage 2 from its text encoder and UNet with this run's stage-2 flags, e.g. more
+patterned objects:
+
+    .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model-cont \
+        --init_model demo --seed 1 --look_probability 0.6 --unet_steps 1500 \
+        --unet_learning_rate 2e-4 --warmup_steps 100 --background
+
 `--background` starts the run detached from the terminal and returns at once (stop it with
 `kill PID`: it writes a checkpoint first). Every PretrainConfig field is a flag; tuples are
 comma-separated (`--unet_channels 64,128,128`).

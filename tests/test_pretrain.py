@@ -186,3 +186,31 @@ def test_identifier_captions_put_a_rare_word_before_the_class_noun():
     assert 0.3 < rare_words.count("sks") / len(rare_words) < 0.7
     assert all(len(word) == 3 and word.isalpha() for word in rare_words)
     assert not set(rare_words) & set(CLASSES)
+
+
+def test_init_model_continues_a_finished_model_with_its_vae_and_weights(tmp_path, one_thread):
+    first = pretrain.pretrain(tiny_pretrain_config(tmp_path / "first"))
+    # Learning rate 0: the continuation's weights are exactly the ones it started from.
+    config = tiny_pretrain_config(tmp_path / "second", init_model=str(first), seed=1,
+                                  unet_learning_rate=0.0, look_probability=0.6)
+    second = pretrain.pretrain(config)
+    for part, name in (("unet", "diffusion_pytorch_model.safetensors"),
+                       ("text_encoder", "model.safetensors"),
+                       ("vae", "diffusion_pytorch_model.safetensors")):
+        before, after = load_file(first / part / name), load_file(second / part / name)
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[key], after[key]) for key in before), part
+    assert not (tmp_path / "second" / "stage1-vae").exists()  # the VAE was not retrained
+    assert json.loads((second / "pretrain_config.json").read_text())["init_model"] == str(first)
+    # With a learning rate it trains on from there: the UNet moves.
+    moved = pretrain.pretrain(replace(config, output_dir=str(tmp_path / "third"),
+                                      unet_learning_rate=1e-3))
+    before = load_file(first / "unet" / "diffusion_pytorch_model.safetensors")
+    after = load_file(moved / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(before[key], after[key]) for key in before)
+    with pytest.raises(ValueError, match="--init_model .* does not fit .*pretrain_config"):
+        pretrain.pretrain(replace(config, output_dir=str(tmp_path / "fourth"),
+                                  unet_channels=(32, 64)))
+    with pytest.raises(ValueError, match="--init_model: model .*nowhere.* not found"):
+        pretrain.pretrain(replace(config, output_dir=str(tmp_path / "fifth"),
+                                  init_model=str(tmp_path / "nowhere")))

@@ -69,6 +69,11 @@ class PretrainConfig:
 
     output_dir: str = option("runs/world-model", "Run folder: stages, checkpoints, logs, model/.")
     seed: int = option(0, "Seed of weights, data stream, noise and caption dropout.")
+    init_model: str = option("", "Continue from this world model (a folder or 'demo'): its VAE "
+                             "is used as it is (stages 1 and 1b are skipped) and stage 2 "
+                             "starts from its text encoder and UNet with this run's stage-2 "
+                             "settings; the architecture flags must match it. Empty: from "
+                             "scratch.")
     # architecture
     vae_channels: tuple[int, ...] = option((16, 32, 64),
                                            "AutoencoderKL block channels (3 blocks: 4x down).")
@@ -464,7 +469,8 @@ def _fit(module: L.LightningModule, dataset: RenderBatches, *, stage_dir: Path,
 
 
 # Keys a resumed run must share with its checkpoint: the same models, data and noise streams.
-RESUME_INVARIANTS = ("seed", "vae_channels", "unet_channels", "unet_layers_per_block",
+RESUME_INVARIANTS = ("seed", "init_model", "vae_channels", "unet_channels",
+                     "unet_layers_per_block",
                      "text_hidden_size", "text_layers", "text_intermediate_size",
                      "vae_batch_size", "unet_batch_size", "caption_dropout", "partial_captions",
                      "identifier_captions", "look_probability", "decoder_look_probability")
@@ -496,6 +502,12 @@ def pretrain_vae(config: PretrainConfig) -> Path:
     reconstruction report in `output_dir/vae`."""
     output_dir = Path(config.output_dir)
     vae_dir = output_dir / "vae"
+    if config.init_model:
+        if not (vae_dir / "config.json").is_file():
+            with atomic_folder(vae_dir) as staging:
+                shutil.copytree(init_model_path(config) / "vae", staging, dirs_exist_ok=True)
+        log.info("continuing %s: its VAE, stages 1 and 1b skipped", config.init_model)
+        return vae_dir
     if (vae_dir / "config.json").is_file():
         log.info("stage 1 done before: using the VAE in %s", vae_dir)
     else:
@@ -593,10 +605,44 @@ def _diffusion_module(config: PretrainConfig, vae_dir: Path
 
     tokenizer = build_word_tokenizer()
     text_encoder, unet = build_text_encoder_and_unet(config, tokenizer)
+    if config.init_model:
+        load_init_weights(config, text_encoder, unet)
     module = DiffusionModule(vae=AutoencoderKL.from_pretrained(vae_dir),
                              text_encoder=text_encoder, unet=unet,
                              noise_scheduler=noise_schedulers()[0], config=config)
     return module, tokenizer
+
+
+def init_model_path(config: PretrainConfig) -> Path:
+    """The world model folder `config.init_model` names (a path or a bundled model's name)."""
+    from dreambooth.models import ModelLoadError, resolve_model_path
+
+    try:
+        return resolve_model_path(config.init_model)
+    except ModelLoadError as error:
+        raise ValueError(f"--init_model: {error}") from error
+
+
+def load_init_weights(config: PretrainConfig, text_encoder, unet) -> None:
+    """Copy the text encoder and UNet weights of `config.init_model` (fp16 files) into the
+    freshly built fp32 modules; a model of another architecture is refused by name."""
+    from safetensors.torch import load_file
+
+    folder = init_model_path(config)
+    for module, file in ((text_encoder, folder / "text_encoder" / "model.safetensors"),
+                         (unet, folder / "unet" / "diffusion_pytorch_model.safetensors")):
+        if not file.is_file():
+            raise ValueError(f"--init_model '{config.init_model}': no {file.parent.name} "
+                             f"weights at '{file}'; pass a world model folder")
+        weights = {key: value.float() for key, value in load_file(file).items()}
+        try:
+            module.load_state_dict(weights, strict=True)
+        except RuntimeError as error:
+            first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+            raise ValueError(
+                f"--init_model '{config.init_model}': its {file.parent.name} does not fit "
+                f"this run's architecture ({first[:200]}); pass the architecture flags of its "
+                f"pretrain_config.json") from error
 
 
 def export_checkpoint(config: PretrainConfig, checkpoint: str = "latest",
