@@ -63,7 +63,10 @@ def start_server(model_dir: Path, port: int, api_key: str, args, log_path: Path)
     command = [sys.executable, "-m", "dreambooth", "serve", "--model", f"{MODEL_NAME}={model_dir}",
                "--host", "127.0.0.1", "--port", str(port), "--device", args.device,
                "--max_queue", str(args.max_queue), "--max_batch", str(args.max_batch),
-               "--batch_wait_ms", str(args.batch_wait_ms)]
+               "--batch_wait_ms", str(args.batch_wait_ms),
+               # the clients share one API key and address, which the server counts as one
+               # client: allow each level's concurrency in flight, not 429s
+               "--max_client_requests", str(max(args.concurrency))]
     log = open(log_path, "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "DREAMBOOTH_API_KEY": api_key})

@@ -1,10 +1,14 @@
 #!/usr/bin/env python
 r"""Rebuild the project's base model of the procedural world from scratch.
 
-The bundled model `demo` is this script's default run, its stage-2 EMA weights at the end
-(BENCHMARKS.md, "The world model"):
+The bundled model `demo` is this script's default run continued for 1500 stage-2 steps with
+three times as many patterned objects, its stage-2 EMA weights at the end of each (BENCHMARKS.md,
+"The world model"):
 
-    .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model --background
+    .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model
+    .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model-cont \
+        --init_model runs/world-model/model --seed 1 --look_probability 0.3 \
+        --unet_steps 1500 --unet_learning_rate 2e-4 --warmup_steps 100 --checkpoint_every 250
 
 Stage 1 trains the VAE (AutoencoderKL, ~0.7M parameters, 64x64x3 -> 16x16x4), stage 1b its
 decoder alone on finely patterned objects, stage 2 the CLIP text encoder (~0.9M) and the UNet
@@ -16,13 +20,9 @@ held-out prompts and its prompt fidelity), CSV metrics to `OUTPUT_DIR/stage*/log
 `OUTPUT_DIR/model`, is a diffusers folder with fp16 safetensors that
 `StableDiffusionPipeline.from_pretrained` loads.
 
-`--init_model MODEL` continues a finished model instead (`demo`, or a run's `model/`): its
-VAE as it is, stage 2 from its text encoder and UNet with this run's stage-2 flags, e.g. more
-patterned objects:
-
-    .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model-cont \
-        --init_model demo --seed 1 --look_probability 0.6 --unet_steps 1500 \
-        --unet_learning_rate 2e-4 --warmup_steps 100 --background
+`--init_model MODEL` continues a finished model (`demo`, or a run's `model/`), as the second
+command above does: its VAE as it is (stages 1 and 1b are skipped), stage 2 from its text
+encoder and UNet with this run's stage-2 flags.
 
 `--background` starts the run detached from the terminal and returns at once (stop it with
 `kill PID`: it writes a checkpoint first). Every PretrainConfig field is a flag; tuples are

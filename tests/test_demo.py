@@ -44,14 +44,16 @@ def test_demo_fast_mode_produces_every_file(tmp_path):
 @pytest.mark.slow  # the README's demo run: about 2.5 minutes on 2 idle cores
 def test_demo_personalizes_the_subject(tmp_path):
     """The demo's own settings teach the bundled model the polka ball: bounds a broken model,
-    recipe or evaluator would miss (measured at the demo's seed 0 on 2026-12-02: recontext-
-    ualization subject fidelity 0.071 -> 0.461, prompt fidelity 0.984 -> 0.891, PRES -0.016)."""
+    recipe or evaluator would miss (measured at the demo's seed 0 on 2026-12-02, bundled model I3:
+    recontextualization subject fidelity 0.081 -> 0.352, subject fidelity 0.048 -> 0.198, prompt
+    fidelity 0.922 -> 1.000, PRES -0.002, 'a sks ball' shows the subject in 0 -> 2 of 4)."""
     from dreambooth.world.demo import run_demo_preset
 
     out = run_demo_preset(tmp_path / "demo")
     metrics = json.loads((out / "metrics.json").read_text())
     before, after = metrics["before"], metrics["after"]
     assert before["recontextualization_subject_fidelity"] <= 0.2, before
-    assert after["recontextualization_subject_fidelity"] >= 0.38, after
-    assert after["subject_fidelity"] >= before["subject_fidelity"] + 0.15, (before, after)
+    assert after["recontextualization_subject_fidelity"] >= 0.28, after
+    assert after["subject_fidelity"] >= before["subject_fidelity"] + 0.1, (before, after)
     assert after["prompt_fidelity"] >= 0.8 and after["pres"] <= 0.15, after
+    assert after["images_showing_subject"] >= 1 > before["images_showing_subject"], (before, after)
