@@ -2,8 +2,8 @@
 r"""Rebuild the project's base model of the procedural world from scratch.
 
 The bundled model `demo` is this script's default run continued for 1500 stage-2 steps with
-three times as many patterned objects, its stage-2 EMA weights at the end of each (BENCHMARKS.md,
-"The world model"):
+three times as many patterned objects: the continuation's stage-2 EMA weights at its end
+(BENCHMARKS.md, "The world model"):
 
     .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model
     .venv/bin/python scripts/pretrain_world_model.py --output_dir runs/world-model-cont \
