@@ -1,7 +1,8 @@
 """DreamBench-mini: every subject of the procedural world, with and without prior preservation.
 
-For each subject: its photos -> DreamBooth (full fine-tune, the demo's settings: 400 steps,
-batch 2, learning rate 5e-5, text encoder trained) on the base model -> the subject's
+For each subject: its photos -> DreamBooth (full fine-tune, the demo's settings,
+`world.demo.DemoSettings`: 400 steps, batch 2, UNet learning rate 5e-5, text encoder trained at
+7e-5, prior preservation with 50 class images) on the base model -> the subject's
 DreamBench-style prompts -> the world evaluator's metrics: subject fidelity ~ DINO, prompt
 fidelity ~ CLIP-T, PRES and DIV (the paper's Tables 1 and 3), with real photos, the ceiling and
 the base model as references. Prints one table of means over the subjects and one per subject,
@@ -235,6 +236,8 @@ def merge(reports: list[dict]) -> dict:
 
 
 def main() -> None:
+    from dreambooth.world.demo import DemoSettings
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base_model", default="demo",
                         help="A world model ('demo': the bundled one), or 'tiny' for a smoke run.")
@@ -252,20 +255,21 @@ def main() -> None:
                         default=["with_prior", "without_prior"])
     parser.add_argument("--base_eval", action=argparse.BooleanOptionalAction, default=True,
                         help="Also evaluate the untrained base model.")
-    parser.add_argument("--steps", type=int, default=400, help="DreamBooth steps per run.")
-    parser.add_argument("--learning_rate", type=float, default=5e-5)
-    parser.add_argument("--text_encoder_lr", type=float, default=None,
-                        help="Default: --learning_rate.")
+    recipe = DemoSettings()  # the demo's recipe is the default of every training flag
+    parser.add_argument("--steps", type=int, default=recipe.max_train_steps,
+                        help="DreamBooth steps per run.")
+    parser.add_argument("--learning_rate", type=float, default=recipe.learning_rate)
+    parser.add_argument("--text_encoder_lr", type=float, default=recipe.text_encoder_lr)
     parser.add_argument("--lr_scheduler", default="constant")
-    parser.add_argument("--prior_loss_weight", type=float, default=1.0)
+    parser.add_argument("--prior_loss_weight", type=float, default=recipe.prior_loss_weight)
     parser.add_argument("--captions", action="store_true",
                         help="A caption per photo naming its background (world.photo_captions) "
                         "instead of the one instance prompt.")
-    parser.add_argument("--train_batch_size", type=int, default=2)
+    parser.add_argument("--train_batch_size", type=int, default=recipe.train_batch_size)
     parser.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction,
-                        default=True)
+                        default=recipe.train_text_encoder)
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--class_images", type=int, default=50)
+    parser.add_argument("--class_images", type=int, default=recipe.num_class_images)
     parser.add_argument("--prompts", type=int, default=25, help="Prompts per subject (max ~17).")
     parser.add_argument("--images_per_prompt", type=int, default=4)
     parser.add_argument("--sample_steps", type=int, default=25)
