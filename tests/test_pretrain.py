@@ -214,3 +214,24 @@ def test_init_model_continues_a_finished_model_with_its_vae_and_weights(tmp_path
     with pytest.raises(ValueError, match="--init_model: model .*nowhere.* not found"):
         pretrain.pretrain(replace(config, output_dir=str(tmp_path / "fifth"),
                                   init_model=str(tmp_path / "nowhere")))
+
+
+def test_latent_channels_set_the_vae_latent_and_the_unet_that_denoises_it(tmp_path, one_thread):
+    from diffusers import StableDiffusionPipeline
+
+    config = tiny_pretrain_config(tmp_path / "run", latent_channels=8, unet_steps=2)
+    model = pretrain.pretrain(config)
+    pipeline = StableDiffusionPipeline.from_pretrained(model)
+    assert pipeline.vae.config.latent_channels == 8
+    assert pipeline.unet.config.in_channels == pipeline.unet.config.out_channels == 8
+    pixels = torch.zeros(1, 3, 64, 64)
+    assert pipeline.vae.encode(pixels).latent_dist.mean.shape == (1, 8, 16, 16)
+    latents = pipeline("a red star", num_inference_steps=2, output_type="latent",
+                       generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (1, 8, 16, 16) and torch.isfinite(latents).all()
+    # The latent depth is part of the run: a resumed run with another one is refused by name.
+    (model.parent / "vae" / "config.json").unlink()  # so stage 1 would resume from its checkpoint
+    with pytest.raises(ValueError, match="latent_channels: checkpoint has 8"):
+        pretrain.pretrain(replace(config, latent_channels=4))
+    with pytest.raises(ValueError, match="latent_channels=0"):
+        replace(config, latent_channels=0)

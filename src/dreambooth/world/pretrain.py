@@ -77,6 +77,8 @@ class PretrainConfig:
     # architecture
     vae_channels: tuple[int, ...] = option((16, 32, 64),
                                            "AutoencoderKL block channels (3 blocks: 4x down).")
+    latent_channels: int = option(4, "Channels of the VAE's 16x16 latent (the UNet's input and "
+                                  "output); more keep finer markings through the VAE.")
     unet_channels: tuple[int, ...] = option((64, 128, 128), "UNet block channels.")
     unet_layers_per_block: int = option(1, "ResNet layers per UNet block.")
     text_hidden_size: int = option(128, "CLIP text encoder width (= UNet cross-attention dim).")
@@ -137,6 +139,8 @@ class PretrainConfig:
                 problems.append(f"{name}={getattr(self, name)!r} must be in [0, 1]")
         if not 0.0 <= self.caption_dropout < 1.0:
             problems.append(f"caption_dropout={self.caption_dropout!r} must be in [0, 1)")
+        if self.latent_channels < 1:
+            problems.append(f"latent_channels={self.latent_channels!r} must be at least 1")
         if len(self.vae_channels) != 3:
             problems.append(f"vae_channels={self.vae_channels!r} needs 3 blocks (64 px -> 16x16)")
         if problems:
@@ -200,7 +204,8 @@ def build_vae(config: PretrainConfig):
     return AutoencoderKL(
         in_channels=3, out_channels=3, block_out_channels=tuple(config.vae_channels),
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=64)
+        layers_per_block=1, latent_channels=config.latent_channels, norm_num_groups=16,
+        sample_size=64)
 
 
 def build_text_encoder_and_unet(config: PretrainConfig, tokenizer):
@@ -215,7 +220,7 @@ def build_text_encoder_and_unet(config: PretrainConfig, tokenizer):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     blocks = len(config.unet_channels)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4,
+        sample_size=16, in_channels=config.latent_channels, out_channels=config.latent_channels,
         block_out_channels=tuple(config.unet_channels),
         layers_per_block=config.unet_layers_per_block,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (blocks - 1),
@@ -322,7 +327,8 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
 
 
 class VAEModule(L.LightningModule):
-    """Stage 1: reconstruct renders through 16x16x4 latents (L1 + MSE + kl_weight * KL).
+    """Stage 1: reconstruct renders through 16x16 latents, `latent_channels` deep (L1 + MSE +
+    kl_weight * KL).
     Stage 1b (`decoder_only`): the same reconstruction loss trains only the decoder side
     (post_quant_conv, decoder); the frozen encoder keeps every latent, so a UNet trained on
     stage 1's latents decodes with either decoder."""
@@ -342,7 +348,7 @@ class VAEModule(L.LightningModule):
                   else seeding.PRETRAIN_VAE_SAMPLE)
         generator = seeding.generator(self.config.seed, stream, int(batch["step"]))
         latents = posterior.mean + posterior.std * torch.randn(
-            posterior.mean.shape, generator=generator).to(pixels)  # (B, 4, 16, 16)
+            posterior.mean.shape, generator=generator).to(pixels)  # (B, C, 16, 16)
         reconstruction = self.vae.decode(latents).sample
         loss = F.l1_loss(reconstruction, pixels) + F.mse_loss(reconstruction, pixels)
         metrics = {"psnr": psnr(reconstruction.detach(), pixels)}
@@ -386,7 +392,7 @@ class DiffusionModule(L.LightningModule):
                                          int(batch["step"]))
             latents = posterior.mean + posterior.std * torch.randn(
                 posterior.mean.shape, generator=generator).to(posterior.mean)
-            latents = latents * self.vae.config.scaling_factor  # z_0 (B, 4, 16, 16), unit std
+            latents = latents * self.vae.config.scaling_factor  # z_0 (B, C, 16, 16), unit std
         noise, timesteps = draw_noise_and_timesteps(
             batch["seeds"].cpu(), tuple(latents.shape[1:]),
             num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
@@ -469,7 +475,7 @@ def _fit(module: L.LightningModule, dataset: RenderBatches, *, stage_dir: Path,
 
 
 # Keys a resumed run must share with its checkpoint: the same models, data and noise streams.
-RESUME_INVARIANTS = ("seed", "init_model", "vae_channels", "unet_channels",
+RESUME_INVARIANTS = ("seed", "init_model", "vae_channels", "latent_channels", "unet_channels",
                      "unet_layers_per_block",
                      "text_hidden_size", "text_layers", "text_intermediate_size",
                      "vae_batch_size", "unet_batch_size", "caption_dropout", "partial_captions",
