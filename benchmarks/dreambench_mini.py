@@ -53,7 +53,7 @@ def run(args) -> dict:
         photo_captions,
         photos,
     )
-    from dreambooth.world.dreambench import evaluate_model, prompt_set_ceiling, vae_round_trip
+    from dreambooth.world.dreambench import evaluate_model, subject_ceilings
     from dreambooth.world.evaluator import load_evaluator
     from dreambooth.world.metrics import subject_fidelity
 
@@ -82,13 +82,9 @@ def run(args) -> dict:
             base_pipeline = load_pipeline(base, device=args.device)
             row = {"subject": subject.name, "class": subject.cls,
                    "real_subject_fidelity": subject_fidelity(held_out, subject_photos, evaluator),
-                   # the photos through the base model's VAE
-                   "vae_subject_fidelity": subject_fidelity(
-                       vae_round_trip(base_pipeline.vae, subject_photos), subject_photos,
-                       evaluator),
-                   # new photos of what each prompt asks, through the VAE: a perfect model
-                   "ceiling": prompt_set_ceiling(base_pipeline.vae, subject, prompts,
-                                                 subject_photos, evaluator=evaluator)}
+                   # the photos, and what each prompt asks, through the base model's VAE
+                   **subject_ceilings(base_pipeline.vae, subject, subject_photos, prompts,
+                                      evaluator=evaluator)}
             if args.base_eval:
                 row["base"] = asdict(evaluate_model(
                     base_pipeline, photo_dir, identifier="sks", class_noun=subject.cls,
@@ -259,7 +255,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=recipe.max_train_steps,
                         help="DreamBooth steps per run.")
     parser.add_argument("--learning_rate", type=float, default=recipe.learning_rate)
-    parser.add_argument("--text_encoder_lr", type=float, default=recipe.text_encoder_lr)
+    parser.add_argument("--text_encoder_lr", type=float, default=recipe.text_encoder_lr,
+                        help="The text encoder's learning rate (the demo's by default).")
     parser.add_argument("--lr_scheduler", default="constant")
     parser.add_argument("--prior_loss_weight", type=float, default=recipe.prior_loss_weight)
     parser.add_argument("--captions", action="store_true",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from statistics import mean
 
 import torch
@@ -21,7 +22,7 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vae", default="src/dreambooth/assets/world_model/vae",
+    parser.add_argument("--vae", default="",
                         help="An AutoencoderKL folder (default: the bundled model's).")
     parser.add_argument("--output", default=None, help="Write the figures as JSON here.")
     parser.add_argument("--threads", type=int, default=2)
@@ -29,44 +30,45 @@ def main() -> None:
 
     from diffusers import AutoencoderKL
 
+    from dreambooth.models import resolve_model_path
     from dreambooth.world import SUBJECTS, dreambench_prompts, held_out_subjects, photos
-    from dreambooth.world.dreambench import prompt_set_ceiling, vae_round_trip
+    from dreambooth.world.dreambench import subject_ceilings
     from dreambooth.world.evaluator import load_evaluator
-    from dreambooth.world.metrics import subject_fidelity
 
+    vae_dir = Path(args.vae) if args.vae else resolve_model_path("demo") / "vae"
+    if not (vae_dir / "config.json").is_file():
+        parser.error(f"--vae {vae_dir}: no config.json there; pass an AutoencoderKL folder "
+                     "(a pretraining run's OUTPUT_DIR/vae or a model's vae/)")
     torch.set_num_threads(args.threads)
-    vae = AutoencoderKL.from_pretrained(args.vae).eval()
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     evaluator = load_evaluator()
-    report = {"vae": args.vae, "subjects": {}}
-    for subject_set, pool in (("dreambench_mini", list(SUBJECTS.values())),
-                              ("held_out", held_out_subjects())):
-        for subject in pool:
-            subject_photos = photos(subject, n=5)
-            with torch.no_grad():
-                through_vae = subject_fidelity(vae_round_trip(vae, subject_photos),
-                                               subject_photos, evaluator)
-                ceiling = prompt_set_ceiling(vae, subject, dreambench_prompts(subject)[:25],
-                                             subject_photos, evaluator=evaluator)
-            report["subjects"][subject.name] = {"set": subject_set,
-                                                "vae_subject_fidelity": through_vae, **ceiling}
+    report = {"vae": str(vae_dir), "subjects": {}}
     print("| subject | photos through the VAE | ceiling: all / recontext / recolor |")
     print("|---|---|---|")
-    for name, row in report["subjects"].items():
-        print(f"| {name} | {row['vae_subject_fidelity']:.3f} | {row['subject_fidelity']:.3f} / "
-              f"{row['recontextualization_subject_fidelity']:.3f} / "
-              f"{row['property_subject_fidelity']:.3f} |")
-    for subject_set in ("dreambench_mini", "held_out"):
-        rows = [row for row in report["subjects"].values() if row["set"] == subject_set]
-        keys = ("vae_subject_fidelity", "subject_fidelity",
-                "recontextualization_subject_fidelity", "property_subject_fidelity")
-        report[f"mean_{subject_set}"] = {key: mean(row[key] for row in rows) for key in keys}
-        print(f"| **mean, {subject_set}** | "
-              + " | ".join(f"{report[f'mean_{subject_set}'][key]:.3f}" for key in keys[:1])
-              + " | " + " / ".join(f"{report[f'mean_{subject_set}'][key]:.3f}"
-                                   for key in keys[1:]) + " |")
+    for subject_set, pool in (("dreambench_mini", list(SUBJECTS.values())),
+                              ("held_out", held_out_subjects())):
+        rows = []
+        for subject in pool:
+            row = subject_ceilings(vae, subject, photos(subject, n=5),
+                                   dreambench_prompts(subject)[:25], evaluator=evaluator)
+            report["subjects"][subject.name] = {"set": subject_set, **row}
+            rows.append(row)
+            print(f"| {subject.name} | {_cells(row)} |")
+        report[f"mean_{subject_set}"] = mean_row = {
+            "vae_subject_fidelity": mean(row["vae_subject_fidelity"] for row in rows),
+            "ceiling": {key: mean(row["ceiling"][key] for row in rows) for key in CEILING_KEYS}}
+        print(f"| **mean, {subject_set}** | {_cells(mean_row)} |")
     if args.output:
-        with open(args.output, "w") as file:
-            json.dump(report, file, indent=1)
+        Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+
+
+CEILING_KEYS = ("subject_fidelity", "recontextualization_subject_fidelity",
+                "property_subject_fidelity")
+
+
+def _cells(row: dict) -> str:
+    return f"{row['vae_subject_fidelity']:.3f} | " + " / ".join(
+        f"{row['ceiling'][key]:.3f}" for key in CEILING_KEYS)
 
 
 if __name__ == "__main__":

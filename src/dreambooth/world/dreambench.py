@@ -163,6 +163,16 @@ def prompt_set_ceiling(vae, subject, prompts: list[str], references: list[Image.
     return ceiling
 
 
+def subject_ceilings(vae, subject, photos: list[Image.Image], prompts: list[str], *,
+                     evaluator=None) -> dict:
+    """What `vae` lets a model show of `subject`: its training `photos` through the VAE scored
+    against themselves ("vae_subject_fidelity") and `prompt_set_ceiling` ("ceiling")."""
+    evaluator = evaluator or load_evaluator()
+    return {"vae_subject_fidelity": metrics.subject_fidelity(vae_round_trip(vae, photos), photos,
+                                                             evaluator),
+            "ceiling": prompt_set_ceiling(vae, subject, prompts, photos, evaluator=evaluator)}
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt a line; blank lines and lines starting with '#' are skipped."""
     return read_prompt_file(path, flag="--prompts")

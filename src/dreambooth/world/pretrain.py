@@ -78,7 +78,7 @@ class PretrainConfig:
     vae_channels: tuple[int, ...] = option((16, 32, 64),
                                            "AutoencoderKL block channels (3 blocks: 4x down).")
     latent_channels: int = option(4, "Channels of the VAE's 16x16 latent (the UNet's input and "
-                                  "output); more keep finer markings through the VAE.")
+                                  "output); 8 kept no more of fine dots than 4 (BENCHMARKS.md).")
     unet_channels: tuple[int, ...] = option((64, 128, 128), "UNet block channels.")
     unet_layers_per_block: int = option(1, "ResNet layers per UNet block.")
     text_hidden_size: int = option(128, "CLIP text encoder width (= UNet cross-attention dim).")
