@@ -75,8 +75,9 @@ class PretrainConfig:
                              "settings; the architecture flags must match it. Empty: from "
                              "scratch.")
     # architecture
-    vae_channels: tuple[int, ...] = option((16, 32, 64),
-                                           "AutoencoderKL block channels (3 blocks: 4x down).")
+    vae_channels: tuple[int, ...] = option((32, 64, 128),
+                                           "AutoencoderKL block channels (3 blocks: 4x down); "
+                                           "16,32,64 lost more of fine dots (BENCHMARKS.md).")
     latent_channels: int = option(4, "Channels of the VAE's 16x16 latent (the UNet's input and "
                                   "output); 8 kept no more of fine dots than 4 (BENCHMARKS.md).")
     unet_channels: tuple[int, ...] = option((64, 128, 128), "UNet block channels.")
