@@ -415,6 +415,12 @@ def test_restart_lists_old_jobs_and_resumes_a_running_one(tiny_model, tmp_path):
         for event in _sse_lines(first, job["id"]):
             if event["type"] == "metrics" and event["data"]["step"] >= 2:
                 break
+        # The step-2 event comes before that step's checkpoint is on disk; a stop in between
+        # left nothing to resume from (seen on a fast machine). Wait for a finished checkpoint.
+        job_dir, deadline = state_dir / "jobs" / job["id"], time.monotonic() + 60
+        while not any(job_dir.rglob("checkpoint-*.ckpt")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(job_dir.rglob("checkpoint-*.ckpt")), "no checkpoint written within 60 s"
     finally:
         first.stop()  # the training is interrupted; the job stays `running`
     with sqlite3.connect(state_dir / "jobs.sqlite3") as db:
