@@ -403,9 +403,11 @@ def test_jobs_are_off_without_state_dir(tiny_model):
         running.stop()
 
 
-# Moved out of the default run on 2026-12-07: in the full suite on a fast 2-core AMD EPYC VM the
-# resumed job did not report 'Resumed from step' (twice; it passes alone). Not diagnosed yet:
-# `pytest -m slow tests/test_jobs.py`; see the issue note.
+# Out of the default run since 2026-12-07: in the full default run on a 2-core AMD EPYC VM the
+# resumed job twice did not report 'Resumed from step'; it passes alone, beside 3 busy processes,
+# after every test before it, and in a full run with it unmarked (667 passed, the same VM, the
+# same day). Not diagnosed: `pytest -m slow tests/test_jobs.py`; a failure now prints the job's
+# events, the end of its train.log and its files.
 @pytest.mark.slow
 def test_restart_lists_old_jobs_and_resumes_a_running_one(tiny_model, tmp_path):
     state_dir = tmp_path / "state"
@@ -441,7 +443,9 @@ def test_restart_lists_old_jobs_and_resumes_a_running_one(tiny_model, tmp_path):
         assert done["status"] == "succeeded", done["error"]
         messages = [e["message"] for e in second.get(f"{JOBS}/{job['id']}/events",
                                                       params={"limit": 100}).json()["data"]]
-        assert any(m.startswith("Resumed from step") for m in messages)
+        assert any(m.startswith("Resumed from step") for m in messages), (
+            messages, (state_dir / "jobs" / job["id"] / "train.log").read_text()[-6000:],
+            sorted(str(p) for p in (state_dir / "jobs" / job["id"]).rglob("*")))
         assert any("server restarted" in m for m in messages)
         names = [m["id"] for m in second.get("/v1/models").json()["data"]]
         assert done["fine_tuned_model"] in names
