@@ -423,7 +423,8 @@ def test_restart_lists_old_jobs_and_resumes_a_running_one(tiny_model, tmp_path):
                 break
         # The step-2 event comes before that step's checkpoint is on disk; a stop in between
         # left nothing to resume from (seen on a fast machine). Wait for a finished checkpoint.
-        job_dir, deadline = state_dir / "jobs" / job["id"], time.monotonic() + 60
+        job_dir = first.app.state.server.jobs.store.job_dir(job["id"])
+        deadline = time.monotonic() + 60
         while not any(job_dir.rglob("checkpoint-*.ckpt")) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert any(job_dir.rglob("checkpoint-*.ckpt")), "no checkpoint written within 60 s"
@@ -444,8 +445,8 @@ def test_restart_lists_old_jobs_and_resumes_a_running_one(tiny_model, tmp_path):
         messages = [e["message"] for e in second.get(f"{JOBS}/{job['id']}/events",
                                                       params={"limit": 100}).json()["data"]]
         assert any(m.startswith("Resumed from step") for m in messages), (
-            messages, (state_dir / "jobs" / job["id"] / "train.log").read_text()[-6000:],
-            sorted(str(p) for p in (state_dir / "jobs" / job["id"]).rglob("*")))
+            messages, (job_dir / "train.log").read_text()[-6000:],
+            sorted(str(p) for p in job_dir.rglob("*")))
         assert any("server restarted" in m for m in messages)
         names = [m["id"] for m in second.get("/v1/models").json()["data"]]
         assert done["fine_tuned_model"] in names
